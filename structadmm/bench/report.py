@@ -1,0 +1,266 @@
+"""The run folder's report: report.json, report.md, latency.png, and the console table.
+
+This module owns how a finished run is presented. It takes the report dict whose keys SPEC §5
+fixes (``model``, ``dense``/``pruned`` with ``accuracy``/``macs``/``params``/``onnx``,
+``mac_ratio``, ``param_ratio``, ``parity``, ``latency`` rows from
+:meth:`~structadmm.bench.latency.LatencyReport.to_rows`, ``config``, ``versions``) and renders
+it; it computes nothing but display ratios that are missing from the dict. Missing optional
+figures show as "n/a". All three files are rendered first and then each is written to a
+temporary file and renamed, so a folder never holds a half-written report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+__all__ = ["render_table", "write_report"]
+
+NA = "n/a"
+_COLORS = {"dense": "#8c8c8c", "pruned": "#1f77b4"}
+_PLOT_COLUMNS = 4
+
+
+def write_report(run_dir: str | Path, report: Mapping[str, Any]) -> None:
+    """Write report.json (the dict as given), report.md and latency.png into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "report.json": (json.dumps(_jsonable(report), indent=2) + "\n").encode(),
+        "latency.png": _plot_png(report),
+        "report.md": _markdown(report).encode(),
+    }
+    for name, data in files.items():
+        _write_atomic(run_dir / name, data)
+
+
+def render_table(report: Mapping[str, Any]) -> Table:
+    """A compact console table: dense vs pruned figures, then one row per latency measurement."""
+    dense, pruned = _side(report, "dense"), _side(report, "pruned")
+    table = Table(title=f"structadmm: {report.get('model', NA)}", caption=_parity_text(report))
+    table.add_column("")
+    for column in ("dense", "pruned", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row("accuracy", _percent(dense.get("accuracy")), _percent(pruned.get("accuracy")),
+                  _accuracy_delta(dense, pruned))
+    table.add_row("MACs", _si(dense.get("macs")), _si(pruned.get("macs")),
+                  _ratio(_ratio_value(report, "mac_ratio", "macs")))
+    table.add_row("params", _si(dense.get("params")), _si(pruned.get("params")),
+                  _ratio(_ratio_value(report, "param_ratio", "params")))
+    rows = report.get("latency") or []
+    if rows:
+        table.add_section()
+    for row in rows:
+        table.add_row(
+            f"{_short(row.get('provider'))} batch {row.get('batch', NA)} ms",
+            f"{_ms(row.get('dense_ms'))} (p90 {_ms(row.get('dense_p90_ms'))})",
+            f"{_ms(row.get('pruned_ms'))} (p90 {_ms(row.get('pruned_p90_ms'))})",
+            f"{_ratio(row.get('speedup'))} (eff {_number(row.get('efficiency'))})",
+        )
+    return table
+
+
+# --- markdown -----------------------------------------------------------------------------
+
+
+def _markdown(report: Mapping[str, Any]) -> str:
+    dense, pruned = _side(report, "dense"), _side(report, "pruned")
+    lines = [
+        f"# structadmm report: {report.get('model', NA)}",
+        "",
+        "| | dense | pruned | ratio |",
+        "|---|---:|---:|---:|",
+        f"| accuracy | {_percent(dense.get('accuracy'))} | {_percent(pruned.get('accuracy'))} "
+        f"| {_accuracy_delta(dense, pruned)} |",
+        f"| MACs / sample | {_count(dense.get('macs'))} | {_count(pruned.get('macs'))} "
+        f"| {_ratio(_ratio_value(report, 'mac_ratio', 'macs'))} |",
+        f"| params | {_count(dense.get('params'))} | {_count(pruned.get('params'))} "
+        f"| {_ratio(_ratio_value(report, 'param_ratio', 'params'))} |",
+        f"| ONNX file | {dense.get('onnx', NA)} | {pruned.get('onnx', NA)} | |",
+        "",
+        f"{_parity_text(report)}.",
+        "",
+        "## Latency (ONNX Runtime, dense and pruned interleaved)",
+        "",
+        *_latency_table(report.get("latency") or []),
+        "",
+        "Speedup = dense median / pruned median. Efficiency = speedup / MAC ratio "
+        "(1.0: the pruned model is faster by exactly the factor of work removed).",
+        "",
+        "![latency](latency.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _latency_table(rows: list[Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return ["No latency was measured."]
+    lines = [
+        "| provider | batch | threads | dense median ms | dense p90 ms | pruned median ms "
+        "| pruned p90 ms | speedup | efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [
+            _short(row.get("provider")),
+            str(row.get("batch", NA)),
+            str(row.get("threads", NA)),
+            _ms(row.get("dense_ms")),
+            _ms(row.get("dense_p90_ms")),
+            _ms(row.get("pruned_ms")),
+            _ms(row.get("pruned_p90_ms")),
+            _ratio(row.get("speedup")),
+            _number(row.get("efficiency")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# --- plot ---------------------------------------------------------------------------------
+
+
+def _plot_png(report: Mapping[str, Any]) -> bytes:
+    # Figure without pyplot: no global backend or figure registry is touched, and it renders
+    # with Agg whatever backend the host application chose.
+    from matplotlib.figure import Figure
+
+    rows = report.get("latency") or []
+    columns = max(1, min(len(rows), _PLOT_COLUMNS))
+    grid_rows = max(1, math.ceil(len(rows) / columns))
+    figure = Figure(figsize=(3.2 * columns + 0.6, 3.4 * grid_rows + 0.8), layout="constrained")
+    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    for ax, row in zip(axes, rows):
+        _plot_row(ax, row)
+    for ax in axes[len(rows):]:
+        ax.set_axis_off()
+    if not rows:
+        axes[0].text(0.5, 0.5, "no latency measured", ha="center", va="center")
+    figure.suptitle(f"{report.get('model', '')}: {_macs_caption(report)}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _plot_row(ax: Any, row: Mapping[str, Any]) -> None:
+    values = [row.get("dense_ms"), row.get("pruned_ms")]
+    heights = [v if isinstance(v, (int, float)) else 0.0 for v in values]
+    bars = ax.bar(["dense", "pruned"], heights, color=[_COLORS["dense"], _COLORS["pruned"]])
+    ax.bar_label(bars, labels=[f"{_ms(v)} ms" for v in values], padding=2, fontsize=8)
+    ax.set_title(f"{_short(row.get('provider'))}, batch {row.get('batch', NA)}", fontsize=10)
+    ax.set_ylabel("median latency (ms)")
+    ax.set_ylim(0, max(heights + [1e-9]) * 1.3)
+    ax.text(0.5, 0.93, f"speedup {_ratio(row.get('speedup'))}", transform=ax.transAxes,
+            ha="center", va="top", fontsize=9, fontweight="bold")
+
+
+def _macs_caption(report: Mapping[str, Any]) -> str:
+    dense, pruned = _side(report, "dense"), _side(report, "pruned")
+    ratio = _ratio(_ratio_value(report, "mac_ratio", "macs"))
+    return f"MACs/sample {_si(dense.get('macs'))} → {_si(pruned.get('macs'))} ({ratio} fewer)"
+
+
+# --- values and formatting ----------------------------------------------------------------
+
+
+def _side(report: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = report.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _ratio_value(report: Mapping[str, Any], key: str, field: str) -> float | None:
+    """The ratio from the report, else dense/pruned computed from the counts when present."""
+    if isinstance(report.get(key), (int, float)):
+        return float(report[key])
+    dense, pruned = _side(report, "dense").get(field), _side(report, "pruned").get(field)
+    if isinstance(dense, (int, float)) and isinstance(pruned, (int, float)) and pruned:
+        return dense / pruned
+    return None
+
+
+def _parity_text(report: Mapping[str, Any]) -> str:
+    parity = _side(report, "parity")
+    if not parity:
+        return "Parity: not checked"
+    verdict = {True: "ok", False: "FAILED"}.get(parity.get("ok"), NA)
+    diff = parity.get("max_abs_diff")
+    shown = f"{diff:.2g}" if isinstance(diff, (int, float)) else NA
+    return f"Parity (ONNX Runtime vs torch): max abs diff {shown}, {verdict}"
+
+
+def _accuracy_delta(dense: Mapping[str, Any], pruned: Mapping[str, Any]) -> str:
+    a, b = dense.get("accuracy"), pruned.get("accuracy")
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return NA
+    return f"{(b - a) * 100:+.2f} pp"
+
+
+def _percent(value: Any) -> str:
+    return f"{value * 100:.2f} %" if isinstance(value, (int, float)) else NA
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, (int, float)) else NA
+
+
+def _si(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return NA
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:g}"
+
+
+def _ratio(value: Any) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else NA
+
+
+def _number(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else NA
+
+
+def _ms(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return NA
+    return f"{value:.3f}" if value < 100 else f"{value:.1f}"
+
+
+def _short(provider: Any) -> str:
+    return str(provider).removesuffix("ExecutionProvider") if provider else NA
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars become numbers, paths strings, and NaN/inf null (JSON has
+    no NaN, and deployment CI parses this file strictly)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

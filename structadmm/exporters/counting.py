@@ -1,0 +1,222 @@
+"""MAC and parameter counts read from an ONNX graph.
+
+Dense and pruned models are counted by this one piece of code, from the files that are
+benchmarked, so the MAC ratio in the report compares like with like.
+
+Definitions:
+
+* ``macs`` — multiply-accumulates for ONE sample: dim 0 of every graph input (the batch) is set
+  to 1 and onnx shape inference fills in the rest. Only the matrix ops are counted: Conv (any
+  rank, grouped/depthwise), ConvTranspose, Gemm and MatMul (batched, broadcast); every other node
+  counts 0. Bias additions are not multiplies and are not counted.
+* ``params`` — elements of every floating-point constant (initializer or ``Constant`` node) that
+  some node reads: the weights stored in the file. Integer constants (shapes, indices) are not
+  parameters. Because exporters fold an eval-mode BatchNorm into the preceding conv, a torch
+  Conv+BN pair counts as the conv's weight plus one bias per output channel, not as
+  ``sum(p.numel())`` of the torch modules.
+
+Nodes inside subgraphs (If/Loop bodies) are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from structadmm.errors import StructADMMError
+from structadmm.exporters.onnx_export import _one_line, load_onnx
+
+__all__ = ["LayerCost", "OnnxCost", "count_onnx"]
+
+_FLOAT_TYPES = frozenset(
+    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one graph node (``name`` is ``op_type_index`` for unnamed nodes)."""
+
+    name: str
+    op_type: str
+    macs: int
+    params: int
+
+
+@dataclass(frozen=True)
+class OnnxCost:
+    """Whole-model cost; ``layers`` has one entry per node, in graph order, and its ``macs`` and
+    ``params`` sum to the totals (a constant read by several nodes is credited to the first)."""
+
+    macs: int
+    params: int
+    layers: list[LayerCost]
+
+
+def count_onnx(model_or_path: onnx.ModelProto | str | Path) -> OnnxCost:
+    """Count per-sample MACs and parameters of an ONNX model (a file path or a ModelProto)."""
+    proto = (
+        load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    )
+    graph = _infer_with_batch_one(proto).graph
+    constants = _float_constant_sizes(graph)
+    shapes = _static_shapes(graph)
+    credited: set[str] = set()
+    layers = []
+    for index, node in enumerate(graph.node):
+        owned = [n for n in dict.fromkeys(node.input) if n in constants and n not in credited]
+        credited.update(owned)
+        layers.append(
+            LayerCost(
+                name=node.name or f"{node.op_type}_{index}",
+                op_type=node.op_type,
+                macs=_node_macs(node, shapes),
+                params=sum(constants[n] for n in owned),
+            )
+        )
+    return OnnxCost(
+        macs=sum(layer.macs for layer in layers),
+        params=sum(layer.params for layer in layers),
+        layers=layers,
+    )
+
+
+# --- shapes -------------------------------------------------------------------------------
+
+
+def _infer_with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with batch = 1 everywhere and freshly inferred shapes (the caller's is untouched)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    batch_symbols = set()
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in initializers or not dims:
+            continue
+        if dims[0].dim_param:
+            batch_symbols.add(dims[0].dim_param)
+        dims[0].dim_value = 1
+    # Declared output shapes still carry the batch symbol; stale value_info would conflict too.
+    for value in graph.output:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in batch_symbols:
+                dim.dim_value = 1
+    del graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise StructADMMError(
+            f"cannot infer the shapes of the ONNX model: {_one_line(exc)}"
+        ) from exc
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, Shape]:
+    shapes: dict[str, Shape] = {init.name: tuple(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        tensor = _constant_tensor(node)
+        if tensor is not None:
+            shapes[node.output[0]] = tuple(tensor.dims)
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = tensor_type.shape.dim
+        if all(dim.HasField("dim_value") for dim in dims):
+            shapes[value.name] = tuple(dim.dim_value for dim in dims)
+    return shapes
+
+
+def _shape(shapes: dict[str, Shape], node: onnx.NodeProto, tensor: str) -> Shape:
+    if tensor in shapes:
+        return shapes[tensor]
+    raise StructADMMError(
+        f"cannot count the MACs of {node.op_type} node {node.name or '(unnamed)'}: the shape of "
+        f"{tensor!r} is unknown (only the batch axis of the inputs may be dynamic)"
+    )
+
+
+# --- parameters ---------------------------------------------------------------------------
+
+
+def _float_constant_sizes(graph: onnx.GraphProto) -> dict[str, int]:
+    sizes = {
+        init.name: math.prod(init.dims)
+        for init in graph.initializer
+        if init.data_type in _FLOAT_TYPES
+    }
+    for node in graph.node:
+        if node.op_type != "Constant":
+            continue
+        tensor = _constant_tensor(node)
+        if tensor is not None and tensor.data_type in _FLOAT_TYPES:
+            sizes[node.output[0]] = math.prod(tensor.dims)
+        for attr in node.attribute:
+            if attr.name == "value_float":
+                sizes[node.output[0]] = 1
+            elif attr.name == "value_floats":
+                sizes[node.output[0]] = len(attr.floats)
+    return sizes
+
+
+def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
+    if node.op_type != "Constant":
+        return None
+    return next((attr.t for attr in node.attribute if attr.name == "value"), None)
+
+
+# --- MACs ---------------------------------------------------------------------------------
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int:
+    counter = _MAC_COUNTERS.get(node.op_type)
+    return counter(node, shapes) if counter is not None and node.domain in ("", "ai.onnx") else 0
+
+
+def _conv_macs(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int:
+    # Weight [M, C/groups, *k]: each output element reads C/groups · prod(k) weights.
+    output = _shape(shapes, node, node.output[0])
+    weight = _shape(shapes, node, node.input[1])
+    return math.prod(output) * math.prod(weight[1:])
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int:
+    # Weight [C, M/groups, *k]: each input element is scattered through M/groups · prod(k) weights.
+    data = _shape(shapes, node, node.input[0])
+    weight = _shape(shapes, node, node.input[1])
+    return math.prod(data) * math.prod(weight[1:])
+
+
+def _gemm_macs(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int:
+    a = _shape(shapes, node, node.input[0])
+    b = _shape(shapes, node, node.input[1])
+    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+    n = b[0] if attrs.get("transB", 0) else b[1]
+    return m * k * n
+
+
+def _matmul_macs(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int:
+    a = _shape(shapes, node, node.input[0])
+    b = _shape(shapes, node, node.input[1])
+    # numpy.matmul semantics: a 1-D operand is a row (left) or column (right) vector.
+    a = (1, *a) if len(a) == 1 else a
+    b = (*b, 1) if len(b) == 1 else b
+    batch = np.broadcast_shapes(a[:-2], b[:-2])
+    return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+
+_MAC_COUNTERS = {
+    "Conv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+}

@@ -1,0 +1,406 @@
+"""ONNX export, simplification, parity verification and safe loading.
+
+This module owns the step "torch model → .onnx file that provably computes the same function":
+
+* :func:`export_onnx` exports in eval mode with a dynamic batch axis, simplifies with onnxsim,
+  checks the graph with ``onnx.checker`` and verifies parity against torch with ONNX Runtime at
+  two batch sizes, writing the file atomically (nothing appears at ``path`` unless every step
+  passed).
+* :func:`verify_onnx` is that parity check on its own.
+* :func:`load_onnx` loads a file that may come from anywhere and turns every way it can be bad
+  into a one-line :class:`~structadmm.errors.StructADMMError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from torch import nn
+
+from structadmm.errors import ParityError, StructADMMError
+
+__all__ = ["ExportResult", "export_onnx", "load_onnx", "verify_onnx"]
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+_BATCH = "batch"
+# A second batch size proves the exported batch axis is really dynamic (not baked in by tracing).
+_OTHER_BATCH = 3
+_OTHER_BATCH_SEED = 0
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_onnx` wrote.
+
+    ``max_abs_diff`` is the largest |torch − ONNX Runtime| over both verification batches (None
+    when ``verify=False``). ``simplified`` is False when onnxsim failed or its output did not pass
+    ``onnx.checker``; ``simplify_error`` then says why and the unsimplified graph was kept.
+    """
+
+    path: Path
+    max_abs_diff: float | None
+    simplified: bool
+    opset: int
+    simplify_error: str | None = None
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: str | Path,
+    *,
+    simplify: bool = True,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    opset: int | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``path`` with a dynamic batch axis (dim 0 of every input and output).
+
+    Inputs are named ``input``, ``input_1``, …; outputs ``output``, ``output_1``, …. Raises
+    :class:`ParityError` when ONNX Runtime disagrees with torch beyond ``atol + rtol·|torch|`` and
+    :class:`StructADMMError` when the model cannot be exported; in both cases ``path`` is left
+    untouched.
+    """
+    inputs = _as_tuple(example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder so os.replace is an atomic rename; not mkstemp, whose 0600 mode would stick.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with _eval_mode(model):
+            n_outputs = len(_flatten_outputs(_run_torch(model, inputs)))
+            input_names = _names("input", len(inputs))
+            output_names = _names("output", n_outputs)
+            _export_raw(model, inputs, tmp, input_names, output_names, opset)
+            proto = load_onnx(tmp)
+            proto, simplified, simplify_error = _maybe_simplify(proto, simplify)
+            onnx.save(proto, tmp)
+            max_abs_diff = _verify_two_batches(model, tmp, inputs, atol, rtol) if verify else None
+        os.replace(tmp, path)
+    except StructADMMError as exc:
+        # The checks ran on the temp file; the user knows the file by the name they asked for.
+        raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(path, max_abs_diff, simplified, _default_opset(proto), simplify_error)
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | Path,
+    inputs: Inputs,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> float:
+    """Run ``model`` (in eval mode) and the ONNX file on ``inputs``; return the max abs difference.
+
+    Outputs match when ``|onnx − torch| <= atol + rtol·|torch|`` elementwise (numpy.isclose);
+    otherwise :class:`ParityError` is raised with the max abs diff, the tolerance and the path.
+    """
+    inputs = _as_tuple(inputs)
+    with _eval_mode(model):
+        expected = [t.detach().cpu().numpy() for t in _flatten_outputs(_run_torch(model, inputs))]
+    actual = _run_onnx(Path(path), inputs)
+    batch = inputs[0].shape[0]
+    if len(actual) != len(expected):
+        raise ParityError(
+            f"{path}: ONNX model has {len(actual)} outputs, the torch model {len(expected)}"
+        )
+    worst = 0.0
+    for index, (got, want) in enumerate(zip(actual, expected)):
+        if got.shape != want.shape:
+            raise ParityError(
+                f"{path}: at batch {batch}, output {index} has shape {list(got.shape)} in ONNX "
+                f"Runtime but {list(want.shape)} in torch (is the batch axis baked in?)"
+            )
+        diff = _max_abs_diff(got, want)
+        worst = max(worst, diff)
+        if not np.isclose(got, want, rtol=rtol, atol=atol, equal_nan=True).all():
+            raise ParityError(
+                f"{path}: at batch {batch}, ONNX output {index} differs from torch: max abs "
+                f"diff {diff:.3g} exceeds tolerance atol={atol:g} + rtol={rtol:g}*|torch|"
+            )
+    return worst
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load and validate an ONNX file that may be truncated, malformed or hostile.
+
+    External data is only read from inside the file's own folder (onnx refuses paths that
+    escape it), and the model must pass ``onnx.checker.check_model(full_check=True)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StructADMMError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+        if _uses_external_data(proto):
+            onnx.load_external_data_for_model(proto, str(path.parent))
+    except (DecodeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
+        raise StructADMMError(
+            f"{path}: not a readable ONNX file (truncated or corrupt?): {_one_line(exc)}"
+        ) from exc
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise StructADMMError(f"{path}: invalid ONNX model: {_one_line(exc)}") from exc
+    return proto
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def _export_raw(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int | None,
+) -> None:
+    """Export with the TorchScript exporter, falling back to the dynamo exporter.
+
+    The TorchScript exporter is ~40x faster here and emits plain Conv/Gemm graphs with BN folded.
+    """
+    try:
+        _export_torchscript(model, inputs, path, input_names, output_names, opset)
+        return
+    except Exception as legacy_exc:  # noqa: BLE001 - any failure means "try the other exporter"
+        legacy_error = legacy_exc
+    try:
+        _export_dynamo(model, inputs, path, input_names, output_names, opset)
+    except Exception as exc:  # noqa: BLE001 - the user needs one line, not an exporter traceback
+        raise StructADMMError(
+            f"cannot export {type(model).__name__} to ONNX: {_one_line(exc)} "
+            f"(TorchScript exporter: {_one_line(legacy_error)})"
+        ) from exc
+
+
+def _export_torchscript(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int | None,
+) -> None:
+    dynamic_axes = {name: {0: _BATCH} for name in input_names + output_names}
+    with warnings.catch_warnings():
+        # The exporter is deprecated but still the better one for these models (see _export_raw).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            inputs,
+            str(path),
+            dynamo=False,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int | None,
+) -> None:
+    batch = torch.export.Dim(_BATCH)
+    dynamic_shapes = tuple({0: batch} for _ in inputs)
+    with _quiet_dynamo():
+        torch.onnx.export(
+            model,
+            inputs,
+            str(path),
+            dynamo=True,
+            verbose=False,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_dynamo() -> Iterator[None]:
+    """Silence the dynamo exporter's warnings and log lines ("torchvision is not installed")."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _maybe_simplify(
+    proto: onnx.ModelProto, simplify: bool
+) -> tuple[onnx.ModelProto, bool, str | None]:
+    """Return (model to keep, whether it is simplified, why simplification was dropped)."""
+    if not simplify:
+        return proto, False, None
+    import onnxsim  # heavy import, only needed here
+
+    try:
+        simplified, ok = onnxsim.simplify(proto)
+    except Exception as exc:  # noqa: BLE001 - onnxsim failing is recoverable: keep the original
+        return proto, False, f"onnxsim failed: {_one_line(exc)}"
+    if not ok:
+        return proto, False, "onnxsim could not validate its result"
+    try:
+        onnx.checker.check_model(simplified, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return proto, False, f"onnxsim result fails onnx.checker: {_one_line(exc)}"
+    if not _batch_is_dynamic(simplified):
+        return proto, False, "onnxsim made the batch axis static"
+    return simplified, True, None
+
+
+def _batch_is_dynamic(proto: onnx.ModelProto) -> bool:
+    initializers = {init.name for init in proto.graph.initializer}
+    values = [v for v in proto.graph.input if v.name not in initializers] + list(proto.graph.output)
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return False
+    return True
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+def _verify_two_batches(
+    model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...], atol: float, rtol: float
+) -> float:
+    first = verify_onnx(model, path, inputs, atol, rtol)
+    second = verify_onnx(model, path, _other_batch(inputs), atol, rtol)
+    return max(first, second)
+
+
+def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A seeded batch of a different size: random normals for float inputs, rows of the example
+    (chosen at random) for integer inputs such as token ids, whose valid range we cannot guess."""
+    size = _OTHER_BATCH if inputs[0].shape[0] != _OTHER_BATCH else _OTHER_BATCH + 2
+    generator = torch.Generator().manual_seed(_OTHER_BATCH_SEED)
+    batch: list[torch.Tensor] = []
+    for tensor in inputs:
+        if tensor.is_floating_point():
+            sample = torch.randn((size, *tensor.shape[1:]), generator=generator, dtype=tensor.dtype)
+        else:
+            rows = torch.randint(0, tensor.shape[0], (size,), generator=generator)
+            sample = tensor.detach().cpu()[rows]
+        batch.append(sample.to(tensor.device))
+    return tuple(batch)
+
+
+def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    import onnxruntime as ort  # heavy import, only needed here
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
+        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
+    arrays = [t.detach().cpu().numpy() for t in inputs]
+    feed = _feed(path, [i.name for i in session.get_inputs()], arrays)
+    return session.run(None, feed)
+
+
+def _feed(path: Path, graph_inputs: list[str], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Match arrays to graph inputs: by our export names (the exporter drops unused inputs),
+    else by position for files exported elsewhere."""
+    ours = dict(zip(_names("input", len(arrays)), arrays))
+    if all(name in ours for name in graph_inputs):
+        return {name: ours[name] for name in graph_inputs}
+    if len(graph_inputs) != len(arrays):
+        raise StructADMMError(
+            f"{path}: the ONNX model takes {len(graph_inputs)} inputs but {len(arrays)} were given"
+        )
+    return dict(zip(graph_inputs, arrays))
+
+
+def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
+    if got.size == 0:
+        return 0.0
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    both_nan = np.isnan(got) & np.isnan(want) if np.issubdtype(got.dtype, np.floating) else False
+    return float(np.max(np.where(both_nan, 0.0, diff)))
+
+
+# --- torch helpers ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, restoring train mode after: callers export mid-training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> object:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    items = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not items or not all(isinstance(t, torch.Tensor) for t in items):
+        raise StructADMMError("example inputs must be a tensor or a tuple of tensors")
+    if any(t.dim() == 0 for t in items):
+        raise StructADMMError("example inputs need a batch dimension (dim 0); got a scalar")
+    return items
+
+
+def _flatten_outputs(outputs: object) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in _flatten_outputs(item)]
+    raise StructADMMError(
+        f"model outputs must be tensors or tuples/lists of tensors, got {type(outputs).__name__}"
+    )
+
+
+# --- small utilities ----------------------------------------------------------------------
+
+
+def _names(stem: str, count: int) -> list[str]:
+    return [stem if i == 0 else f"{stem}_{i}" for i in range(count)]
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    return any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,101 @@
+"""ADMM for structured pruning (StructADMM, arXiv 1807.11091).
+
+Pruning is posed as ``min loss(W)  s.t.  W_i in S_i`` and split with an auxiliary copy Z:
+
+* W-step: SGD on ``loss(W) + sum_i rho/2 ||W_i - Z_i + U_i||^2`` (:meth:`ADMM.penalty` is
+  the second term; the caller adds it to its own loss for as many steps as it likes);
+* Z-step: ``Z = Proj_S(W + U)``, the analytic Euclidean projection of the plan;
+* U-step: ``U = U + W - Z``.
+
+:meth:`ADMM.update` runs one Z/U round and grows rho by ``rho_growth`` up to ``rho_max``,
+so the regulariser starts gentle and ends strong enough to pull W onto the sparse set; the
+primal residual ||W - Z|| / ||W|| it returns must fall toward zero. :meth:`ADMM.hard_prune`
+then projects W itself and returns the masks for masked retraining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import Masks, PruningPlan
+
+
+@dataclass(frozen=True)
+class AdmmRound:
+    round: int
+    rho: float  # the rho the finished round's W-steps used
+    primal_residual: float  # ||W - Z|| / ||W|| after this round's Z-step
+    dual_residual: float  # rho * ||Z - Z_prev|| / ||W||
+
+
+class ADMM:
+    """ADMM state (Z, U, rho) for the parameters a plan constrains."""
+
+    def __init__(self, model: nn.Module, plan: PruningPlan, *, rho: float = 0.05,
+                 rho_growth: float = 1.6, rho_max: float = 5.0):
+        if not (rho > 0 and rho_growth >= 1 and rho_max >= rho):
+            raise ValueError("need rho > 0, rho_growth >= 1 and rho_max >= rho")
+        self.plan = plan
+        named = dict(model.named_parameters())
+        self.params = {name: named[name] for name in plan.param_names()}
+        self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
+        self.round = 0
+        self.history: list[AdmmRound] = []
+        with torch.no_grad():
+            self.U = {n: torch.zeros_like(p) for n, p in self.params.items()}
+            self.Z = self._project({n: p.detach().clone() for n, p in self.params.items()})
+
+    def _project(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        masks = self.plan.masks_for(values)
+        return {n: v * masks[n].to(v.device, v.dtype) for n, v in values.items()}
+
+    def penalty(self) -> torch.Tensor:
+        """``sum_i rho/2 ||W_i - Z_i + U_i||^2``: add it to the task loss in the W-step."""
+        terms = [(p - self.Z[n] + self.U[n]).pow(2).sum() for n, p in self.params.items()]
+        return 0.5 * self.rho * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def update(self) -> AdmmRound:
+        """One Z/U round; returns the residuals and grows rho for the next round."""
+        z_prev = self.Z
+        self.Z = self._project({n: p.detach() + self.U[n] for n, p in self.params.items()})
+        w_norm = _norm(p.detach() for p in self.params.values()).clamp_min(1e-12)
+        primal = _norm(p.detach() - self.Z[n] for n, p in self.params.items()) / w_norm
+        dual = self.rho * _norm(self.Z[n] - z_prev[n] for n in self.params) / w_norm
+        for n, p in self.params.items():
+            self.U[n] += p.detach() - self.Z[n]
+        self.round += 1
+        record = AdmmRound(self.round, self.rho, float(primal), float(dual))
+        self.history.append(record)
+        rho_next = min(self.rho * self.rho_growth, self.rho_max)
+        # U is the dual variable scaled by 1/rho: keep the unscaled dual rho*U unchanged
+        for u in self.U.values():
+            u.mul_(self.rho / rho_next)
+        self.rho = rho_next
+        return record
+
+    @torch.no_grad()
+    def hard_prune(self) -> Masks:
+        """Project W onto the sparse set in place (W = Proj_S(W)) and return the masks."""
+        masks = self.plan.masks_for({n: p.detach() for n, p in self.params.items()})
+        for n, p in self.params.items():
+            p.mul_(masks[n].to(p.device, p.dtype))
+        return masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"Z": self.Z, "U": self.U, "rho": self.rho, "round": self.round,
+                "history": [r.__dict__ for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.Z = {n: state["Z"][n].clone() for n in self.params}
+        self.U = {n: state["U"][n].clone() for n in self.params}
+        self.rho, self.round = float(state["rho"]), int(state["round"])
+        self.history = [AdmmRound(**r) for r in state["history"]]
+
+
+def _norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum((t.double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64)))

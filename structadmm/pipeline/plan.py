@@ -1,0 +1,267 @@
+"""Pruning plans: which groups of which parameters to prune, and how many.
+
+A plan is a list of *units*, each one constraint set S_i of the method: a coupled channel
+group (``filter`` / ``channel`` sparsity, see graph.py), or one weight tensor with shape-wise
+or irregular sparsity. Every unit knows how to project parameter values onto its set, so
+the same plan drives ADMM's Z-step, the hard prune and one-shot magnitude pruning.
+
+Combined types (``filter+shape``) are applied in sequence: channels first, then columns of
+what is left, then single weights of what is left. Each step is the exact Euclidean
+projection for its own type given the previous steps; the sequence as a whole is the usual
+heuristic for an intersection of sets and is not claimed to be the exact joint projection.
+
+In a coupled graph, filter ``c`` of a layer and channel ``c`` of the layers reading it are
+one removal. Both types therefore select whole channel groups, scored by the L2 norm over
+every coupled slice; they differ only in how a per-layer plan names the group: ``filter``
+by the layer that produces the channels, ``channel`` by a layer that reads them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import StructADMMError
+from .graph import ChannelGraph, ChannelGroup, Slice, trace
+from .sparsity import (
+    PROJECTION_ORDER,
+    Sparsity,
+    check_ratio,
+    keep_count,
+    parse_sparsity,
+    project_columns,
+    project_irregular,
+    topk_mask,
+)
+
+Masks = dict[str, torch.Tensor]
+"""Parameter name -> float mask of the parameter's shape (1 keeps a weight, 0 prunes it)."""
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _slice_params(module: nn.Module, s: Slice) -> list[str]:
+    """The parameter names (relative to the module) that a slice covers."""
+    if s.role == "in":
+        return ["weight"]
+    return [n for n, _ in module.named_parameters(recurse=False)]
+
+
+def _channel_view(tensor: torch.Tensor, s: Slice, size: int) -> torch.Tensor:
+    """The entries of ``tensor`` that belong to the group's channels, as [size, -1]."""
+    if s.role == "in":
+        cols = tensor[:, s.offset: s.offset + size * s.factor]
+        return cols.reshape(cols.shape[0], size, -1).transpose(0, 1).reshape(size, -1)
+    return tensor[s.offset: s.offset + size].reshape(size, -1)
+
+
+def _channel_mask(shape: torch.Size, keep: torch.Tensor, s: Slice) -> torch.Tensor:
+    mask = torch.ones(shape)
+    kept = keep.to(mask.dtype)
+    if s.role == "in":
+        mask[:, s.offset: s.offset + kept.numel() * s.factor] = (
+            kept.repeat_interleave(s.factor).view(1, -1, *([1] * (len(shape) - 2)))
+        )
+    else:
+        mask[s.offset: s.offset + kept.numel()] = kept.view(-1, *([1] * (len(shape) - 1)))
+    return mask
+
+
+@dataclass
+class ChannelUnit:
+    """Keep at most k channels of a coupled group; scored over all its slices."""
+
+    group: ChannelGroup
+    kind: Sparsity
+    ratio: float
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    def params(self) -> list[str]:
+        return sorted({f"{s.module}.{p}" for s in self.group.slices for p in self._module_params(s)})
+
+    def _module_params(self, s: Slice) -> list[str]:
+        return _slice_params(self._modules[s.module], s)
+
+    def bind(self, modules: Mapping[str, nn.Module]) -> "ChannelUnit":
+        self._modules = modules
+        return self
+
+    def keep(self, values: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean [size]: which channels survive the projection of ``values``."""
+        size = self.group.size
+        scores = torch.zeros(size, dtype=torch.float64)
+        alive = torch.zeros(size, dtype=torch.bool)
+        for s in self.group.slices:
+            for p in self._module_params(s):
+                name = f"{s.module}.{p}"
+                scores += _channel_view(values[name].detach(), s, size).double().pow(2).sum(1)
+                alive |= _channel_view(masks[name], s, size).bool().any(1)
+        return topk_mask(scores, keep_count(int(alive.sum()), self.ratio), alive)
+
+    def project(self, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
+        keep = self.keep(values, masks)
+        for s in self.group.slices:
+            for p in self._module_params(s):
+                name = f"{s.module}.{p}"
+                masks[name] = masks[name] * _channel_mask(values[name].shape, keep, s)
+
+
+@dataclass
+class TensorUnit:
+    """Shape-wise (GEMM column) or irregular sparsity of one weight tensor."""
+
+    param: str
+    kind: Sparsity
+    ratio: float
+
+    @property
+    def name(self) -> str:
+        return self.param.rsplit(".", 1)[0]
+
+    def params(self) -> list[str]:
+        return [self.param]
+
+    def project(self, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
+        mask = masks[self.param]
+        weight = values[self.param].detach() * mask
+        if self.kind is Sparsity.SHAPE:
+            alive = mask.bool().any(0)
+            new = project_columns(weight, self.ratio, alive)
+        else:
+            new = project_irregular(weight, self.ratio, mask.bool())
+        masks[self.param] = mask * new.to(mask.dtype)
+
+
+Unit = ChannelUnit | TensorUnit
+
+
+class PruningPlan:
+    """What to prune in one model: a list of units plus what was left alone and why."""
+
+    def __init__(self, graph: ChannelGraph, units: list[Unit], skipped: list[tuple[str, str]]):
+        self.graph = graph
+        self.units = sorted(units, key=lambda u: PROJECTION_ORDER.index(u.kind))
+        self.skipped = skipped
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, model: nn.Module, example_inputs: Any, sparsity: str = "filter", ratio: float = 0.5) -> "PruningPlan":
+        """The same sparsity type(s) and ratio for every layer that can take them."""
+        return cls.from_dict(model, example_inputs, {"*": {"sparsity": sparsity, "ratio": ratio}})
+
+    @classmethod
+    def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path) -> "PruningPlan":
+        """A TOML plan: ``[layers."<glob>"]`` tables with ``sparsity`` and ``ratio`` keys."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise StructADMMError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise StructADMMError(f"plan file {path} is not valid TOML: {exc}") from None
+        unknown = set(data) - {"layers"}
+        if unknown or not isinstance(data.get("layers"), dict):
+            raise StructADMMError(
+                f"plan file {path} must hold only [layers.\"<pattern>\"] tables with sparsity and ratio"
+            )
+        return cls.from_dict(model, example_inputs, data["layers"])
+
+    @classmethod
+    def from_dict(cls, model: nn.Module, example_inputs: Any, layers: Mapping[str, Any]) -> "PruningPlan":
+        """Per-layer plan: ``{"conv1": {"sparsity": "filter", "ratio": 0.5}, "layer*.conv2": ...}``.
+
+        Keys are layer names or glob patterns; the most specific match (an exact name beats
+        a pattern, a longer pattern beats a shorter one) decides a layer's setting.
+        """
+        graph = trace(model, example_inputs)
+        weighted = {name for name, m in graph.modules.items() if isinstance(m, _WEIGHTED)}
+        rules = _parse_rules(layers)
+        for pattern in rules:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in weighted):
+                raise StructADMMError(
+                    f"plan names {pattern!r}, which matches no Conv or Linear layer of the model "
+                    f"(layers: {', '.join(sorted(weighted)[:8])}{', ...' if len(weighted) > 8 else ''})"
+                )
+        per_layer = {name: rule for name in weighted if (rule := _match(name, rules)) is not None}
+
+        units: list[Unit] = []
+        skipped: list[tuple[str, str]] = []
+        claimed: dict[int, ChannelUnit] = {}
+        for layer, (kinds, ratio) in sorted(per_layer.items()):
+            for kind in kinds:
+                if kind in (Sparsity.FILTER, Sparsity.CHANNEL):
+                    role = "out" if kind is Sparsity.FILTER else "in"
+                    groups = graph.groups_of(layer, role)
+                    for group in groups:
+                        if not group.prunable:
+                            skipped.append((f"{layer} ({kind.value})", group.frozen))
+                        elif group.id in claimed:
+                            # a residual stage names one group from several layers: keep the larger ratio
+                            claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)
+                        else:
+                            claimed[group.id] = ChannelUnit(group, kind, ratio).bind(graph.modules)
+                else:
+                    units.append(TensorUnit(f"{layer}.weight", kind, ratio))
+        units.extend(claimed.values())
+        return cls(graph, units, skipped)
+
+    # -- use -------------------------------------------------------------------------
+    def param_names(self) -> list[str]:
+        return sorted({p for u in self.units for p in u.params()})
+
+    def masks_for(self, values: Mapping[str, torch.Tensor]) -> Masks:
+        """Masks of the projection of ``values`` (parameter name -> tensor) onto the plan."""
+        masks: Masks = {p: torch.ones_like(values[p], dtype=torch.float32) for p in self.param_names()}
+        for unit in self.units:
+            unit.project(values, masks)
+        return masks
+
+    def project(self, model: nn.Module) -> Masks:
+        """One-shot magnitude pruning: zero the model's pruned weights in place, return masks."""
+        params = dict(model.named_parameters())
+        masks = self.masks_for({p: params[p].detach() for p in self.param_names()})
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].mul_(mask.to(params[name].dtype))
+        return masks
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per unit: name, sparsity, ratio and group size (channels) or weights."""
+        rows = []
+        for u in self.units:
+            size = u.group.size if isinstance(u, ChannelUnit) else None
+            rows.append({"unit": u.name, "sparsity": u.kind.value, "ratio": u.ratio, "channels": size})
+        return rows
+
+
+def _parse_rules(layers: Mapping[str, Any]) -> dict[str, tuple[tuple[Sparsity, ...], float]]:
+    if not isinstance(layers, Mapping) or not layers:
+        raise StructADMMError("a plan needs at least one layer entry: {'<layer or glob>': {'sparsity': ..., 'ratio': ...}}")
+    rules = {}
+    for pattern, entry in layers.items():
+        if not isinstance(entry, Mapping):
+            raise StructADMMError(f"plan entry {pattern!r} must be a table with sparsity and ratio")
+        extra = set(entry) - {"sparsity", "ratio"}
+        if extra:
+            raise StructADMMError(f"plan entry {pattern!r} has unknown keys {sorted(extra)}; allowed: sparsity, ratio")
+        if "ratio" not in entry:
+            raise StructADMMError(f"plan entry {pattern!r} needs a ratio")
+        kinds = parse_sparsity(entry.get("sparsity", "filter"))
+        rules[str(pattern)] = (kinds, check_ratio(entry["ratio"], f"ratio of {pattern!r}"))
+    return rules
+
+
+def _match(name: str, rules: Mapping[str, tuple]) -> tuple | None:
+    if name in rules:
+        return rules[name]
+    hits = [p for p in rules if fnmatch.fnmatchcase(name, p)]
+    return rules[max(hits, key=len)] if hits else None

@@ -1,0 +1,109 @@
+"""Sparsity types and their Euclidean projections.
+
+A *projection* maps a weight tensor onto the set "at most k groups are non-zero" for one
+group type. For a single group type the exact Euclidean projection keeps the k groups of
+largest L2 norm and zeroes the rest: every candidate point of the set is "the weight with
+some groups zeroed", and the squared distance to it is the summed squared norm of the
+zeroed groups, which is smallest when those are the smallest groups.
+
+Group types for a weight of shape [F, C, *k] (Linear is [F, C]):
+
+* ``filter``    a group is W[f, ...]                (coupled across layers: see graph.py)
+* ``channel``   a group is W[:, c, ...]             (coupled across layers: see graph.py)
+* ``shape``     a group is W[:, c, i, j], one column of the [F, C*kh*kw] GEMM matrix
+* ``irregular`` a group is a single weight
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from ..errors import StructADMMError
+
+
+class Sparsity(str, Enum):
+    FILTER = "filter"
+    CHANNEL = "channel"
+    SHAPE = "shape"
+    IRREGULAR = "irregular"
+
+
+#: Order in which combined projections are applied: structures that remove whole channels
+#: first, then columns of what is left, then single weights of what is left.
+PROJECTION_ORDER = (Sparsity.FILTER, Sparsity.CHANNEL, Sparsity.SHAPE, Sparsity.IRREGULAR)
+
+
+def parse_sparsity(text: str) -> tuple[Sparsity, ...]:
+    """Parse ``"filter"`` or a combination such as ``"filter+shape"`` (order-insensitive)."""
+    names = [part.strip().lower() for part in str(text).split("+") if part.strip()]
+    valid = ", ".join(s.value for s in Sparsity)
+    if not names:
+        raise StructADMMError(f"empty sparsity type; use one of {valid} or a combination like filter+shape")
+    try:
+        kinds = {Sparsity(name) for name in names}
+    except ValueError:
+        bad = next(n for n in names if n not in {s.value for s in Sparsity})
+        raise StructADMMError(
+            f"unknown sparsity type {bad!r}; use one of {valid} or a combination like filter+shape"
+        ) from None
+    return tuple(s for s in PROJECTION_ORDER if s in kinds)
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """A pruning ratio is the fraction of groups removed: strictly between 0 and 1."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise StructADMMError(f"{what} must be a number in (0, 1), got {ratio!r}") from None
+    if not 0.0 < value < 1.0:
+        raise StructADMMError(f"{what} must be in (0, 1) (the fraction of groups removed), got {ratio!r}")
+    return value
+
+
+def keep_count(alive: int, ratio: float) -> int:
+    """How many of ``alive`` groups survive pruning a fraction ``ratio`` of them (at least one)."""
+    return max(1, min(alive, int(round(alive * (1.0 - ratio)))))
+
+
+def topk_mask(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest ``scores`` (ties broken by index, deterministically).
+
+    Groups where ``alive`` is False are never kept, so sequential projections only choose
+    among what earlier ones left.
+    """
+    flat = scores.detach().flatten().to(torch.float64)
+    if alive is not None:
+        flat = torch.where(alive.flatten(), flat, torch.full_like(flat, -1.0))
+    # stable sort on the negated scores: equal scores keep index order, so results are reproducible
+    order = torch.sort(-flat, stable=True).indices[:k]
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order] = True
+    if alive is not None:
+        keep &= alive.flatten()
+    return keep.view_as(scores)
+
+
+def column_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of every GEMM column W[:, c, *k]: a tensor of shape [C, *k]."""
+    return weight.detach().pow(2).sum(dim=0)
+
+
+def irregular_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().pow(2)
+
+
+def project_columns(weight: torch.Tensor, ratio: float, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (same shape as ``weight``) of the Euclidean projection onto shape-wise sparsity."""
+    scores = column_scores(weight)
+    n_alive = int(alive.sum()) if alive is not None else scores.numel()
+    keep = topk_mask(scores, keep_count(n_alive, ratio), alive)
+    return keep.unsqueeze(0).expand_as(weight)
+
+
+def project_irregular(weight: torch.Tensor, ratio: float, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the Euclidean projection onto "at most k non-zero weights"."""
+    scores = irregular_scores(weight)
+    n_alive = int(alive.sum()) if alive is not None else scores.numel()
+    return topk_mask(scores, keep_count(n_alive, ratio), alive)

@@ -1,0 +1,195 @@
+"""The latency harness's bookkeeping (never its timings: CI machines are too noisy for that)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from structadmm.bench import LatencyReport, benchmark, latency
+from structadmm.bench.latency import round_order, time_interleaved
+from structadmm.errors import StructADMMError
+from structadmm.exporters import export_onnx
+
+CPU = "CPUExecutionProvider"
+FAST = {"min_seconds": 0.0, "min_runs": 5, "warmup": 1, "providers": [CPU]}
+SPEC_ROW_KEYS = {"provider", "batch", "threads", "dense_ms", "pruned_ms", "dense_p90_ms",
+                 "pruned_p90_ms", "speedup"}
+
+
+def _net(width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(width * 8 * 8, 10))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    return {
+        "dense": export_onnx(_net(16), x, folder / "dense.onnx").path,
+        "pruned": export_onnx(_net(4), x, folder / "pruned.onnx").path,
+    }
+
+
+@pytest.fixture(scope="module")
+def report(pair: dict[str, Path]) -> LatencyReport:
+    return benchmark(pair, batch_sizes=(1, 3), threads=1, **FAST)
+
+
+def test_an_entry_per_model_and_batch(report: LatencyReport) -> None:
+    keys = [(e.provider, e.batch, e.name) for e in report.entries]
+    assert keys == [(CPU, 1, "dense"), (CPU, 1, "pruned"), (CPU, 3, "dense"), (CPU, 3, "pruned")]
+    for entry in report.entries:
+        assert entry.runs >= 5 and entry.threads == 1
+        assert 0 < entry.min_ms <= entry.median_ms <= entry.p90_ms
+        assert entry.iqr_ms >= 0
+    assert report.baseline == "dense" and report.skipped == []
+
+
+def test_speedups_are_relative_to_the_baseline(report: LatencyReport) -> None:
+    for batch in (1, 3):
+        dense, pruned = (e for e in report.entries if e.batch == batch)
+        assert dense.speedup == 1.0
+        assert pruned.speedup == pytest.approx(dense.median_ms / pruned.median_ms)
+
+
+def test_to_rows_has_the_spec_keys(report: LatencyReport) -> None:
+    rows = report.to_rows()
+    assert [set(row) for row in rows] == [SPEC_ROW_KEYS, SPEC_ROW_KEYS]
+    pruned = {e.batch: e for e in report.entries if e.name == "pruned"}
+    for row in rows:
+        assert row["provider"] == CPU and row["threads"] == 1
+        assert row["pruned_ms"] == pruned[row["batch"]].median_ms
+        assert row["speedup"] == pytest.approx(pruned[row["batch"]].speedup)
+
+    with_efficiency = report.to_rows(mac_ratio=4.0)
+    assert with_efficiency[0]["efficiency"] == pytest.approx(with_efficiency[0]["speedup"] / 4.0)
+
+
+def test_baseline_can_be_named(pair: dict[str, Path]) -> None:
+    result = benchmark(pair, batch_sizes=(2,), baseline="pruned", **FAST)
+    assert [e.name for e in result.entries] == ["pruned", "dense"]
+    assert result.entries[0].speedup == 1.0
+    assert result.to_rows(dense="dense", pruned="pruned")[0]["dense_ms"] == (
+        result.entries[1].median_ms
+    )
+
+
+def test_round_order_alternates() -> None:
+    names = ["a", "b", "c"]
+    assert [round_order(names, i) for i in range(3)] == [names, names[::-1], names]
+
+
+def test_time_interleaved_runs_every_model_once_per_round_in_alternating_order() -> None:
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("dense", "pruned")}
+    times = time_interleaved(runners, min_runs=4, min_seconds=0.0)
+    assert calls == ["dense", "pruned", "pruned", "dense"] * 2
+    assert {name: len(t) for name, t in times.items()} == {"dense": 4, "pruned": 4}
+
+
+def test_time_interleaved_stopping_rules() -> None:
+    def run(min_runs: int, min_seconds: float, max_runs: int) -> int:
+        ticks = itertools.count()  # a fake clock: one second per reading
+        times = time_interleaved({"m": lambda: None}, min_runs=min_runs, min_seconds=min_seconds,
+                                 max_runs=max_runs, clock=lambda: float(next(ticks)))
+        assert all(t == 1.0 for t in times["m"])
+        return len(times["m"])
+
+    assert run(min_runs=3, min_seconds=0, max_runs=100) == 3
+    # 2 clock readings per round: 10 s have passed after round 5 (the start reading is t=0).
+    assert run(min_runs=3, min_seconds=10, max_runs=100) == 5
+    assert run(min_runs=3, min_seconds=1e9, max_runs=7) == 7
+
+
+def test_benchmark_times_all_models_together_baseline_first(
+    pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    real = latency.time_interleaved
+
+    def spy(runners: dict[str, latency.Runner], **kwargs: object) -> dict[str, list[float]]:
+        seen.append(list(runners))
+        return real(runners, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(latency, "time_interleaved", spy)
+    benchmark(pair, batch_sizes=(1, 2), baseline="pruned", **FAST)
+    assert seen == [["pruned", "dense"], ["pruned", "dense"]]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="CUDA is really available here")
+def test_unavailable_provider_is_skipped_with_a_reason(pair: dict[str, Path]) -> None:
+    result = benchmark(pair, batch_sizes=(1,), min_seconds=0.0, min_runs=5, warmup=1,
+                       providers=["CUDAExecutionProvider", CPU])
+    assert [(p, "not available" in reason) for p, reason in result.skipped] == [
+        ("CUDAExecutionProvider", True)
+    ]
+    assert {e.provider for e in result.entries} == {CPU}
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="CUDA is really available here")
+def test_default_providers_report_missing_gpu_providers(pair: dict[str, Path]) -> None:
+    result = benchmark(pair, batch_sizes=(1,), min_seconds=0.0, min_runs=5, warmup=1)
+    assert [p for p, _ in result.skipped] == ["CUDAExecutionProvider", "TensorrtExecutionProvider"]
+    assert {e.provider for e in result.entries} == {CPU}
+
+
+def test_garbage_file_is_an_error(pair: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(StructADMMError, match="bad.onnx"):
+        benchmark({"dense": pair["dense"], "bad": bad}, **FAST)
+    with pytest.raises(StructADMMError, match="missing.onnx"):
+        benchmark({"dense": pair["dense"], "x": tmp_path / "missing.onnx"}, **FAST)
+
+
+def _save(path: Path, node: onnx.NodeProto, shape: list[object], domains: dict[str, int]) -> Path:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    graph = helper.make_graph([node], "g", [x], [y])
+    opsets = [helper.make_opsetid(domain, version) for domain, version in domains.items()]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), path)
+    return path
+
+
+def test_model_onnx_runtime_cannot_load_is_an_error(pair: dict[str, Path], tmp_path: Path) -> None:
+    # Valid for onnx.checker (custom domains are allowed) but not runnable.
+    odd = _save(tmp_path / "odd.onnx", helper.make_node("Frob", ["input"], ["y"], domain="x.y"),
+                ["N", 3, 8, 8], {"": 17, "x.y": 1})
+    with pytest.raises(StructADMMError, match="odd.onnx: ONNX Runtime cannot load it"):
+        benchmark({"dense": pair["dense"], "odd": odd}, **FAST)
+
+
+def test_models_with_different_inputs_are_an_error(pair: dict[str, Path], tmp_path: Path) -> None:
+    other = _save(tmp_path / "other.onnx", helper.make_node("Relu", ["input"], ["y"]),
+                  ["N", 3, 9, 9], {"": 17})
+    with pytest.raises(StructADMMError, match="different inputs"):
+        benchmark({"dense": pair["dense"], "other": other}, **FAST)
+
+
+def test_fixed_batch_model_at_another_batch_is_an_error(tmp_path: Path) -> None:
+    fixed = _save(tmp_path / "fixed.onnx", helper.make_node("Relu", ["input"], ["y"]),
+                  [1, 4], {"": 17})
+    assert benchmark({"fixed": fixed}, batch_sizes=(1,), **FAST).entries[0].speedup == 1.0
+    with pytest.raises(StructADMMError, match="fixed batch of 1"):
+        benchmark({"fixed": fixed}, batch_sizes=(4,), **FAST)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"baseline": "nope"}, {"batch_sizes": (0,)}, {"threads": 0}, {"min_runs": 0},
+     {"min_runs": 10, "max_runs": 5}],
+)
+def test_bad_arguments(pair: dict[str, Path], kwargs: dict[str, object]) -> None:
+    with pytest.raises(StructADMMError):
+        benchmark(pair, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,81 @@
+"""The model zoo: every model builds, runs, traces with torch.fx, and matches torchvision's size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+
+import structadmm.models.zoo  # noqa: F401  (registers the zoo)
+from structadmm.models.registry import get_spec
+
+ZOO = [
+    "lenet5", "alexnet-cifar", "alexnet", "vgg16", "resnet18", "resnet50",
+    "resnet20", "resnet56", "mobilenetv2", "c3d-small",
+]  # fmt: skip
+
+# Equal counts to torchvision's models prove the layouts are the same layer for layer.
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet50": 25_557_032,
+    "vgg16": 138_365_992,  # vgg16_bn
+    "mobilenetv2": 3_504_872,  # mobilenet_v2
+    "alexnet": 61_100_840,
+}
+
+# Paper (option-A) sizes; option-B shortcuts add a few 1x1 convs, so allow 10%.
+CIFAR_RESNET_PARAMS = {"resnet20": 0.27e6, "resnet56": 0.85e6}
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_forward_and_fx_trace(name: str) -> None:
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    x = spec.example_input(batch=1)
+    with torch.no_grad():
+        out = model(x)
+        traced = torch.fx.symbolic_trace(model)
+        traced_out = traced(x)
+    assert out.shape == (1, spec.num_classes)
+    assert torch.allclose(out, traced_out)
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+def test_torchvision_param_counts(name: str) -> None:
+    assert _num_params(get_spec(name).build()) == TORCHVISION_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_RESNET_PARAMS))
+def test_cifar_resnet_param_counts(name: str) -> None:
+    expected = CIFAR_RESNET_PARAMS[name]
+    assert abs(_num_params(get_spec(name).build()) - expected) <= 0.1 * expected
+
+
+def test_build_is_fresh_and_seeded() -> None:
+    spec = get_spec("resnet20")
+    torch.manual_seed(0)
+    a = spec.build()
+    torch.manual_seed(0)
+    b = spec.build()
+    assert a is not b
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_only_standard_modules() -> None:
+    allowed = (
+        torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+        torch.nn.ReLU, torch.nn.ReLU6, torch.nn.MaxPool2d, torch.nn.MaxPool3d,
+        torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.Dropout,
+        torch.nn.Linear,
+    )  # fmt: skip
+    for name in ZOO:
+        traced = torch.fx.symbolic_trace(get_spec(name).build())
+        leaves = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+        for target in leaves:
+            assert isinstance(traced.get_submodule(target), allowed), (name, target)
