@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def spec_report() -> dict[str, object]:
 
 
 def _console_text(report: dict[str, object]) -> str:
-    console = Console(record=True, width=140)
+    console = Console(record=True, width=140, file=io.StringIO())
     console.print(render_table(report))
     return console.export_text()
 

@@ -157,9 +157,12 @@ def _plot_row(ax: Any, row: Mapping[str, Any]) -> None:
     ax.bar_label(bars, labels=[f"{_ms(v)} ms" for v in values], padding=2, fontsize=8)
     ax.set_title(f"{_short(row.get('provider'))}, batch {row.get('batch', NA)}", fontsize=10)
     ax.set_ylabel("median latency (ms)")
-    ax.set_ylim(0, max(heights + [1e-9]) * 1.3)
-    ax.text(0.5, 0.93, f"speedup {_ratio(row.get('speedup'))}", transform=ax.transAxes,
-            ha="center", va="top", fontsize=9, fontweight="bold")
+    ax.set_ylim(0, max(heights + [1e-9]) * 1.4)
+    label = f"speedup {_ratio(row.get('speedup'))}"
+    if isinstance(row.get("efficiency"), (int, float)):
+        label += f"\nefficiency {_number(row['efficiency'])}"
+    ax.text(0.5, 0.95, label, transform=ax.transAxes, ha="center", va="top", fontsize=9,
+            fontweight="bold")
 
 
 def _macs_caption(report: Mapping[str, Any]) -> str:

@@ -76,10 +76,10 @@ def export_onnx(
     """
     inputs = _as_tuple(example_inputs)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder so os.replace is an atomic rename; not mkstemp, whose 0600 mode would stick.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with _eval_mode(model):
             n_outputs = len(_flatten_outputs(_run_torch(model, inputs)))
             input_names = _names("input", len(inputs))
@@ -93,6 +93,8 @@ def export_onnx(
     except StructADMMError as exc:
         # The checks ran on the temp file; the user knows the file by the name they asked for.
         raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
+    except OSError as exc:
+        raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(path, max_abs_diff, simplified, _default_opset(proto), simplify_error)

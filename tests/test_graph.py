@@ -1,0 +1,93 @@
+"""The channel graph finds coupled groups from the trace alone, and freezes what it cannot prune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nets import NETS, Concat, Depthwise, Residual
+from structadmm.errors import StructADMMError
+from structadmm.models import DigitsCNN
+from structadmm.pipeline.graph import Slice, trace
+from structadmm.pipeline.plan import PruningPlan
+
+
+def test_chain_groups_couple_bn_and_flatten() -> None:
+    graph = trace(DigitsCNN(), torch.randn(2, 1, 16, 16))
+    by_name = {g.name: g for g in graph.groups}
+    last_conv = by_name["features.14"]
+    assert last_conv.prunable and last_conv.size == 128
+    assert Slice("features.15", "through") in last_conv.slices  # its BatchNorm
+    assert Slice("classifier.1", "in", 0, 4) in last_conv.slices  # flatten: 2x2 features per channel
+    assert by_name["classifier.3"].frozen == "model output"
+    assert sum(g.prunable for g in graph.groups) == 6
+
+
+def test_residual_add_merges_branches_into_one_group() -> None:
+    graph = trace(Residual(), torch.randn(1, 3, 8, 8))
+    stem = next(g for g in graph.groups if "stem.0" in g.producers)
+    assert set(stem.producers) == {"stem.0", "a1.2", "a2.2"}
+    assert {"a1.0", "a2.0", "b.0", "short"} <= set(stem.consumers)
+    stage2 = next(g for g in graph.groups if "short" in g.producers)
+    assert set(stage2.producers) == {"b.2", "short"} and stage2.consumers == ["head"]
+
+
+def test_concat_gives_consumers_offsets() -> None:
+    graph = trace(Concat(), torch.randn(1, 3, 8, 8))
+    fuse_inputs = {g.name: s for g in graph.groups for s in g.slices if s.module == "fuse" and s.role == "in"}
+    assert {k: v.offset for k, v in fuse_inputs.items()} == {"b1.0": 0, "stem": 6, "b2.0": 14}
+    bn = {g.name: s.offset for g in graph.groups for s in g.slices if s.module == "bn"}
+    assert bn == {"b1.0": 0, "stem": 6, "b2.0": 14}
+
+
+def test_depthwise_and_squeeze_excitation_share_the_expanded_group() -> None:
+    graph = trace(Depthwise(), torch.randn(1, 3, 8, 8))
+    expanded = next(g for g in graph.groups if "expand.0" in g.producers)
+    assert set(expanded.producers) == {"expand.0", "se2"}  # the gate multiplies the same channels
+    assert {"dw.0", "dw.1", "expand.1"} <= {s.module for s in expanded.slices if s.role == "through"}
+    assert set(expanded.consumers) == {"se1", "project.0"}
+
+
+def test_unknown_op_freezes_only_what_it_touches() -> None:
+    class Sliced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            return self.c(y[:, :4])
+
+    plan = PruningPlan.uniform(Sliced(), torch.randn(1, 3, 10, 10), "filter", 0.5)
+    assert [u.name for u in plan.units] == ["a"]
+    assert any("getitem" in why for layer, why in plan.skipped if layer.startswith("b"))
+    assert any("getitem" in note for note in plan.graph.notes)
+
+
+def test_untraceable_model_is_a_clear_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.conv(x)
+            return self.conv(-x)
+
+    with pytest.raises(StructADMMError, match="cannot trace Branchy"):
+        trace(Branchy(), torch.randn(1, 3, 8, 8))
+
+
+def test_wrong_input_shape_is_a_clear_error() -> None:
+    with pytest.raises(StructADMMError, match="does not fit DigitsCNN"):
+        trace(DigitsCNN(), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_every_test_net_has_prunable_groups(name: str) -> None:
+    build, shape = NETS[name]
+    graph = trace(build(), torch.randn(shape))
+    assert graph.prunable_groups()
+    assert not graph.notes, graph.notes
