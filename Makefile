@@ -1,0 +1,33 @@
+# Two commands do everything: `make demo` (the whole pipeline on the embedded default) and
+# `make test`. Both create or reuse the virtualenv in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The pinned CPU torch first: an open torch range with no torch installed pulls a CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)" || $(PY) -m pip install --quiet "torch>=2.4"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/structadmm run
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS) || [ $$? -eq 5 ]
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]
+
+bench: $(STAMP)
+	$(PY) benchmarks/digits_default.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
