@@ -9,8 +9,17 @@ from torch import nn
 from nets import NETS, Concat, Depthwise, Residual
 from structadmm.errors import StructADMMError
 from structadmm.models import DigitsCNN
-from structadmm.pipeline.graph import Slice, trace
+from structadmm.pipeline.graph import trace
 from structadmm.pipeline.plan import PruningPlan
+
+
+def members(graph, group) -> set[tuple[str, str, str]]:
+    return {(s.module, s.tensor, s.role) for s, _, _ in graph.slices_of(group)}
+
+
+def positions(graph, group, module: str) -> list[int]:
+    """Positions of ``module``'s input axis that belong to ``group``."""
+    return [p for s, pos, _ in graph.slices_of(group) if s.module == module and s.role == "in" for p in pos.tolist()]
 
 
 def test_chain_groups_couple_bn_and_flatten() -> None:
@@ -18,8 +27,10 @@ def test_chain_groups_couple_bn_and_flatten() -> None:
     by_name = {g.name: g for g in graph.groups}
     last_conv = by_name["features.14"]
     assert last_conv.prunable and last_conv.size == 128
-    assert Slice("features.15", "through") in last_conv.slices  # its BatchNorm
-    assert Slice("classifier.1", "in", 0, 4) in last_conv.slices  # flatten: 2x2 features per channel
+    assert {("features.15", t, "through") for t in ("weight", "bias", "running_mean", "running_var")} <= members(graph, last_conv)
+    assert positions(graph, last_conv, "classifier.1") == list(range(512))  # flatten: 2x2 features per channel
+    flat = next(s for s in graph.slices if s.module == "classifier.1" and s.role == "in")
+    assert [int(graph.local_of[graph.atom_of[e]]) for e in flat.entries[:8]] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert by_name["classifier.3"].frozen == "model output"
     assert sum(g.prunable for g in graph.groups) == 6
 
@@ -29,23 +40,25 @@ def test_residual_add_merges_branches_into_one_group() -> None:
     stem = next(g for g in graph.groups if "stem.0" in g.producers)
     assert set(stem.producers) == {"stem.0", "a1.2", "a2.2"}
     assert {"a1.0", "a2.0", "b.0", "short"} <= set(stem.consumers)
+    assert stem.size == 8  # tied position by position, not concatenated
     stage2 = next(g for g in graph.groups if "short" in g.producers)
     assert set(stage2.producers) == {"b.2", "short"} and stage2.consumers == ["head"]
 
 
 def test_concat_gives_consumers_offsets() -> None:
     graph = trace(Concat(), torch.randn(1, 3, 8, 8))
-    fuse_inputs = {g.name: s for g in graph.groups for s in g.slices if s.module == "fuse" and s.role == "in"}
-    assert {k: v.offset for k, v in fuse_inputs.items()} == {"b1.0": 0, "stem": 6, "b2.0": 14}
-    bn = {g.name: s.offset for g in graph.groups for s in g.slices if s.module == "bn"}
-    assert bn == {"b1.0": 0, "stem": 6, "b2.0": 14}
+    by_name = {g.name: g for g in graph.groups}
+    assert positions(graph, by_name["b1.0"], "fuse") == list(range(0, 6))
+    assert positions(graph, by_name["stem"], "fuse") == list(range(6, 14))
+    assert positions(graph, by_name["b2.0"], "fuse") == list(range(14, 18))
 
 
 def test_depthwise_and_squeeze_excitation_share_the_expanded_group() -> None:
     graph = trace(Depthwise(), torch.randn(1, 3, 8, 8))
     expanded = next(g for g in graph.groups if "expand.0" in g.producers)
     assert set(expanded.producers) == {"expand.0", "se2"}  # the gate multiplies the same channels
-    assert {"dw.0", "dw.1", "expand.1"} <= {s.module for s in expanded.slices if s.role == "through"}
+    through = {m for m, _, role in members(graph, expanded) if role == "through"}
+    assert {"dw.0", "dw.1", "expand.1"} <= through
     assert set(expanded.consumers) == {"se1", "project.0"}
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,33 +47,6 @@ Masks = dict[str, torch.Tensor]
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _slice_params(module: nn.Module, s: Slice) -> list[str]:
-    """The parameter names (relative to the module) that a slice covers."""
-    if s.role == "in":
-        return ["weight"]
-    return [n for n, _ in module.named_parameters(recurse=False)]
-
-
-def _channel_view(tensor: torch.Tensor, s: Slice, size: int) -> torch.Tensor:
-    """The entries of ``tensor`` that belong to the group's channels, as [size, -1]."""
-    if s.role == "in":
-        cols = tensor[:, s.offset: s.offset + size * s.factor]
-        return cols.reshape(cols.shape[0], size, -1).transpose(0, 1).reshape(size, -1)
-    return tensor[s.offset: s.offset + size].reshape(size, -1)
-
-
-def _channel_mask(shape: torch.Size, keep: torch.Tensor, s: Slice) -> torch.Tensor:
-    mask = torch.ones(shape)
-    kept = keep.to(mask.dtype)
-    if s.role == "in":
-        mask[:, s.offset: s.offset + kept.numel() * s.factor] = (
-            kept.repeat_interleave(s.factor).view(1, -1, *([1] * (len(shape) - 2)))
-        )
-    else:
-        mask[s.offset: s.offset + kept.numel()] = kept.view(-1, *([1] * (len(shape) - 1)))
-    return mask
-
-
 @dataclass
 class ChannelUnit:
     """Keep at most k channels of a coupled group; scored over all its slices."""
@@ -80,39 +54,60 @@ class ChannelUnit:
     group: ChannelGroup
     kind: Sparsity
     ratio: float
+    graph: ChannelGraph
 
     @property
     def name(self) -> str:
         return self.group.name
 
     def params(self) -> list[str]:
-        return sorted({f"{s.module}.{p}" for s in self.group.slices for p in self._module_params(s)})
+        return sorted({s.name for s, _, _ in self._slices()})
 
-    def _module_params(self, s: Slice) -> list[str]:
-        return _slice_params(self._modules[s.module], s)
-
-    def bind(self, modules: Mapping[str, nn.Module]) -> "ChannelUnit":
-        self._modules = modules
-        return self
+    def _slices(self) -> list[tuple[Slice, np.ndarray, np.ndarray]]:
+        if not hasattr(self, "_cache"):
+            self._cache = [(s, torch.from_numpy(pos), torch.from_numpy(local))
+                           for s, pos, local in self.graph.slices_of(self.group)
+                           if isinstance(self.graph.tensor(s), nn.Parameter)]
+        return self._cache
 
     def keep(self, values: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Boolean [size]: which channels survive the projection of ``values``."""
-        size = self.group.size
-        scores = torch.zeros(size, dtype=torch.float64)
-        alive = torch.zeros(size, dtype=torch.bool)
-        for s in self.group.slices:
-            for p in self._module_params(s):
-                name = f"{s.module}.{p}"
-                scores += _channel_view(values[name].detach(), s, size).double().pow(2).sum(1)
-                alive |= _channel_view(masks[name], s, size).bool().any(1)
-        return topk_mask(scores, keep_count(int(alive.sum()), self.ratio), alive)
+        scores = torch.zeros(self.group.size, dtype=torch.float64)
+        alive = torch.zeros(self.group.size, dtype=torch.bool)
+        for s, pos, local in self._slices():
+            scores.index_add_(0, local, s.norms(values[s.name])[pos])
+            alive.index_fill_(0, local[s.norms(masks[s.name])[pos] > 0], True)
+        k = keep_count(int(alive.sum()), self.ratio)
+        return constrained_topk(scores, k, alive, self.graph.blocks_in(self.group))
 
     def project(self, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
         keep = self.keep(values, masks)
-        for s in self.group.slices:
-            for p in self._module_params(s):
-                name = f"{s.module}.{p}"
-                masks[name] = masks[name] * _channel_mask(values[name].shape, keep, s)
+        for s, pos, local in self._slices():
+            keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
+            keep_pos[pos] = keep[local]
+            masks[s.name] = masks[s.name] * s.mask(values[s.name].shape, keep_pos)
+
+
+def constrained_topk(scores: torch.Tensor, k: int, alive: torch.Tensor, blocks: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Top-k channels, then every block of a constraint re-chosen to keep the same count.
+
+    For one constraint whose blocks partition the group (a grouped conv, a chunk) this is
+    the exact projection: the best ``k / n_blocks`` channels of every block.
+    """
+    keep = topk_mask(scores, k, alive)
+    for _ in range(4):  # constraints can interact; a few passes reach a fixed point in practice
+        changed = False
+        for constraint in blocks:
+            counts = [int(keep[b].sum()) for b in constraint]
+            if len(set(counts)) == 1:
+                continue
+            target = max(1, round(sum(counts) / len(counts)))
+            for b in constraint:
+                keep[b] = topk_mask(scores[b], min(target, int(alive[b].sum())), alive[b])
+            changed = True
+        if not changed:
+            break
+    return keep
 
 
 @dataclass
@@ -208,7 +203,7 @@ class PruningPlan:
                             # a residual stage names one group from several layers: keep the larger ratio
                             claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)
                         else:
-                            claimed[group.id] = ChannelUnit(group, kind, ratio).bind(graph.modules)
+                            claimed[group.id] = ChannelUnit(group, kind, ratio, graph)
                 else:
                     units.append(TensorUnit(f"{layer}.weight", kind, ratio))
         units.extend(claimed.values())

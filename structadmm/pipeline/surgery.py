@@ -13,12 +13,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ParityError
-from .graph import ChannelGraph, ChannelGroup, trace
-from .plan import _channel_view
+from .graph import ChannelGraph, ChannelGroup, Slice, trace
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,33 @@ class GroupCut:
 
 
 def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
-    """Boolean [size]: channels of ``group`` whose every reader has all-zero weights."""
+    """Boolean [size]: channels of ``group`` whose every reader has all-zero weights.
+
+    Where the group must keep equal counts per block (grouped convs, chunks), removable
+    channels of the smaller blocks are kept (keeping a channel is always exact).
+    """
     dead = torch.ones(group.size, dtype=torch.bool)
-    for s in group.slices:
+    for s, pos, local in graph.slices_of(group):
         if s.role == "in":
-            weight = graph.modules[s.module].weight.detach()
-            dead &= ~_channel_view(weight, s, group.size).ne(0).any(1)
+            read = (s.norms(graph.tensor(s))[torch.from_numpy(pos)] > 0).numpy()
+            dead[torch.from_numpy(local[read])] = False
+    constraints = graph.blocks_in(group)
+    for _ in range(len(constraints) + 1):
+        changed = False
+        for blocks in constraints:
+            target = max(int((~dead[b]).sum()) for b in blocks)
+            for b in blocks:
+                missing = target - int((~dead[b]).sum())
+                if missing > 0:
+                    dead[b[dead[b].nonzero().flatten()[:missing]]] = False
+                    changed = True
+        if not changed:
+            break
+    if dead.all():  # keep one channel so every tensor keeps a non-empty shape
+        dead[0] = False
+        for blocks in constraints:
+            for b in blocks:
+                dead[b[0]] = False
     return dead
 
 
@@ -56,67 +77,67 @@ def compact_with_report(model: nn.Module, example_inputs: Any, *, verify: bool =
     """:func:`compact`, also returning the channels kept per group."""
     small = copy.deepcopy(model)
     graph = trace(small, example_inputs)
-    keep_out: dict[str, torch.Tensor] = {}  # module -> bool over dim 0 (outputs / per-channel)
-    keep_in: dict[str, torch.Tensor] = {}  # module -> bool over weight dim 1 (inputs)
+    keep: dict[int, torch.Tensor] = {}
     cuts: list[GroupCut] = []
     for group in graph.prunable_groups():
         dead = removable_channels(graph, group)
-        if dead.all():  # keep one channel so every tensor keeps a non-empty shape
-            dead[0] = False
-        if not dead.any():
-            continue
-        cuts.append(GroupCut(group.name, group.size, int((~dead).sum())))
-        for s in group.slices:
-            module = graph.modules[s.module]
-            if s.role == "in":
-                mask = keep_in.setdefault(s.module, torch.ones(module.weight.shape[1], dtype=torch.bool))
-                mask[s.offset: s.offset + group.size * s.factor] &= ~dead.repeat_interleave(s.factor)
+        if dead.any():
+            keep[group.id] = ~dead
+            cuts.append(GroupCut(group.name, group.size, int((~dead).sum())))
+    # every tensor: the position selections to apply, outputs (axis 0) before inputs
+    plans: dict[tuple[str, str], list[tuple[Slice, torch.Tensor]]] = {}
+    for s in graph.slices:
+        atoms = graph.atom_of[s.entries]
+        groups = graph.group_of[atoms]
+        keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
+        for gid in np.unique(groups).tolist():
+            if gid in keep:
+                where = torch.from_numpy(np.nonzero(groups == gid)[0])
+                keep_pos[where] = keep[gid][torch.from_numpy(graph.local_of[atoms[where.numpy()]])]
+        if not keep_pos.all():
+            plans.setdefault((s.module, s.tensor), []).append((s, keep_pos))
+    resized: dict[str, nn.Module] = {}
+    with torch.no_grad():
+        for (module_name, tensor_name), selections in plans.items():
+            module = graph.modules[module_name]
+            tensor = getattr(module, tensor_name)
+            new = tensor.detach()
+            for s, keep_pos in sorted(selections, key=lambda sel: sel[0].role == "in"):
+                new = s.select(new, keep_pos)
+            new = new.clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, tensor_name, nn.Parameter(new, requires_grad=tensor.requires_grad))
             else:
-                mask = keep_out.setdefault(s.module, torch.ones(_channels_of(module), dtype=torch.bool))
-                mask[s.offset: s.offset + group.size] &= ~dead
-    for name in sorted(set(keep_out) | set(keep_in)):
-        _shrink(graph.modules[name], keep_out.get(name), keep_in.get(name))
+                setattr(module, tensor_name, new)
+            resized[module_name] = module
+    for module in resized.values():
+        _fix_sizes(module)
     if verify:
         check_same_function(model, small, example_inputs, atol=atol, rtol=rtol, what="surgery")
     return small, cuts
 
 
-def _channels_of(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    return module.out_channels
-
-
-@torch.no_grad()
-def _shrink(module: nn.Module, out: torch.Tensor | None, inp: torch.Tensor | None) -> None:
-    """Slice every per-channel tensor of ``module`` in place and fix its size attributes."""
-    out_idx = out.nonzero().flatten() if out is not None else None
-    in_idx = inp.nonzero().flatten() if inp is not None else None
-    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        if tensor is None or tensor.ndim == 0:  # e.g. BatchNorm's num_batches_tracked
-            continue
-        new = tensor
-        if out_idx is not None:
-            new = new.index_select(0, out_idx)
-        if in_idx is not None and name == "weight" and new.ndim >= 2:
-            new = new.index_select(1, in_idx)
-        new = new.clone()
-        if isinstance(tensor, nn.Parameter):
-            setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
-        else:
-            setattr(module, name, new)
+def _fix_sizes(module: nn.Module) -> None:
+    """Make a resized module's size attributes agree with its new tensors."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = int(out_idx.numel())
-    else:  # convolutions
-        depthwise = module.groups > 1
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        multiplier = module.out_channels // module.in_channels if depthwise else 1
         module.out_channels = module.weight.shape[0]
-        module.in_channels = module.out_channels if depthwise else module.weight.shape[1]
         if depthwise:
-            module.groups = module.out_channels
+            module.in_channels = module.groups = module.out_channels // multiplier
+        else:
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.GroupNorm):
+        group_size = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        module.num_groups = module.num_channels // group_size
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        tensors = [t for t in (module.weight, module.running_mean) if t is not None]
+        module.num_features = tensors[0].shape[0]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]
 
 
 def check_same_function(reference: nn.Module, candidate: nn.Module, example_inputs: Any, *,
