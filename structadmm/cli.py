@@ -62,11 +62,23 @@ def _progress() -> Progress:
                     console=err, transient=True, disable=not err.is_terminal)
 
 
+ModelOpt = typer.Option("digits-cnn", "--model", "-m", help=(
+    "A zoo name (see `structadmm models`), module:function or file.py:function returning an nn.Module "
+    "(this runs that code), or a torch.export .pt2 file."))
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Weights for the model: .safetensors or a torch state_dict "
+                                                      "(loaded with weights_only=True).")
+InputShapeOpt = typer.Option(None, "--input-shape", help="Shape of one sample, e.g. 3x32x32, when the model does not say.")
+
+
 @app.command()
 @_friendly
 def run(
-    model: str = typer.Option("digits-cnn", "--model", "-m", help="Model from the zoo (see `structadmm models`)."),
-    data: str = typer.Option("digits", "--data", help="Data set: 'digits' (scikit-learn's handwritten digits)."),
+    model: str = ModelOpt,
+    data: str = typer.Option("digits", "--data", help=(
+        "'digits' (built in), an .npz with x and y arrays, an image folder with one sub-folder per class, "
+        "or module:function returning datasets (this runs that code).")),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    input_shape: Optional[str] = InputShapeOpt,
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s",
                                            help="filter | channel | shape | irregular, or a combination like filter+shape."),
     ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Fraction of groups to remove, in (0, 1)."),
@@ -78,29 +90,34 @@ def run(
     debug: bool = DebugOpt,
 ) -> None:
     """Run the whole pipeline: train, ADMM-prune, compact, export, benchmark, report."""
-    from .models import get_spec, load_digits_split
-    from .pipeline import CompressConfig, compress
+    import torch
+
     from .bench import render_table
+    from .models.data import check_compatible, load_data
+    from .pipeline import CompressConfig, compress
 
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
                                          plan=str(plan) if plan else None).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
-    spec = get_spec(model)
-    if data != "digits":
-        raise StructADMMError(f"unknown data set {data!r}; the built-in one is 'digits'")
-    if spec.input_shape != (1, 16, 16):
-        raise StructADMMError(
-            f"the digits data gives 1x16x16 images, but {model} takes {'x'.join(map(str, spec.input_shape))}; "
-            "use --model digits-cnn"
-        )
-    train, test = load_digits_split(seed=cfg.seed)
-    import torch
-
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # before building, so a model's initial weights are the same every run
+    loaded = _load_model(model, checkpoint, input_shape)
+    dataset = load_data(data, input_shape=loaded.input_shape, seed=cfg.seed)
+    check_compatible(loaded.input_shape, dataset.input_shape, loaded.name, dataset.name)
     with _progress() as progress:
-        result = compress(spec.build(), train, test, cfg, out_dir=out_dir, model_name=spec.name, progress=progress)
+        result = compress(loaded.module, dataset.train, dataset.val, cfg, out_dir=out_dir, model_name=loaded.name,
+                          progress=progress)
     out.print(render_table(result.report))
     out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png)")
+
+
+def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[str]):
+    from .models.data import parse_shape
+    from .models.loading import load_model
+
+    loaded = load_model(model, checkpoint=checkpoint)
+    if input_shape:
+        loaded.input_shape = parse_shape(input_shape)
+    return loaded
 
 
 @app.command()
@@ -135,20 +152,21 @@ def bench(
 @app.command()
 @_friendly
 def inspect(
-    model: str = typer.Option("digits-cnn", "--model", "-m", help="Model from the zoo."),
+    model: str = ModelOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    input_shape: Optional[str] = InputShapeOpt,
     sparsity: str = typer.Option("filter", "--sparsity", "-s", help="Sparsity type(s)."),
     ratio: float = typer.Option(0.5, "--ratio", "-r", help="Fraction of groups to remove."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="TOML plan file."),
     debug: bool = DebugOpt,
 ) -> None:
     """Show the model's coupled channel groups and what a plan would prune."""
-    from .models import get_spec
     from .pipeline import PruningPlan
 
-    spec = get_spec(model)
-    net, example = spec.build().eval(), spec.example_input(1)
+    loaded = _load_model(model, checkpoint, input_shape)
+    net, example = loaded.module.eval(), loaded.example_input(1)
     pruning = PruningPlan.from_file(net, example, plan) if plan else PruningPlan.uniform(net, example, sparsity, ratio)
-    table = Table(title=f"{model}: {len(pruning.units)} pruning units")
+    table = Table(title=f"{loaded.name}: {len(pruning.units)} pruning units")
     for col in ("unit", "sparsity", "ratio", "channels"):
         table.add_column(col)
     for row in pruning.summary():

@@ -321,6 +321,14 @@ class _Tracer:
         self.freeze(touched, reason)
         return self.fresh(node, frozen=reason)
 
+    def mixing(self, node: torch.fx.Node, chan: _Chan | None, what: str) -> _Chan | None:
+        """An op that mixes values across channels but keeps the layout: freeze, pass on."""
+        reason = f"{what} at node '{node.name}'"
+        if chan is not None:
+            self.notes.append(f"{reason}: channels reaching it are not pruned")
+            self.freeze([chan], reason)
+        return chan
+
     def fresh(self, node: torch.fx.Node, producer: str | None = None, frozen: str | None = None,
               axis: int = 1) -> _Chan | None:
         shape = _shape(node)
@@ -377,7 +385,7 @@ class _Tracer:
             if frozen is None and not prods:
                 frozen = "no layer produces these channels"
             if frozen is None and not consumers.get(gid):
-                frozen = "no layer reads these channels"
+                frozen = "no Conv or Linear reads these channels"
             name = prods[0] + (f"+{len(prods) - 1}" if len(prods) > 1 else "") if prods else f"group{gid}"
             groups.append(ChannelGroup(gid, np.array(members.get(gid, []), dtype=np.int64), name, prods,
                                        consumers.get(gid, []), frozen))
@@ -475,7 +483,7 @@ class _Tracer:
         if not self.channels_first(chan):
             return self.unsupported(node, f"GroupNorm '{name}' on a tensor whose axis 1 is not channels")
         if module.num_groups == 1:
-            return self.unsupported(node, f"GroupNorm '{name}' with one group (normalises over all channels)")
+            return self.mixing(node, chan, f"GroupNorm '{name}' with one group (normalises over all channels)")
         # statistics are per normalisation group: a channel group is removed whole or kept whole
         for block in np.split(chan.entries, module.num_groups):
             self.tie(block[:1].repeat(len(block)), block)
@@ -487,14 +495,14 @@ class _Tracer:
         rank = len(_shape(node))
         normalised = set(range(rank - len(module.normalized_shape), rank))
         if chan is not None and normalised & set(chan.dims()):
-            return self.unsupported(node, f"LayerNorm '{name}' normalising over the channel axis")
+            return self.mixing(node, chan, f"LayerNorm '{name}' normalising over the channel axis")
         return chan
 
     def along(self, node: torch.fx.Node, chan: _Chan | None, dim: Any, what: str) -> _Chan | None:
         """An op mixing values along ``dim``: fine unless that is a channel axis."""
         rank = len(_shape(node))
         if chan is not None and (dim is None or dim % rank in chan.dims()):
-            return self.unsupported(node, f"{what} over the channel axis")
+            return self.mixing(node, chan, f"{what} over the channel axis")
         return chan
 
     def visit_function(self, node: torch.fx.Node) -> _Chan | None:
@@ -643,18 +651,20 @@ class _Tracer:
             columns = entries.reshape(entries.shape[0], -1)
             for col in columns.T:
                 self.tie(col[:1].repeat(len(col)), col)
-        if self.constant_channel_size(node, dims):
+        atoms = np.vectorize(self.atoms.find, otypes=[np.int64])(entries) if entries.size else entries
+        shrinking = [dims[0] + d for d in range(entries.ndim) if not _constant_along(atoms, d)]
+        if self.literal_size(node, shrinking):
             return self.unsupported(node, f"'{_target_name(node)}' with a hard-coded channel count")
         return _Chan(entries, dims[0])
 
-    def constant_channel_size(self, node: torch.fx.Node, dims: list[int]) -> bool:
-        """A view/reshape whose target size is a literal on a channel axis breaks after pruning."""
-        if node.target in ("view", "reshape", torch.reshape):
-            sizes = node.args[1:] if node.target != torch.reshape else node.args[1:2]
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = sizes[0]
-            return any(isinstance(sizes[d], int) and sizes[d] not in (-1, 1) for d in dims if d < len(sizes))
-        return False
+    def literal_size(self, node: torch.fx.Node, dims: list[int]) -> bool:
+        """A view/reshape with a literal size on an axis that pruning shrinks breaks after surgery."""
+        if node.target not in ("view", "reshape", torch.reshape):
+            return False
+        sizes = node.args[1:] if node.target != torch.reshape else node.args[1:2]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        return any(isinstance(sizes[d], int) and sizes[d] not in (-1, 1) for d in dims if d < len(sizes))
 
     def permute(self, node: torch.fx.Node, src: Any) -> _Chan | None:
         chan, rank = self.chans.get(src), len(_shape(node))

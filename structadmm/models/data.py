@@ -1,0 +1,370 @@
+"""Load a user's data: the built-in digits, an ``.npz`` file, an image folder, or their own code.
+
+A data reference is one of
+
+* ``digits``: scikit-learn's handwritten digits, 1x16x16 (see :mod:`structadmm.models.digits`),
+* ``path/to/file.npz`` with arrays ``x`` (samples, N x C x ...) and ``y`` (integer class indices,
+  N), and optionally ``x_val``/``y_val``. ``x`` is used as it is (no normalisation). It is read with
+  ``allow_pickle=False``, so the file cannot run code,
+* an image folder with one sub-folder per class (``root/cat/001.png``, classes in sorted name
+  order), or ``root/train/<class>/`` and ``root/val/<class>/`` (``test`` for ``val`` also works).
+  Images are read lazily, converted to grey or RGB and resized to ``input_shape`` when given
+  (else to the first image's size and colour), and scaled to [0, 1],
+* ``module:function`` or ``path/to/file.py:function``, called with no arguments (this runs the
+  user's code): it returns ``(train, val)`` datasets or DataLoaders (``val`` may be None), a
+  single dataset or DataLoader, or an ``(x, y)`` tensor pair. DataLoaders are kept as given.
+
+Where no held-out part is given, ``test_fraction`` of the samples are held out with a seeded
+split, stratified by label where the labels are known and every class is big enough.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+
+from ..errors import StructADMMError
+from .digits import load_digits_split
+from .loading import call_function
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+@dataclass
+class LoadedData:
+    """Training and held-out data, with the shape of one sample and the number of classes."""
+
+    train: Dataset | DataLoader
+    val: Dataset | DataLoader | None
+    input_shape: tuple[int, ...]  # one sample, no batch dimension
+    num_classes: int | None  # None where the source does not say (user code)
+    name: str
+
+
+def load_data(
+    ref: str,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> LoadedData:
+    """The data named by ``ref`` (see the module docstring).
+
+    ``input_shape`` is the shape of one sample the model takes: image folders are resized to it;
+    other sources report their own shape (compare with :func:`check_compatible`).
+    """
+    if not 0 < test_fraction < 1:
+        raise StructADMMError(f"test_fraction must be in (0, 1) (the fraction held out), got {test_fraction}")
+    path = Path(ref)
+    if ref == "digits":
+        return _load_digits(test_fraction, seed)
+    if path.is_dir():
+        return _load_folder(path, input_shape, test_fraction, seed)
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path, test_fraction, seed)
+    if ":" in ref and not path.exists():
+        return _load_from_function(ref, test_fraction, seed)
+    if path.exists():
+        raise StructADMMError(f"{ref} is neither an .npz file nor an image folder; give one of those")
+    if len(path.parts) > 1 or path.suffix:
+        raise StructADMMError(f"data {ref} does not exist; check the path")
+    raise StructADMMError(
+        f"unknown data set {ref!r}; give 'digits', an .npz file, an image folder, or module:function"
+    )
+
+
+def check_compatible(
+    model_input_shape: Sequence[int] | None,
+    data_input_shape: Sequence[int],
+    model_name: str,
+    data_name: str,
+) -> None:
+    """Raise a one-line error when the data's samples are not the shape the model takes."""
+    if model_input_shape is None or tuple(model_input_shape) == tuple(data_input_shape):
+        return
+    model_shape, data_shape = format_shape(model_input_shape), format_shape(data_input_shape)
+    raise StructADMMError(
+        f"the data {data_name} gives {data_shape} samples but {model_name} takes {model_shape}; "
+        f"use data of {model_shape} samples (image folders are resized to the model's input) "
+        f"or a model that takes {data_shape}"
+    )
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3x32x32"`` (or ``"3,32,32"``) as ``(3, 32, 32)``."""
+    parts = re.split(r"[x,]", text.strip().lower())
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise StructADMMError(
+            f"input shape must be the positive sizes of one sample joined by x, like 3x32x32, got {text!r}"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+# --- built-in and .npz ---------------------------------------------------------------------------
+
+
+def _load_digits(test_fraction: float, seed: int) -> LoadedData:
+    train, val = load_digits_split(test_fraction=test_fraction, seed=seed)
+    return LoadedData(train, val, tuple(train.tensors[0].shape[1:]), 10, "digits")
+
+
+def _load_npz(path: Path, test_fraction: float, seed: int) -> LoadedData:
+    arrays = _read_npz(path)
+    if "x" not in arrays or "y" not in arrays:
+        raise StructADMMError(
+            f"{path} has arrays {', '.join(arrays) or 'none'}; it needs x (samples, N x C x ...) and "
+            "y (integer labels, N), optionally x_val and y_val: numpy.savez(path, x=x, y=y)"
+        )
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise StructADMMError(f"{path} has only one of x_val and y_val; give both, or neither to split x/y")
+    x, y = _tensors(arrays["x"], arrays["y"], path, "x", "y")
+    if "x_val" in arrays:
+        x_val, y_val = _tensors(arrays["x_val"], arrays["y_val"], path, "x_val", "y_val")
+        if x_val.shape[1:] != x.shape[1:]:
+            raise StructADMMError(
+                f"{path}: x_val samples are {format_shape(x_val.shape[1:])} but x samples are "
+                f"{format_shape(x.shape[1:])}; they must be the same shape"
+            )
+        train, val = TensorDataset(x, y), TensorDataset(x_val, y_val)
+        num_classes = int(max(y.max(), y_val.max())) + 1
+    else:
+        train_idx, val_idx = _split_indices(len(y), y.numpy(), test_fraction, seed, path)
+        train, val = TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+        num_classes = int(y.max()) + 1
+    return LoadedData(train, val, tuple(x.shape[1:]), num_classes, path.stem)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise StructADMMError(f"data file {path} does not exist; check the path")
+    how = "write it with numpy.savez(path, x=x, y=y) using numeric arrays"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise StructADMMError(f"{path} holds a single array, not named arrays; {how}")
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except StructADMMError:
+        raise
+    except Exception as exc:  # numpy's reasons suggest unsafe loading, so the message says it in our words
+        raise StructADMMError(
+            f"cannot read {path}: it is not an .npz archive of numeric arrays (truncated, pickled objects "
+            f"or another format); {how}"
+        ) from exc
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, path: Path, x_key: str, y_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim < 2 or len(x) == 0:
+        raise StructADMMError(
+            f"{x_key} in {path} is {x.dtype} of shape {x.shape}; it must be numeric samples, N x C x ..."
+        )
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise StructADMMError(
+            f"labels {y_key} in {path} are {y.dtype} of shape {y.shape}; they must be integer class "
+            f"indices, one per sample (save {y_key}.astype(numpy.int64))"
+        )
+    if len(x) != len(y):
+        raise StructADMMError(
+            f"{x_key} in {path} has {len(x)} samples but {y_key} has {len(y)} labels; they must match one to one"
+        )
+    if y.min() < 0:
+        raise StructADMMError(f"labels {y_key} in {path} include {y.min()}; they must be class indices 0..K-1")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def _split_indices(
+    n: int, labels: np.ndarray | None, test_fraction: float, seed: int, source: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    if n < 2:
+        raise StructADMMError(f"{source} has {n} sample(s); at least 2 are needed to hold some out")
+    indices = np.arange(n)
+    if labels is not None:
+        try:
+            return train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
+        except ValueError:  # a class with too few samples for both sides: fall back to a plain split
+            pass
+    return train_test_split(indices, test_size=test_fraction, random_state=seed)
+
+
+# --- image folders -------------------------------------------------------------------------------
+
+
+class ImageFiles(Dataset):
+    """Images read from disk on access, as C x H x W float tensors in [0, 1], with integer labels."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], mode: str, size: tuple[int, int]):
+        self.files, self.labels = list(files), list(labels)
+        self.mode, self.size = mode, size  # PIL mode ("L" or "RGB"), (height, width)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        height, width = self.size
+        with _open_image(self.files[i]) as img:
+            img = img.convert(self.mode)
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.BILINEAR)
+            pixels = np.asarray(img, dtype=np.float32) / 255.0
+        x = torch.from_numpy(pixels)
+        return (x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()), self.labels[i]
+
+
+def _load_folder(root: Path, input_shape: tuple[int, ...] | None, test_fraction: float, seed: int) -> LoadedData:
+    splits = _split_folders(root)
+    classes, files, labels = _scan_classes(splits[0] if splits else root)
+    mode, size = _image_format(files[0], input_shape)
+    if splits:
+        val_files, val_labels = _held_out_images(splits, classes)
+        train, val = ImageFiles(files, labels, mode, size), ImageFiles(val_files, val_labels, mode, size)
+    else:
+        train_idx, val_idx = _split_indices(len(files), np.array(labels), test_fraction, seed, root)
+        everything = ImageFiles(files, labels, mode, size)
+        train, val = Subset(everything, train_idx.tolist()), Subset(everything, val_idx.tolist())
+    channels = 1 if mode == "L" else 3
+    return LoadedData(train, val, (channels, *size), len(classes), root.name)
+
+
+def _held_out_images(splits: tuple[Path, Path], classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The held-out folder's images, labelled by the training folder's class order."""
+    val_classes, files, labels = _scan_classes(splits[1])
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+        raise StructADMMError(
+            f"{splits[1]} has classes {', '.join(unknown)} that {splits[0]} does not; "
+            "every held-out class must also be a training class"
+        )
+    return files, [classes.index(val_classes[label]) for label in labels]
+
+
+def _split_folders(root: Path) -> tuple[Path, Path] | None:
+    """``root/train`` and ``root/val`` (or ``root/test``) when the folder is laid out that way."""
+    if not (root / "train").is_dir():
+        return None
+    held_out = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    return (root / "train", held_out) if held_out is not None else None
+
+
+def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Class names (sorted) and every image file with its class index."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    looked_for = ", ".join(IMAGE_EXTENSIONS)
+    if not class_dirs:
+        raise StructADMMError(
+            f"{root} has no class folders; put each class's images in a sub-folder of its own ({root}/<class>/)"
+        )
+    per_class = [_images_in(d) for d in class_dirs]
+    if not any(per_class):
+        raise StructADMMError(
+            f"found no images in the class folders of {root} (looked for {looked_for}); "
+            "add images or give the right folder"
+        )
+    empty = [d for d, found in zip(class_dirs, per_class) if not found]
+    if empty:
+        raise StructADMMError(
+            f"class folder {empty[0]} has no images (looked for {looked_for}); add images or remove the folder"
+        )
+    files = [f for found in per_class for f in found]
+    labels = [label for label, found in enumerate(per_class) for _ in found]
+    return [d.name for d in class_dirs], files, labels
+
+
+def _images_in(folder: Path) -> list[Path]:
+    # Dot files are skipped: macOS writes "._name.png" companions that are not images.
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _image_format(first: Path, input_shape: tuple[int, ...] | None) -> tuple[str, tuple[int, int]]:
+    """PIL mode and (height, width): from ``input_shape`` when given, else from the first image."""
+    if input_shape is None:
+        with _open_image(first) as img:
+            return ("L" if img.mode in _GREY_MODES else "RGB"), (img.height, img.width)
+    if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        raise StructADMMError(
+            f"an image folder gives 1xHxW or 3xHxW samples, but the input shape is {format_shape(input_shape)}; "
+            "use a model that takes grey or RGB images"
+        )
+    return ("L" if input_shape[0] == 1 else "RGB"), (input_shape[1], input_shape[2])
+
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image
+
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated file fails here and not halfway through training
+    except Exception as exc:
+        raise StructADMMError(f"cannot read image {path} ({exc}); replace or remove the file") from exc
+    return img
+
+
+# --- user code -----------------------------------------------------------------------------------
+
+
+def _load_from_function(ref: str, test_fraction: float, seed: int) -> LoadedData:
+    result, name = call_function(ref)
+    train, val = _train_val(result, ref, test_fraction, seed)
+    return LoadedData(train, val, _sample_shape(train, ref), None, name)
+
+
+def _train_val(result: Any, ref: str, test_fraction: float, seed: int) -> tuple[Any, Any]:
+    data_types = (Dataset, DataLoader)
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        first, second = result
+        if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+            return _split_dataset(_pair_dataset(first, second, ref), ref, test_fraction, seed)
+        if isinstance(first, data_types) and (second is None or isinstance(second, data_types)):
+            return first, second
+    elif isinstance(result, data_types):
+        dataset = result.dataset if isinstance(result, DataLoader) else result
+        return _split_dataset(dataset, ref, test_fraction, seed)
+    raise StructADMMError(
+        f"{ref} returned {type(result).__name__}; return (train, val) datasets or DataLoaders, "
+        "a single dataset, or an (x, y) tensor pair"
+    )
+
+
+def _pair_dataset(x: torch.Tensor, y: torch.Tensor, ref: str) -> TensorDataset:
+    if len(x) != len(y):
+        raise StructADMMError(f"{ref} returned {len(x)} samples but {len(y)} labels; they must match one to one")
+    return TensorDataset(x, y)
+
+
+def _split_dataset(dataset: Dataset, ref: str, test_fraction: float, seed: int) -> tuple[Subset, Subset]:
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise StructADMMError(f"{ref} returned data that cannot be indexed, so it cannot be split; return (train, val)")
+    train_idx, val_idx = _split_indices(len(dataset), None, test_fraction, seed, ref)
+    return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
+
+
+def _sample_shape(data: Dataset | DataLoader, ref: str) -> tuple[int, ...]:
+    """The shape of one training sample: the first one, or the first batch's without its batch size."""
+    try:
+        first = next(iter(data)) if isinstance(data, (DataLoader, IterableDataset)) else data[0]
+    except (IndexError, StopIteration):
+        raise StructADMMError(f"the training data from {ref} is empty; return data with samples in it") from None
+    inputs = first[0] if isinstance(first, (tuple, list)) else first
+    if not isinstance(inputs, (torch.Tensor, np.ndarray)):
+        raise StructADMMError(
+            f"the samples from {ref} are {type(inputs).__name__}, not tensors; convert them "
+            "(e.g. with a ToTensor transform)"
+        )
+    return tuple(inputs.shape[1:] if isinstance(data, DataLoader) else inputs.shape)
