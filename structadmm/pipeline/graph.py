@@ -191,6 +191,12 @@ class ChannelGraph:
         return [[torch.from_numpy(self.local_of[b]) for b in constraint] for constraint in self.blocks
                 if self.group_of[constraint[0][0]] == group.id]
 
+    def producer_blocks(self, group: ChannelGroup) -> list[torch.Tensor]:
+        """Per producing layer, the group's channels it makes (each must keep at least one:
+        a layer with no outputs cannot exist)."""
+        return [torch.from_numpy(np.unique(local)) for s, _, local in self.slices_of(group)
+                if s.role == "out" and s.tensor == "weight"]
+
     def slices_of(self, group: ChannelGroup) -> list[tuple[Slice, np.ndarray, np.ndarray]]:
         """(slice, positions in the group, their channel index within the group) per slice."""
         out = []

@@ -78,7 +78,11 @@ class ChannelUnit:
             scores.index_add_(0, local, s.norms(values[s.name])[pos])
             alive.index_fill_(0, local[s.norms(masks[s.name])[pos] > 0], True)
         k = keep_count(int(alive.sum()), self.ratio)
-        return constrained_topk(scores, k, alive, self.graph.blocks_in(self.group))
+        keep = constrained_topk(scores, k, alive, self.graph.blocks_in(self.group))
+        for block in self.graph.producer_blocks(self.group):
+            if not keep[block].any() and alive[block].any():
+                keep[block[torch.argmax(torch.where(alive[block], scores[block], -1.0))]] = True
+        return keep
 
     def project(self, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
         keep = self.keep(values, masks)

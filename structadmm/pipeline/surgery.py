@@ -53,9 +53,12 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
                     changed = True
         if not changed:
             break
-    if dead.all():  # keep one channel so every tensor keeps a non-empty shape
-        dead[0] = False
-        for blocks in constraints:
+    # every layer keeps at least one output (and, through the blocks, every block one channel)
+    for block in graph.producer_blocks(group):
+        if dead[block].all():
+            dead[block[0]] = False
+    for blocks in constraints:
+        if any(dead[b].all() for b in blocks):
             for b in blocks:
                 dead[b[0]] = False
     return dead
