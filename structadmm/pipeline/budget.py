@@ -1,0 +1,259 @@
+"""Budget-targeted plans: per-layer ratios chosen to meet a global MAC or latency target.
+
+Instead of one ratio everywhere, every channel group gets its own ratio from a grid. Two
+measurements drive the choice:
+
+* **sensitivity** — for every group and grid ratio, the drop of a short accuracy probe when
+  only that group is magnitude-pruned (no retraining): how much the layer minds;
+* **cost** — dense MACs of every Conv/Linear (forward hooks), and for every group how much
+  of each layer's input and output it makes up, so the MACs of any assignment of ratios
+  follow without running the model.
+
+A greedy search then raises, one grid step at a time, the ratio of the group that saves the
+most MACs per unit of sensitivity, until the MAC target is met. A latency target (a
+speedup over dense on ONNX Runtime CPU) is met by searching over MAC targets with real
+measurements of the compacted, exported candidate: latency is measured, not modelled.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import StructADMMError
+from .graph import ChannelGraph
+from .plan import PruningPlan
+
+#: Ratios a group may take (0 = untouched).
+GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 0.9375)
+
+
+@dataclass
+class BudgetResult:
+    plan: PruningPlan
+    ratios: dict[str, float]  # group name -> ratio
+    mac_ratio: float  # predicted dense MACs / pruned MACs
+    speedup: float | None = None  # measured, for latency targets
+
+
+class MacModel:
+    """MACs of the model as a function of the fraction of channels each group keeps."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, graph: ChannelGraph):
+        self.base = _layer_macs(model, example_inputs)
+        self.dense = float(sum(self.base.values()))
+        # per layer: for its outputs and inputs, the share of positions each group holds
+        self.share: dict[str, dict[str, dict[int, float]]] = {}
+        for s in graph.slices:
+            if s.tensor != "weight" or s.role == "through" or s.module not in self.base:
+                continue
+            groups = graph.group_of[graph.atom_of[s.entries]]
+            ids, counts = np.unique(groups, return_counts=True)
+            side = self.share.setdefault(s.module, {}).setdefault(s.role, {})
+            for gid, count in zip(ids.tolist(), counts.tolist()):
+                side[gid] = count / len(groups)
+
+    def macs(self, kept: dict[int, float]) -> float:
+        """Total MACs when group ``g`` keeps the fraction ``kept[g]`` of its channels."""
+        total = 0.0
+        for module, base in self.base.items():
+            sides = self.share.get(module, {})
+            factor = 1.0
+            for role in ("out", "in"):
+                shares = sides.get(role)
+                if shares:
+                    factor *= sum(share * kept.get(gid, 1.0) for gid, share in shares.items())
+            total += base * factor
+        return total
+
+
+def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
+    """Dense MACs per sample of every Conv and Linear layer, from one forward pass."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    batch = inputs[0].shape[0]
+    macs: dict[str, float] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, _: Any, output: torch.Tensor) -> None:
+        per_output = module.weight[0].numel() if not isinstance(module, nn.Linear) else module.in_features
+        macs[names[module]] = output.numel() * per_output / batch
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def plan_for_macs(model: nn.Module, example_inputs: Any, target: float, *,
+                  probe: Callable[[nn.Module], float] | None = None, sparsity: str = "filter",
+                  grid: tuple[float, ...] = GRID) -> BudgetResult:
+    """Per-group ratios so that dense MACs / pruned MACs >= ``target`` (e.g. 4.0).
+
+    ``probe(model) -> score`` (higher is better, e.g. accuracy on a few hundred held-out
+    samples) measures sensitivity; without it every group is equally sensitive and the
+    search is purely MAC-driven.
+    """
+    return _Search(model, example_inputs, probe, sparsity, grid).run(target)
+
+
+class _Search:
+    """The measurements (costs, sensitivities) once, then searches for any MAC target."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, probe: Callable[[nn.Module], float] | None,
+                 sparsity: str, grid: tuple[float, ...]):
+        if sparsity not in ("filter", "channel"):
+            raise StructADMMError(f"budget targets choose channel ratios: use sparsity filter or channel, not {sparsity!r}")
+        self.grid = grid
+        self.base = PruningPlan.uniform(model, example_inputs, sparsity, 0.5)
+        self.units = {u.group.id: u for u in self.base.units}
+        if not self.units:
+            raise StructADMMError("nothing in the model can be pruned, so no budget target can be met")
+        self.cost = MacModel(model, example_inputs, self.base.graph)
+        self.sensitivity = _sensitivity(model, self.base, probe, grid)
+
+    def macs(self, steps: dict[int, int]) -> float:
+        return self.cost.macs({gid: _kept_fraction(self.units[gid].group.size, self.grid[s]) for gid, s in steps.items()})
+
+    def run(self, target: float) -> BudgetResult:
+        if not target > 1.0:
+            raise StructADMMError(f"a MAC reduction target must be > 1 (e.g. 4 for 4x fewer MACs), got {target}")
+        step = {gid: 0 for gid in self.units}
+        goal, current = self.cost.dense / target, self.cost.dense
+        while current > goal:
+            best, best_value = None, -1.0
+            for gid in self.units:
+                if step[gid] + 1 >= len(self.grid):
+                    continue
+                saved = current - self.macs({**step, gid: step[gid] + 1})
+                sens = self.sensitivity[gid]
+                value = saved / (max(sens[step[gid] + 1] - sens[step[gid]], 0.0) + 1e-3)
+                if saved > 0 and value > best_value:
+                    best, best_value = gid, value
+            if best is None:
+                raise StructADMMError(f"a {target:g}x MAC reduction is out of reach: at most "
+                                      f"{self.cost.dense / current:.2f}x with the groups that can be pruned")
+            step[best] += 1
+            current = self.macs(step)
+        units = []
+        for gid, s in step.items():
+            if s > 0:
+                units.append(_with_ratio(self.units[gid], self.grid[s]))
+        plan = PruningPlan(self.base.graph, units, self.base.skipped)
+        return BudgetResult(plan, {u.name: u.ratio for u in units}, self.cost.dense / current)
+
+
+def _with_ratio(unit: Any, ratio: float) -> Any:
+    twin = copy.copy(unit)
+    twin.ratio = ratio
+    return twin
+
+
+def _kept_fraction(size: int, ratio: float) -> float:
+    from .sparsity import keep_count
+
+    return 1.0 if ratio == 0 else keep_count(size, ratio) / size
+
+
+def _sensitivity(model: nn.Module, plan: PruningPlan,
+                 probe: Callable[[nn.Module], float] | None, grid: tuple[float, ...]) -> dict[int, list[float]]:
+    """Score drop per group and grid ratio when only that group is pruned (one shot)."""
+    if probe is None:
+        return {u.group.id: [0.0] * len(grid) for u in plan.units}
+    reference = probe(model)
+    params = dict(model.named_parameters())
+    result: dict[int, list[float]] = {}
+    for unit in plan.units:
+        drops = [0.0]
+        original = {p: params[p].detach().clone() for p in unit.params()}
+        for ratio in grid[1:]:
+            masks = {p: torch.ones_like(v) for p, v in original.items()}
+            _with_ratio(unit, ratio).project(original, masks)
+            with torch.no_grad():
+                for p, mask in masks.items():
+                    params[p].copy_(original[p] * mask)
+            drops.append(max(drops[-1], reference - probe(model)))  # monotone: more pruning never helps
+        with torch.no_grad():
+            for p, value in original.items():
+                params[p].copy_(value)
+        result[unit.group.id] = drops
+    return result
+
+
+def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
+                     probe: Callable[[nn.Module], float] | None = None, sparsity: str = "filter",
+                     batch: int = 8, threads: int = 2, min_seconds: float = 1.0,
+                     measure: Callable[[nn.Module, nn.Module], float] | None = None) -> BudgetResult:
+    """Per-group ratios so that the compacted model runs ``speedup`` times faster than dense.
+
+    Searches over MAC targets (bisection on the log scale), measuring each candidate's
+    speedup with ``measure(dense, small)`` — by default ONNX Runtime CPU, interleaved.
+    """
+    if not speedup > 1.0:
+        raise StructADMMError(f"a latency target is a speedup over dense and must be > 1, got {speedup}")
+    search = _Search(model, example_inputs, probe, sparsity, GRID)
+    measure = measure or (lambda dense, small: _ort_speedup(dense, small, example_inputs, batch, threads, min_seconds))
+    weak, strong, ceiling = 1.0, None, None  # MAC targets: too weak; meets the speedup; unreachable
+    best: BudgetResult | None = None
+    measured: list[float] = []
+    target = speedup
+    for _ in range(8):
+        try:
+            candidate = search.run(target)
+        except StructADMMError:
+            ceiling = target
+        else:
+            candidate.speedup = measure(model, _compact_copy(model, example_inputs, candidate.plan))
+            measured.append(candidate.speedup)
+            if candidate.speedup >= speedup:
+                best, strong = candidate, target
+            else:
+                weak = target
+        upper = strong or ceiling
+        if strong is not None and strong / weak < 1.05:
+            break
+        target = (weak * upper) ** 0.5 if upper else target * max(1.25, speedup / max(measured[-1], 1e-6))
+    if best is None:
+        raise StructADMMError(f"a {speedup:g}x speedup was not reached (best measured: "
+                              f"{max(measured, default=1.0):.2f}x); ask for less, or use a larger batch")
+    return best
+
+
+def _compact_copy(model: nn.Module, example_inputs: Any, plan: PruningPlan) -> nn.Module:
+    from .surgery import compact
+
+    probe_model = copy.deepcopy(model)
+    params = dict(probe_model.named_parameters())
+    masks = plan.masks_for({p: params[p].detach() for p in plan.param_names()})
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    return compact(probe_model, example_inputs)
+
+
+def _ort_speedup(dense: nn.Module, small: nn.Module, example_inputs: Any, batch: int, threads: int,
+                 min_seconds: float) -> float:
+    from ..bench import benchmark
+    from ..exporters import export_onnx
+
+    example = example_inputs[0] if isinstance(example_inputs, tuple) else example_inputs
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"dense": Path(tmp) / "dense.onnx", "pruned": Path(tmp) / "pruned.onnx"}
+        export_onnx(dense, example, paths["dense"])
+        export_onnx(small, example, paths["pruned"])
+        report = benchmark(paths, batch_sizes=(batch,), threads=threads, min_seconds=min_seconds, min_runs=20)
+    return float(report.to_rows(dense="dense", pruned="pruned")[0]["speedup"])

@@ -1,0 +1,88 @@
+"""Budget-targeted plans: the MAC model is exact, targets are met, sensitivity steers ratios."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from archs import ARCHS
+from structadmm.errors import StructADMMError
+from structadmm.models import DigitsCNN
+from structadmm.pipeline.budget import MacModel, _layer_macs, plan_for_latency, plan_for_macs
+from structadmm.pipeline.plan import PruningPlan
+from structadmm.pipeline.surgery import compact
+
+
+def _compacted_macs(model: nn.Module, x: torch.Tensor, plan: PruningPlan) -> float:
+    pruned = copy.deepcopy(model)
+    params = dict(pruned.named_parameters())
+    with torch.no_grad():
+        for name, mask in plan.masks_for({p: params[p].detach() for p in plan.param_names()}).items():
+            params[name].mul_(mask)
+    return sum(_layer_macs(compact(pruned, x), x).values())
+
+
+@pytest.mark.parametrize("name", ["resnext", "inception", "densenet", "r3d"])
+def test_mac_model_predicts_the_compacted_model(name: str) -> None:
+    build, shape = ARCHS[name]
+    model, x = build().eval(), torch.randn(shape)
+    plan = PruningPlan.uniform(model, x, "filter", 0.5)
+    cost = MacModel(model, x, plan.graph)
+    kept = {}
+    values = dict(model.named_parameters())
+    fresh = {p: torch.ones_like(values[p]) for p in plan.param_names()}
+    for unit in plan.units:
+        keep = unit.keep(values, fresh)
+        kept[unit.group.id] = float(keep.sum()) / unit.group.size
+    assert cost.macs(kept) == pytest.approx(_compacted_macs(model, x, plan), rel=1e-6)
+    assert cost.macs({}) == pytest.approx(cost.dense)
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0, 8.0])
+def test_mac_target_is_met(target: float) -> None:
+    model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
+    result = plan_for_macs(model, x, target)
+    dense = sum(_layer_macs(model, x).values())
+    measured = dense / _compacted_macs(model, x, result.plan)
+    assert measured >= target * 0.999
+    assert measured == pytest.approx(result.mac_ratio, rel=1e-6)
+    assert measured < target * 1.6  # no gross overshoot
+
+
+def test_sensitive_layers_are_pruned_less() -> None:
+    """A probe that only cares about features.7's channels protects them."""
+    model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
+    reference = model.features[7].weight.detach().abs().sum()
+
+    def probe(net: nn.Module) -> float:
+        return float(net.features[7].weight.detach().abs().sum() / reference)
+
+    result = plan_for_macs(model, x, 3.0, probe=probe)
+    assert "features.7" not in result.ratios or result.ratios["features.7"] < min(
+        r for name, r in result.ratios.items() if name != "features.7")
+    # the probe must leave the model as it found it
+    assert float(model.features[7].weight.detach().abs().sum()) == pytest.approx(float(reference))
+
+
+def test_latency_target_searches_with_measurements() -> None:
+    model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
+    dense_macs = sum(_layer_macs(model, x).values())
+
+    def fake_measure(dense: nn.Module, small: nn.Module) -> float:  # a machine where speed tracks MACs^0.8
+        return (dense_macs / sum(_layer_macs(small, x).values())) ** 0.8
+
+    result = plan_for_latency(model, x, 3.0, measure=fake_measure)
+    assert result.speedup >= 3.0 and result.mac_ratio >= 3.0 ** (1 / 0.8) * 0.999
+
+
+def test_unreachable_and_bad_targets_are_clear_errors() -> None:
+    model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
+    with pytest.raises(StructADMMError, match="out of reach"):
+        plan_for_macs(model, x, 10_000.0)
+    with pytest.raises(StructADMMError, match="must be > 1"):
+        plan_for_macs(model, x, 0.5)
+    with pytest.raises(StructADMMError, match="filter or channel"):
+        plan_for_macs(model, x, 2.0, sparsity="shape")
