@@ -1,0 +1,119 @@
+"""Where the time goes: per-layer ONNX Runtime profiles of a dense and a pruned model.
+
+ONNX Runtime's profiler records every kernel's duration. Node names from the exporter carry
+the torch module path (``/features/features.3/Conv``), and surgery keeps module names, so
+the dense and pruned graphs line up layer by layer: for every Conv / Gemm / MatMul the
+table has its output channels, MACs and measured time in both models. Fused kernels (a Conv
+that absorbed its ReLU) carry the time of what they absorbed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from structadmm.bench.latency import _session_options
+from structadmm.exporters.counting import count_onnx
+from structadmm.exporters.onnx_export import load_onnx
+
+_MATRIX_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One matrix layer in the dense and the pruned model (pruned fields None if it is gone)."""
+
+    name: str
+    op_type: str
+    dense_channels: int | None
+    pruned_channels: int | None
+    dense_macs: int
+    pruned_macs: int | None
+    dense_ms: float
+    pruned_ms: float | None
+
+
+def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0) -> dict[str, float]:
+    """Mean milliseconds per run of every node, from ONNX Runtime's profiler."""
+    load_onnx(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = _session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(seed)
+        feed = {i.name: rng.standard_normal((batch, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}
+        for _ in range(3):  # warm-up runs are profiled too; they are few next to ``runs``
+            session.run(None, feed)
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    owner = _kernel_owner(load_onnx(path))
+    total: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            total[owner(event["name"][: -len("_kernel_time")])] += event["dur"] / 1000.0
+    return {name: ms / (runs + 3) for name, ms in total.items()}
+
+
+def _kernel_owner(proto: onnx.ModelProto):
+    """Map a kernel name from the profiler to the graph node that owns its time.
+
+    ORT's optimiser renames what it fuses: ``fused X`` for a node X, or ``<tensor>_nchwc``
+    for a chain Conv -> Relu rewritten to the blocked layout (named after its last output).
+    Such time goes to the matrix node at the head of the chain.
+    """
+    nodes = {node.name: node for node in proto.graph.node}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def owner(kernel: str) -> str:
+        name = kernel.removeprefix("fused ").removesuffix("_nchwc")
+        node = nodes.get(name) or producer.get(name)
+        if node is None:
+            return name
+        while node.op_type not in _MATRIX_OPS and node.input and node.input[0] in producer:
+            node = producer[node.input[0]]
+        return node.name if node.op_type in _MATRIX_OPS else (nodes.get(name) or producer[name]).name
+
+    return owner
+
+
+def _out_channels(proto: onnx.ModelProto) -> dict[str, int]:
+    shapes = {init.name: list(init.dims) for init in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type in _MATRIX_OPS and len(node.input) > 1 and node.input[1] in shapes:
+            dims = shapes[node.input[1]]
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            out[node.name] = dims[0] if node.op_type in ("Conv", "ConvTranspose") or trans_b else dims[-1]
+    return out
+
+
+def layer_table(dense: str | Path, pruned: str | Path, *, batch: int = 8, threads: int = 2,
+                runs: int = 20) -> list[LayerRow]:
+    """Per matrix layer: channels, MACs and measured time in the dense and the pruned model."""
+    costs = {}
+    times = {}
+    channels = {}
+    for key, path in (("dense", dense), ("pruned", pruned)):
+        costs[key] = {layer.name: layer for layer in count_onnx(path).layers if layer.op_type in _MATRIX_OPS}
+        times[key] = node_times(path, batch=batch, threads=threads, runs=runs)
+        channels[key] = _out_channels(load_onnx(path))
+    rows = []
+    for name, layer in costs["dense"].items():
+        small = costs["pruned"].get(name)
+        rows.append(LayerRow(
+            name=name, op_type=layer.op_type,
+            dense_channels=channels["dense"].get(name), pruned_channels=channels["pruned"].get(name),
+            dense_macs=layer.macs, pruned_macs=small.macs if small else None,
+            dense_ms=times["dense"].get(name, 0.0),
+            pruned_ms=times["pruned"].get(name, 0.0) if small else None,
+        ))
+    return rows
