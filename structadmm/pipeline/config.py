@@ -28,7 +28,7 @@ class CompressConfig:
     admm_epochs: int = 2  # epochs of W-steps between two Z/U updates
     retrain_epochs: int = 8  # masked retraining after the hard prune
     lr: float = 0.05
-    admm_lr: float = 0.01
+    admm_lr: float = 0.03
     retrain_lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
