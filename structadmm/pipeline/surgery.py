@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ParityError
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
+from .lowering import MIN_GAIN, lower_convs
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,34 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
     return dead
 
 
-def compact(model: nn.Module, example_inputs: Any, *, verify: bool = True, atol: float = 1e-4,
-            rtol: float = 1e-4) -> nn.Module:
+def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
+            verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> nn.Module:
     """A new, physically smaller copy of ``model`` without its removable channels.
 
-    The result computes the same function as ``model`` (checked on ``example_inputs`` in
-    eval mode when ``verify``; :class:`ParityError` otherwise). ``model`` is not modified.
+    Channels whose readers all have zero weights are removed; then, with ``lower``, every
+    convolution with enough zero GEMM columns (shape-wise sparsity; MAC gain >= ``min_gain``)
+    is rewritten as a :class:`~structadmm.pipeline.lowering.LoweredConv` that does only its
+    kept columns' work. The result computes the same function as ``model`` (checked on
+    ``example_inputs`` in eval mode when ``verify``; :class:`ParityError` otherwise).
+    ``model`` is not modified.
     """
-    small, _ = compact_with_report(model, example_inputs, verify=verify, atol=atol, rtol=rtol)
+    small, _ = compact_with_report(model, example_inputs, lower=lower, min_gain=min_gain, verify=verify,
+                                   atol=atol, rtol=rtol)
     return small
 
 
-def compact_with_report(model: nn.Module, example_inputs: Any, *, verify: bool = True, atol: float = 1e-4,
-                        rtol: float = 1e-4) -> tuple[nn.Module, list[GroupCut]]:
+def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
+                        verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> tuple[nn.Module, list[GroupCut]]:
     """:func:`compact`, also returning the channels kept per group."""
+    small, cuts = _remove_channels(model, example_inputs)
+    if lower:
+        small, _ = lower_convs(small, min_gain=min_gain)
+    if verify:
+        check_same_function(model, small, example_inputs, atol=atol, rtol=rtol, what="surgery")
+    return small, cuts
+
+
+def _remove_channels(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, list[GroupCut]]:
     small = copy.deepcopy(model)
     graph = trace(small, example_inputs)
     keep: dict[int, torch.Tensor] = {}
@@ -115,8 +130,6 @@ def compact_with_report(model: nn.Module, example_inputs: Any, *, verify: bool =
             resized[module_name] = module
     for module in resized.values():
         _fix_sizes(module)
-    if verify:
-        check_same_function(model, small, example_inputs, atol=atol, rtol=rtol, what="surgery")
     return small, cuts
 
 
@@ -155,9 +168,12 @@ def check_same_function(reference: nn.Module, candidate: nn.Module, example_inpu
             got = _flat_outputs(candidate(*inputs))
     finally:
         reference.train(modes[0]), candidate.train(modes[1])
-    diff = max(float((e - g).abs().max()) for e, g in zip(expected, got))
-    limit = max(atol + rtol * float(e.abs().max()) for e in expected)
-    if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)) or not diff <= limit:
+    if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)):
+        raise ParityError(f"{what} changed the model's output shapes: {[tuple(e.shape) for e in expected]} "
+                          f"became {[tuple(g.shape) for g in got]}")
+    diff = max((float((e - g).abs().max()) for e, g in zip(expected, got) if e.numel()), default=0.0)
+    limit = max((atol + rtol * float(e.abs().max()) for e in expected if e.numel()), default=atol)
+    if not diff <= limit:
         raise ParityError(f"{what} changed the model's outputs: max abs diff {diff:.3g} > tolerance {limit:.3g}")
     return diff
 
