@@ -28,7 +28,7 @@ from structadmm.pipeline import PruningPlan, compact
 RESULTS = Path(__file__).parent / "results"
 
 
-def measure(name: str, sparsity: str, ratio: float, batches: list[int], threads: int, seconds: float,
+def measure(name: str, sparsity: str, ratio: float, multiple: int, batches: list[int], threads: int, seconds: float,
             runs: int) -> dict:
     spec = get_spec(name)
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def measure(name: str, sparsity: str, ratio: float, batches: list[int], threads:
     with tempfile.TemporaryDirectory() as tmp:
         dense, pruned = Path(tmp) / "dense.onnx", Path(tmp) / "pruned.onnx"
         export_onnx(model, x, dense)
-        PruningPlan.uniform(model, x, sparsity, ratio).project(model)
+        PruningPlan.uniform(model, x, sparsity, ratio, multiple=multiple).project(model)
         small = compact(model, x)
         parity = export_onnx(small, x, pruned).max_abs_diff
         macs = count_onnx(dense).macs, count_onnx(pruned).macs
@@ -46,7 +46,7 @@ def measure(name: str, sparsity: str, ratio: float, batches: list[int], threads:
                            min_seconds=seconds, min_runs=runs)
     mac_ratio = macs[0] / macs[1]
     rows = report.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio)
-    return {"model": name, "sparsity": sparsity, "ratio": ratio, "dense_macs": macs[0], "pruned_macs": macs[1],
+    return {"model": name, "sparsity": sparsity, "ratio": ratio, "multiple": multiple, "dense_macs": macs[0], "pruned_macs": macs[1],
             "mac_ratio": mac_ratio, "parity": parity, "seconds": time.perf_counter() - start,
             "latency": [{k: row[k] for k in ("batch", "dense_ms", "pruned_ms", "speedup", "efficiency")} for row in rows]}
 
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[n for n in model_names() if n != "digits-cnn"])
     parser.add_argument("--sparsity", nargs="+", default=["filter", "shape"])
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--multiple", type=int, default=16,
+                        help="round kept channels up to a multiple (the pipeline's channel_multiple)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -66,7 +68,7 @@ def main() -> None:
     for sparsity in args.sparsity:
         results = []
         for name in args.models:
-            results.append(measure(name, sparsity, args.ratio, args.batches, args.threads, args.seconds, args.runs))
+            results.append(measure(name, sparsity, args.ratio, args.multiple, args.batches, args.threads, args.seconds, args.runs))
             print(json.dumps(results[-1]), flush=True)
         stem = f"zoo_{sparsity}{args.tag}"
         (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -105,3 +105,10 @@ def test_parse_sparsity_and_ratio() -> None:
         with pytest.raises(StructADMMError, match="ratio"):
             check_ratio(bad)
     assert keep_count(10, 0.99) == 1
+
+
+def test_keep_count_rounds_up_to_kernel_friendly_multiples() -> None:
+    assert keep_count(100, 0.5, 16) == 64
+    assert keep_count(24, 0.5, 16) == 16
+    assert keep_count(8, 0.5, 16) == 4  # rounding would keep all 8: the plain count stands
+    assert keep_count(96, 0.5, 8) == 48

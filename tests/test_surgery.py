@@ -102,3 +102,10 @@ def test_channel_plan_names_groups_by_consumer() -> None:
     plan.project(model)
     small = compact(model, x)
     assert small[0].out_channels == 4 and small[2].in_channels == 4 and small[2].out_channels == 6
+
+
+def test_plan_multiple_rounds_kept_channels() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 4, 1))
+    x = torch.randn(1, 3, 6, 6)
+    PruningPlan.uniform(model, x, "filter", 0.5, multiple=16).project(model)
+    assert compact(model, x)[0].out_channels == 32

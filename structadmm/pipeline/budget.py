@@ -101,25 +101,25 @@ def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
 
 def plan_for_macs(model: nn.Module, example_inputs: Any, target: float, *,
                   probe: Callable[[nn.Module], float] | None = None, sparsity: str = "filter",
-                  grid: tuple[float, ...] = GRID) -> BudgetResult:
+                  grid: tuple[float, ...] = GRID, multiple: int = 1) -> BudgetResult:
     """Per-group ratios so that dense MACs / pruned MACs >= ``target`` (e.g. 4.0).
 
     ``probe(model) -> score`` (higher is better, e.g. accuracy on a few hundred held-out
     samples) measures sensitivity; without it every group is equally sensitive and the
     search is purely MAC-driven.
     """
-    return _Search(model, example_inputs, probe, sparsity, grid).run(target)
+    return _Search(model, example_inputs, probe, sparsity, grid, multiple).run(target)
 
 
 class _Search:
     """The measurements (costs, sensitivities) once, then searches for any MAC target."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, probe: Callable[[nn.Module], float] | None,
-                 sparsity: str, grid: tuple[float, ...]):
+                 sparsity: str, grid: tuple[float, ...], multiple: int = 1):
         if sparsity not in ("filter", "channel"):
             raise StructADMMError(f"budget targets choose channel ratios: use sparsity filter or channel, not {sparsity!r}")
-        self.grid = grid
-        self.base = PruningPlan.uniform(model, example_inputs, sparsity, 0.5)
+        self.grid, self.multiple = grid, multiple
+        self.base = PruningPlan.uniform(model, example_inputs, sparsity, 0.5, multiple=multiple)
         self.units = {u.group.id: u for u in self.base.units}
         if not self.units:
             raise StructADMMError("nothing in the model can be pruned, so no budget target can be met")
@@ -127,7 +127,8 @@ class _Search:
         self.sensitivity = _sensitivity(model, self.base, probe, grid)
 
     def macs(self, steps: dict[int, int]) -> float:
-        return self.cost.macs({gid: _kept_fraction(self.units[gid].group.size, self.grid[s]) for gid, s in steps.items()})
+        return self.cost.macs({gid: _kept_fraction(self.units[gid].group.size, self.grid[s], self.multiple)
+                               for gid, s in steps.items()})
 
     def run(self, target: float) -> BudgetResult:
         if not target > 1.0:
@@ -163,10 +164,10 @@ def _with_ratio(unit: Any, ratio: float) -> Any:
     return twin
 
 
-def _kept_fraction(size: int, ratio: float) -> float:
+def _kept_fraction(size: int, ratio: float, multiple: int) -> float:
     from .sparsity import keep_count
 
-    return 1.0 if ratio == 0 else keep_count(size, ratio) / size
+    return 1.0 if ratio == 0 else keep_count(size, ratio, multiple) / size
 
 
 def _sensitivity(model: nn.Module, plan: PruningPlan,
@@ -196,7 +197,7 @@ def _sensitivity(model: nn.Module, plan: PruningPlan,
 
 def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
                      probe: Callable[[nn.Module], float] | None = None, sparsity: str = "filter",
-                     batch: int = 8, threads: int = 2, min_seconds: float = 1.0,
+                     batch: int = 8, threads: int = 2, min_seconds: float = 1.0, multiple: int = 1,
                      measure: Callable[[nn.Module, nn.Module], float] | None = None) -> BudgetResult:
     """Per-group ratios so that the compacted model runs ``speedup`` times faster than dense.
 
@@ -205,7 +206,7 @@ def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
     """
     if not speedup > 1.0:
         raise StructADMMError(f"a latency target is a speedup over dense and must be > 1, got {speedup}")
-    search = _Search(model, example_inputs, probe, sparsity, GRID)
+    search = _Search(model, example_inputs, probe, sparsity, GRID, multiple)
     measure = measure or (lambda dense, small: _ort_speedup(dense, small, example_inputs, batch, threads, min_seconds))
     weak, strong, ceiling = 1.0, None, None  # MAC targets: too weak; meets the speedup; unreachable
     best: BudgetResult | None = None

@@ -55,6 +55,7 @@ class ChannelUnit:
     kind: Sparsity
     ratio: float
     graph: ChannelGraph
+    multiple: int = 1  # kept channels rounded up to a multiple of this (see keep_count)
 
     @property
     def name(self) -> str:
@@ -77,7 +78,7 @@ class ChannelUnit:
         for s, pos, local in self._slices():
             scores.index_add_(0, local, s.norms(values[s.name])[pos])
             alive.index_fill_(0, local[s.norms(masks[s.name])[pos] > 0], True)
-        k = keep_count(int(alive.sum()), self.ratio)
+        k = keep_count(int(alive.sum()), self.ratio, self.multiple)
         keep = constrained_topk(scores, k, alive, self.graph.blocks_in(self.group))
         for block in self.graph.producer_blocks(self.group):
             if not keep[block].any() and alive[block].any():
@@ -153,12 +154,16 @@ class PruningPlan:
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def uniform(cls, model: nn.Module, example_inputs: Any, sparsity: str = "filter", ratio: float = 0.5) -> "PruningPlan":
-        """The same sparsity type(s) and ratio for every layer that can take them."""
-        return cls.from_dict(model, example_inputs, {"*": {"sparsity": sparsity, "ratio": ratio}})
+    def uniform(cls, model: nn.Module, example_inputs: Any, sparsity: str = "filter", ratio: float = 0.5, *,
+                multiple: int = 1) -> "PruningPlan":
+        """The same sparsity type(s) and ratio for every layer that can take them.
+
+        ``multiple``: round every group's kept channel count up to a multiple of it.
+        """
+        return cls.from_dict(model, example_inputs, {"*": {"sparsity": sparsity, "ratio": ratio}}, multiple=multiple)
 
     @classmethod
-    def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path) -> "PruningPlan":
+    def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path, *, multiple: int = 1) -> "PruningPlan":
         """A TOML plan: ``[layers."<glob>"]`` tables with ``sparsity`` and ``ratio`` keys."""
         path = Path(path)
         try:
@@ -172,10 +177,11 @@ class PruningPlan:
             raise StructADMMError(
                 f"plan file {path} must hold only [layers.\"<pattern>\"] tables with sparsity and ratio"
             )
-        return cls.from_dict(model, example_inputs, data["layers"])
+        return cls.from_dict(model, example_inputs, data["layers"], multiple=multiple)
 
     @classmethod
-    def from_dict(cls, model: nn.Module, example_inputs: Any, layers: Mapping[str, Any]) -> "PruningPlan":
+    def from_dict(cls, model: nn.Module, example_inputs: Any, layers: Mapping[str, Any], *,
+                  multiple: int = 1) -> "PruningPlan":
         """Per-layer plan: ``{"conv1": {"sparsity": "filter", "ratio": 0.5}, "layer*.conv2": ...}``.
 
         Keys are layer names or glob patterns; the most specific match (an exact name beats
@@ -207,7 +213,7 @@ class PruningPlan:
                             # a residual stage names one group from several layers: keep the larger ratio
                             claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)
                         else:
-                            claimed[group.id] = ChannelUnit(group, kind, ratio, graph)
+                            claimed[group.id] = ChannelUnit(group, kind, ratio, graph, multiple)
                 else:
                     units.append(TensorUnit(f"{layer}.weight", kind, ratio))
         units.extend(claimed.values())
