@@ -87,6 +87,9 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new folder under ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (training device)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help=(
+        "Continue the interrupted run whose --out folder was DIR from its last checkpoint; give the same "
+        "model, data and settings it was started with.")),
     debug: bool = DebugOpt,
 ) -> None:
     """Run the whole pipeline: train, ADMM-prune, compact, export, benchmark, report."""
@@ -96,6 +99,8 @@ def run(
     from .models.data import check_compatible, load_data
     from .pipeline import CompressConfig, compress
 
+    if resume is not None and out_dir is not None and out_dir.resolve() != resume.resolve():
+        raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
                                          plan=str(plan) if plan else None).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
@@ -104,8 +109,10 @@ def run(
     dataset = load_data(data, input_shape=loaded.input_shape, seed=cfg.seed)
     check_compatible(loaded.input_shape, dataset.input_shape, loaded.name, dataset.name)
     with _progress() as progress:
-        result = compress(loaded.module, dataset.train, dataset.val, cfg, out_dir=out_dir, model_name=loaded.name,
-                          progress=progress)
+        result = compress(loaded.module, dataset.train, dataset.val, cfg, out_dir=resume or out_dir,
+                          model_name=loaded.name, progress=progress, resume=resume is not None)
+    if result.rank != 0:  # under torchrun, rank 0 speaks for the job
+        return
     out.print(render_table(result.report))
     out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png)")
 

@@ -5,6 +5,8 @@ Each stage is a library call of its own (plan.py, admm.py, masks.py, surgery.py,
 exporters, bench); this module only wires them together and owns the run folder, which is
 written under a temporary name and renamed into place when everything has passed, so a
 failed or interrupted run never leaves a half-written folder where a finished one should be.
+The run is checkpointed as it goes, so an interrupted one can be resumed (:mod:`.checkpoint`),
+and it runs under torchrun with rank 0 alone writing (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,16 @@ from typing import Any
 import torch
 from rich.progress import Progress
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..errors import StructADMMError
+from . import distributed
 from .admm import ADMM, AdmmRound
+from .checkpoint import RunFolder, RunState, final_of, run_identity, staging_of
 from .config import CompressConfig
 from .masks import apply_masks, sparsity_of
 from .plan import Masks, PruningPlan
-from .surgery import GroupCut, compact_with_report
+from .surgery import compact_with_report
 from .train import Data, evaluate, first_batch, make_loader, train_epochs
 
 
@@ -35,11 +39,12 @@ from .train import Data, evaluate, first_batch, make_loader, train_epochs
 class CompressResult:
     """What :func:`compress` produced: the small model, the run folder and its figures."""
 
-    model: nn.Module  # the compacted, physically smaller model
+    model: nn.Module  # the compacted, physically smaller model (under torchrun, ranks > 0: the masked one)
     masks: Masks
     run_dir: Path
     report: dict[str, Any]
     admm_history: list[AdmmRound] = field(default_factory=list)
+    rank: int = 0  # under torchrun, this process's rank; only rank 0 wrote the run folder
 
     @property
     def dense_onnx(self) -> Path:
@@ -59,26 +64,57 @@ def compress(
     out_dir: str | Path | None = None,
     model_name: str | None = None,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> CompressResult:
     """Run the whole pipeline on ``model`` and write the run folder (see module docstring).
 
     ``train_data``/``val_data``: a Dataset, a DataLoader or an ``(x, y)`` pair. ``model`` is
-    trained in place (dense phase) and a pruned copy is returned in the result.
+    trained in place (it ends masked, not compacted) and a pruned copy is returned in the result.
+
+    ``resume=True`` continues the interrupted run whose folder is ``out_dir`` from its last
+    checkpoint; model, data, config and process count must be the ones it was started with.
+    Under torchrun every rank calls this: the ranks train together (``batch_size`` is the
+    global batch), and rank 0 alone writes the run folder, evaluates, compacts, exports and
+    benchmarks; every rank gets the report.
     """
     config = config or CompressConfig()
     name = model_name or type(model).__name__
-    run_dir = _new_run_dir(out_dir, name)
-    staging = run_dir.with_name(f".{run_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    ctx = distributed.setup(config.device)
     try:
-        result = _run(model, train_data, val_data, config, name, staging, progress)
-        os.replace(staging, run_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    result.run_dir = run_dir
+        identity = run_identity(config.to_dict(), name, model, _sample_count(train_data), ctx.world_size)
+        run_dir = distributed.on_main(lambda: _run_dir(out_dir, name, resume), ctx)
+        folder = RunFolder(run_dir) if ctx.is_main else None  # only rank 0 touches the disk
+        resumed = distributed.on_main(lambda: folder.resume(identity) if resume else folder.create(), ctx)
+        pipeline = _Pipeline(model, config, name, ctx, run_dir, folder, identity, resumed, progress)
+        try:
+            result = pipeline.run(train_data, val_data)
+        except KeyboardInterrupt:
+            if folder is not None:
+                folder.keep_if_resumable()  # a deliberate stop: --resume picks it up
+            raise
+        except BaseException:
+            if folder is not None:
+                folder.discard()
+            raise
+    finally:
+        distributed.teardown(ctx)
     return result
+
+
+def _run_dir(out_dir: str | Path | None, name: str, resume: bool) -> Path:
+    if not resume:
+        return _new_run_dir(out_dir, name)
+    if out_dir is None:
+        raise StructADMMError("resuming needs the folder of the interrupted run (its --out); give it")
+    return final_of(Path(out_dir))
+
+
+def _sample_count(data: Data) -> int | None:
+    source = data.dataset if isinstance(data, DataLoader) else data[0] if isinstance(data, tuple) else data
+    try:
+        return len(source)
+    except TypeError:  # an iterable dataset without a length
+        return None
 
 
 def _new_run_dir(out_dir: str | Path | None, name: str) -> Path:
@@ -100,91 +136,151 @@ def _new_run_dir(out_dir: str | Path | None, name: str) -> Path:
     return run_dir
 
 
-def _run(model: nn.Module, train_data: Data, val_data: Data | None, config: CompressConfig, name: str,
-         out: Path, progress: Progress | None) -> CompressResult:
-    from ..bench import benchmark, write_report
-    from ..exporters import count_onnx, export_onnx, verify_onnx
+_TIMINGS = {"dense": "dense_training_s", "admm": "admm_s", "retrain": "retrain_s"}
 
-    torch.manual_seed(config.seed)
-    device = config.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StructADMMError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    train = make_loader(train_data, config.batch_size, shuffle=True, seed=config.seed)
-    val = make_loader(val_data, 256, shuffle=False) if val_data is not None else None
-    example = first_batch(train, 8)
-    fit = dict(momentum=config.momentum, weight_decay=config.weight_decay, device=device, progress=progress)
-    timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    train_epochs(model, train, config.dense_epochs, lr=config.lr, description="dense training", **fit)
-    timings["dense_training_s"] = time.perf_counter() - start
-    model.cpu().eval()
-    dense_acc = evaluate(model, val) if val is not None else None
-    export_onnx(model, example, out / "dense.onnx")
+class _Pipeline:
+    """One run, phase by phase, checkpointed as it goes (see :class:`.checkpoint.RunState`)."""
 
-    plan = (PruningPlan.from_file(model, example, config.plan) if config.plan
-            else PruningPlan.uniform(model, example, config.sparsity, config.ratio))
-    if not plan.units:
-        reasons = "; ".join(f"{layer}: {why}" for layer, why in plan.skipped[:3]) or "no Conv/Linear layers"
-        raise StructADMMError(f"nothing in {name} can be pruned with this plan ({reasons})")
+    def __init__(self, model: nn.Module, config: CompressConfig, name: str, ctx: distributed.DistContext,
+                 run_dir: Path, folder: RunFolder | None, identity: dict[str, Any], resumed: dict[str, Any] | None,
+                 progress: Progress | None):
+        self.model, self.config, self.name, self.ctx = model, config, name, ctx
+        self.run_dir, self.folder, self.identity, self.resumed = run_dir, folder, identity, resumed
+        self.out = staging_of(run_dir)  # written by rank 0 only
+        self.fit = dict(momentum=config.momentum, weight_decay=config.weight_decay, device=config.device,
+                        progress=progress if ctx.is_main else None)
+        self.small: nn.Module = model  # replaced by the compacted model on rank 0
 
-    start = time.perf_counter()
-    admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max)
-    train_epochs(
-        model, train, config.admm_rounds * config.admm_epochs, lr=config.admm_lr, penalty=admm.penalty,
-        after_epoch=lambda epoch: admm.update() if (epoch + 1) % config.admm_epochs == 0 else None,
-        description="ADMM", **fit,
-    )
-    timings["admm_s"] = time.perf_counter() - start
-    model.cpu()
-    masks = admm.hard_prune()
-    hard_pruned_acc = evaluate(model, val) if val is not None else None
+    def run(self, train_data: Data, val_data: Data | None) -> CompressResult:
+        config, model = self.config, self.model
+        torch.manual_seed(config.seed)
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise StructADMMError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        loader = make_loader(train_data, config.batch_size, shuffle=True, seed=config.seed)
+        self.train = distributed.shard(loader, self.ctx, seed=config.seed)
+        self.val = make_loader(val_data, 256, shuffle=False) if val_data is not None else None
+        self.example = first_batch(self.train, 8)
+        self.state = RunState(self.folder, self.identity, model, self.train.generator, self.resumed)
 
-    start = time.perf_counter()
-    guard = apply_masks(model, masks)
-    train_epochs(model, train, config.retrain_epochs, lr=config.retrain_lr, after_step=guard.enforce,
-                 description="masked retraining", **fit)
-    model.cpu()
-    guard.enforce()
-    guard.remove()
-    timings["retrain_s"] = time.perf_counter() - start
-    model.eval()
+        plan = self._plan()  # depends on the structure only: fail before training, not after
+        dense_acc = self._dense()
+        admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max)
+        self.state.admm = admm
+        masks = self._admm(admm)
+        self._retrain(masks)
+        report = distributed.on_main(lambda: self._publish(plan, admm, masks, dense_acc), self.ctx)
+        return CompressResult(self.small, masks, self.run_dir, report, admm.history, self.ctx.rank)
 
-    small, cuts = compact_with_report(model, example)
-    pruned_acc = evaluate(small, val) if val is not None else None
-    export_onnx(small, example, out / "pruned.onnx")
-    # the exported file against the masked model it came from, on held-out inputs
-    check_inputs = first_batch(val, 64) if val is not None else example
-    parity = verify_onnx(model, out / "pruned.onnx", check_inputs)
+    def _train(self, phase: str, epochs: int, epoch_offset: int, **kwargs: Any) -> None:
+        """One training phase, continued from the checkpoint when the run resumes inside it."""
+        resume = self.state.enter(phase)
+        train_epochs(self.model, self.train, epochs, resume=resume, epoch_offset=epoch_offset,
+                     on_epoch_end=lambda trainer: self.state.save(phase, trainer), **kwargs, **self.fit)
+        self.model.cpu()
+        self.state.leave(_TIMINGS[phase])
 
-    dense_cost, pruned_cost = count_onnx(out / "dense.onnx"), count_onnx(out / "pruned.onnx")
-    mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
-    latency = benchmark(
-        {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx"},
-        batch_sizes=config.bench_batches, threads=config.bench_threads,
-        min_runs=config.bench_min_runs, min_seconds=config.bench_min_seconds, seed=config.seed,
-    )
-    report = {
-        "model": name,
-        "dense": {"accuracy": dense_acc, "macs": dense_cost.macs, "params": dense_cost.params, "onnx": "dense.onnx"},
-        "pruned": {"accuracy": pruned_acc, "macs": pruned_cost.macs, "params": pruned_cost.params,
-                   "onnx": "pruned.onnx", "hard_pruned_accuracy": hard_pruned_acc,
-                   "weight_sparsity": sparsity_of(masks)},
-        "mac_ratio": mac_ratio,
-        "param_ratio": dense_cost.params / max(pruned_cost.params, 1),
-        "parity": {"max_abs_diff": parity, "ok": True},
-        "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio),
-        "skipped_providers": [{"provider": p, "reason": r} for p, r in latency.skipped],
-        "admm": [r.__dict__ for r in admm.history],
-        "groups": [cut.__dict__ for cut in cuts],
-        "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped],
-        "timings": timings,
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "versions": _versions(),
-    }
-    write_report(out, report)
-    return CompressResult(small, masks, out, json.loads(json.dumps(report)), admm.history)
+    def _evaluate(self) -> float | None:
+        """Held-out accuracy, measured on rank 0 with rank 0's BatchNorm statistics."""
+        val = self.val
+        return distributed.on_main(lambda: evaluate(self.model, val) if val is not None else None, self.ctx)
+
+    def _dense(self) -> float | None:
+        if not self.state.done("dense"):
+            config = self.config
+            self._train("dense", config.dense_epochs, 0, lr=config.lr, description="dense training")
+            self.model.eval()
+            self.state.facts["dense_accuracy"] = self._evaluate()
+            distributed.on_main(lambda: self._export(self.model, "dense.onnx"), self.ctx)
+        self.model.cpu().eval()
+        return self.state.facts["dense_accuracy"]
+
+    def _export(self, model: nn.Module, filename: str) -> None:
+        from ..exporters import export_onnx
+
+        export_onnx(model, self.example, self.out / filename)
+
+    def _plan(self) -> PruningPlan:
+        config, model = self.config, self.model
+        plan = (PruningPlan.from_file(model, self.example, config.plan) if config.plan
+                else PruningPlan.uniform(model, self.example, config.sparsity, config.ratio))
+        if not plan.units:
+            reasons = "; ".join(f"{layer}: {why}" for layer, why in plan.skipped[:3]) or "no Conv/Linear layers"
+            raise StructADMMError(f"nothing in {self.name} can be pruned with this plan ({reasons})")
+        return plan
+
+    def _admm(self, admm: ADMM) -> Masks:
+        if self.state.done("admm"):
+            return self.state.resumed_masks()
+        config, ctx = self.config, self.ctx
+
+        def z_u_round(epoch: int) -> None:
+            if (epoch + 1) % config.admm_epochs == 0:
+                admm.update()
+                distributed.check_identical([*admm.Z.values(), *admm.U.values()], ctx, "ADMM's Z and U")
+
+        self._train("admm", config.admm_rounds * config.admm_epochs, config.dense_epochs, lr=config.admm_lr,
+                    penalty=admm.penalty, after_epoch=z_u_round, description="ADMM")
+        masks = admm.hard_prune()
+        distributed.check_identical(masks.values(), ctx, "the masks")
+        self.state.facts["hard_pruned_accuracy"] = self._evaluate()
+        return masks
+
+    def _retrain(self, masks: Masks) -> None:
+        config = self.config
+        self.state.masks = masks
+        guard = apply_masks(self.model, masks)
+        offset = config.dense_epochs + config.admm_rounds * config.admm_epochs
+        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
+                    description="masked retraining")
+        guard.enforce()
+        guard.remove()
+        self.model.eval()
+
+    def _publish(self, plan: PruningPlan, admm: ADMM, masks: Masks, dense_acc: float | None) -> dict[str, Any]:
+        """Rank 0: surgery, export, parity, benchmark and report; then the folder is renamed into place."""
+        from ..bench import benchmark, write_report
+        from ..exporters import count_onnx, verify_onnx
+
+        config, model, out, val = self.config, self.model, self.out, self.val
+        small, cuts = compact_with_report(model, self.example)
+        self.small = small
+        pruned_acc = evaluate(small, val) if val is not None else None
+        self._export(small, "pruned.onnx")
+        # the exported file against the masked model it came from, on held-out inputs
+        check_inputs = first_batch(val, 64) if val is not None else self.example
+        parity = verify_onnx(model, out / "pruned.onnx", check_inputs)
+
+        dense_cost, pruned_cost = count_onnx(out / "dense.onnx"), count_onnx(out / "pruned.onnx")
+        mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
+        latency = benchmark(
+            {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx"},
+            batch_sizes=config.bench_batches, threads=config.bench_threads,
+            min_runs=config.bench_min_runs, min_seconds=config.bench_min_seconds, seed=config.seed,
+        )
+        report = {
+            "model": self.name,
+            "dense": {"accuracy": dense_acc, "macs": dense_cost.macs, "params": dense_cost.params,
+                      "onnx": "dense.onnx"},
+            "pruned": {"accuracy": pruned_acc, "macs": pruned_cost.macs, "params": pruned_cost.params,
+                       "onnx": "pruned.onnx", "hard_pruned_accuracy": self.state.facts["hard_pruned_accuracy"],
+                       "weight_sparsity": sparsity_of(masks)},
+            "mac_ratio": mac_ratio,
+            "param_ratio": dense_cost.params / max(pruned_cost.params, 1),
+            "parity": {"max_abs_diff": parity, "ok": True},
+            "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio),
+            "skipped_providers": [{"provider": p, "reason": r} for p, r in latency.skipped],
+            "admm": [r.__dict__ for r in admm.history],
+            "groups": [cut.__dict__ for cut in cuts],
+            "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped],
+            "timings": dict(self.state.facts["timings"]),
+            "config": config.to_dict(),
+            "seed": config.seed,
+            "versions": _versions(),
+        }
+        write_report(out, report)
+        self.folder.finish()
+        return json.loads(json.dumps(report))
 
 
 def _versions() -> dict[str, str]:

@@ -1,8 +1,10 @@
 """The built-in trainer: data loading, SGD epochs (optionally with the ADMM penalty), accuracy.
 
 It is deliberately plain (SGD with momentum, cosine learning rate, cross-entropy) so the
-pruning method, not the trainer, decides the results. Users with their own loop call
-``ADMM.penalty()`` / ``ADMM.update()`` / ``apply_masks`` themselves and skip this module.
+pruning method, not the trainer, decides the results. It runs under torchrun as well (DDP,
+sharded batches: see :mod:`.distributed`) and can continue a phase from a checkpoint. Users
+with their own loop call ``ADMM.penalty()`` / ``ADMM.update()`` / ``apply_masks`` themselves
+and skip this module.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from ..errors import StructADMMError
+from . import distributed
 
 Data = Dataset | DataLoader | tuple
+# where a phase of train_epochs stopped: {"epoch": epochs finished, "optimizer": state_dict,
+# "schedule": state_dict}; optimizer and schedule are None before the first epoch
+TrainerState = dict[str, Any]
 
 
 def make_loader(data: Data, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -55,51 +61,99 @@ def train_epochs(
     device: str = "cpu",
     progress: Progress | None = None,
     description: str = "training",
+    resume: TrainerState | None = None,
+    on_epoch_end: Callable[[TrainerState], None] | None = None,
+    epoch_offset: int = 0,
 ) -> list[float]:
-    """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch.
+    """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch run.
 
     ``penalty`` is added to the task loss at every step (the ADMM W-step); ``after_step``
     runs after every optimizer step (e.g. to re-apply masks) and ``after_epoch`` after each
     epoch (e.g. an ADMM Z/U round).
+
+    Resuming: ``on_epoch_end`` gets a :data:`TrainerState` (epochs finished, optimizer and
+    learning-rate schedule) after every epoch; passing one back as ``resume`` continues the
+    same ``epochs`` after the epoch it records. ``epoch_offset`` is added to the epoch given
+    to a DistributedSampler's ``set_epoch``, so that consecutive calls over one loader see
+    different shuffles.
+
+    Under torchrun (see :mod:`.distributed`) the model is wrapped in DDP, the loader is
+    sharded over the ranks (``loader.batch_size`` is the global batch) and the loss reported
+    and checked for finiteness is the mean over the ranks. Without an initialised process
+    group, one is created from the torchrun environment and left for the caller to destroy
+    (``torch.distributed.destroy_process_group()``; :func:`.compress` does it itself).
     """
     if epochs <= 0:
         return []
+    ctx = distributed.setup(device)
+    device = distributed.rank_device(device, ctx)
+    loader = distributed.shard(loader, ctx)
     model.to(device).train()
+    net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    task = progress.add_task(description, total=total) if progress is not None else None
+    start = 0
+    if resume is not None:
+        start = int(resume["epoch"])
+        if resume["optimizer"] is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            schedule.load_state_dict(resume["schedule"])
+    task = (progress.add_task(description, total=total, completed=start * len(loader))
+            if progress is not None else None)
+    step = _Step(net, optimizer, schedule, penalty, after_step, device, description, ctx)
     losses = []
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch_offset + epoch)
         running, batches = 0.0, 0
         for batch in loader:
-            x, y = _split_batch(batch)
-            if y is None:
-                raise StructADMMError("training data has no labels: give (input, label) pairs")
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            if penalty is not None:
-                loss = loss + penalty()
-            if not torch.isfinite(loss):
-                raise StructADMMError(
-                    f"the loss became {float(loss)} during {description} (epoch {epoch + 1}); "
-                    "lower the learning rate or rho"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if after_step is not None:
-                after_step()
-            running += loss.item()
+            running += step(batch, epoch)
             batches += 1
             if task is not None:
                 progress.advance(task)
         losses.append(running / max(batches, 1))
         if after_epoch is not None:
             after_epoch(epoch)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
     if task is not None:
         progress.remove_task(task)
     return losses
+
+
+class _Step:
+    """One SGD step of :func:`train_epochs`; returns the (all-rank mean) loss."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                 penalty: Callable[[], torch.Tensor] | None, after_step: Callable[[], None] | None,
+                 device: str, description: str, ctx: distributed.DistContext):
+        self.net, self.optimizer, self.schedule = net, optimizer, schedule
+        self.penalty, self.after_step = penalty, after_step
+        self.device, self.description, self.ctx = device, description, ctx
+
+    def __call__(self, batch: Any, epoch: int) -> float:
+        x, y = _split_batch(batch)
+        if y is None:
+            raise StructADMMError("training data has no labels: give (input, label) pairs")
+        loss = F.cross_entropy(self.net(x.to(self.device)), y.to(self.device))
+        if self.penalty is not None:
+            # the same on every rank, so DDP's gradient average leaves its gradient exact
+            loss = loss + self.penalty()
+        # one value for all ranks, so that all stop together rather than wait for each other
+        value = distributed.mean_over_ranks(loss.detach(), self.ctx)
+        if not torch.isfinite(value):
+            raise StructADMMError(
+                f"the loss became {float(value)} during {self.description} (epoch {epoch + 1}); "
+                "lower the learning rate or rho"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        if self.after_step is not None:
+            self.after_step()
+        return value.item()
 
 
 @torch.no_grad()
