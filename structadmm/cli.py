@@ -83,6 +83,10 @@ def run(
                                            help="filter | channel | shape | irregular, or a combination like filter+shape."),
     ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Fraction of groups to remove, in (0, 1)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="TOML plan file with per-layer settings."),
+    target_macs: Optional[float] = typer.Option(None, "--target-macs", help=(
+        "Choose per-layer ratios for this MAC reduction (e.g. 4 for 4x fewer), by layer sensitivity.")),
+    target_latency: Optional[float] = typer.Option(None, "--target-latency", help=(
+        "Choose per-layer ratios for this measured ONNX Runtime CPU speedup over dense (e.g. 3).")),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with any of the settings."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new folder under ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (training device)."),
@@ -102,6 +106,7 @@ def run(
     if resume is not None and out_dir is not None and out_dir.resolve() != resume.resolve():
         raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
+                                         target_macs=target_macs, target_latency=target_latency,
                                          plan=str(plan) if plan else None).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
     torch.manual_seed(cfg.seed)  # before building, so a model's initial weights are the same every run

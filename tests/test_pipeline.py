@@ -24,7 +24,8 @@ def test_compress_writes_a_complete_run_folder(digits, tmp_path: Path) -> None:
     result = compress(get_spec("digits-cnn").build(), train, test, config, out_dir=tmp_path / "run",
                       model_name="digits-cnn")
     run = result.run_dir
-    assert sorted(p.name for p in run.iterdir()) == ["dense.onnx", "latency.png", "pruned.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in run.iterdir()) == ["accuracy.png", "dense.onnx", "latency.png", "pruned.onnx", "report.json",
+                                                            "report.md"]
     report = json.loads((run / "report.json").read_text())
     for key in ("model", "dense", "pruned", "mac_ratio", "param_ratio", "parity", "latency", "config", "versions"):
         assert key in report
@@ -38,6 +39,19 @@ def test_compress_writes_a_complete_run_folder(digits, tmp_path: Path) -> None:
     residuals = [r["primal_residual"] for r in report["admm"]]
     assert residuals[-1] < residuals[0]
     assert report["config"]["ratio"] == 0.5 and report["model"] == "digits-cnn"
+    layers = {row["name"]: row for row in report["layers"]}
+    assert sum(row["pruned_macs"] for row in layers.values()) == report["pruned"]["macs"]
+    assert "## Per layer" in (run / "report.md").read_text()
+
+
+def test_cli_target_macs_chooses_per_layer_ratios(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--config", str(_config(tmp_path)), "--out", str(tmp_path / "r"),
+                                 "--target-macs", "6"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["mac_ratio"] >= 6.0
+    assert report["budget"]["predicted_mac_ratio"] == pytest.approx(report["mac_ratio"], rel=1e-6)
+    assert len(set(report["budget"]["ratios"].values())) > 1  # not one uniform ratio
 
 
 def _config(tmp_path: Path, **extra) -> Path:
@@ -59,6 +73,7 @@ def test_cli_run_prints_the_table_and_leaves_the_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["run", "--ratio", "1.5"], "ratio must be in (0, 1)"),
     (["run", "--ratio", "0"], "ratio must be in (0, 1)"),
+    (["run", "--target-macs", "0.5"], "target_macs is a reduction factor and must be > 1"),
     (["run", "--model", "resnet1000"], "unknown model 'resnet1000'"),
     (["run", "--sparsity", "rows"], "unknown sparsity type 'rows'"),
     (["run", "--config", "/nonexistent/cfg.toml"], "cannot read config file"),

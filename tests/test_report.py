@@ -43,12 +43,14 @@ def _console_text(report: dict[str, object]) -> str:
     return console.export_text()
 
 
-def test_writes_the_three_files_and_nothing_else(tmp_path: Path) -> None:
+def test_writes_the_four_files_and_nothing_else(tmp_path: Path) -> None:
     report = spec_report()
     write_report(tmp_path / "run", report)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "latency.png", "report.json", "report.md"
+        "accuracy.png", "latency.png", "report.json", "report.md"
     ]
+    for png in ("accuracy.png", "latency.png"):
+        assert (tmp_path / "run" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_json_round_trips_with_the_spec_keys(tmp_path: Path) -> None:

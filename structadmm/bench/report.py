@@ -30,12 +30,13 @@ _PLOT_COLUMNS = 4
 
 
 def write_report(run_dir: str | Path, report: Mapping[str, Any]) -> None:
-    """Write report.json (the dict as given), report.md and latency.png into ``run_dir``."""
+    """Write report.json (the dict as given), report.md, latency.png and accuracy.png into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "report.json": (json.dumps(_jsonable(report), indent=2) + "\n").encode(),
         "latency.png": _plot_png(report),
+        "accuracy.png": _accuracy_png(report),
         "report.md": _markdown(report).encode(),
     }
     for name, data in files.items():
@@ -97,8 +98,31 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         "![latency](latency.png)",
         "",
+        "## Accuracy against MACs",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        *_layer_table(report.get("layers") or []),
     ]
     return "\n".join(lines)
+
+
+def _layer_table(rows: list[Mapping[str, Any]]) -> list[str]:
+    """Per matrix layer: kept channels, MACs and measured time (ORT profiler)."""
+    if not rows:
+        return []
+    lines = [
+        "## Per layer (ONNX Runtime profile, CPU)",
+        "",
+        "| layer | op | channels | MACs dense | MACs pruned | ms dense | ms pruned |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        kept = f"{row.get('dense_channels', NA)} → {row.get('pruned_channels') if row.get('pruned_channels') is not None else NA}"
+        lines.append(f"| {row.get('name', NA)} | {row.get('op_type', NA)} | {kept} | {_si(row.get('dense_macs'))} "
+                     f"| {_si(row.get('pruned_macs'))} | {_ms(row.get('dense_ms'))} | {_ms(row.get('pruned_ms'))} |")
+    lines.append("")
+    return lines
 
 
 def _latency_table(rows: list[Mapping[str, Any]]) -> list[str]:
@@ -145,6 +169,34 @@ def _plot_png(report: Mapping[str, Any]) -> bytes:
     if not rows:
         axes[0].text(0.5, 0.5, "no latency measured", ha="center", va="center")
     figure.suptitle(f"{report.get('model', '')}: {_macs_caption(report)}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _accuracy_png(report: Mapping[str, Any]) -> bytes:
+    """Accuracy against MACs per sample: dense, right after the hard prune, after retraining."""
+    from matplotlib.figure import Figure
+
+    dense, pruned = _side(report, "dense"), _side(report, "pruned")
+    points = [("dense", dense.get("macs"), dense.get("accuracy"), _COLORS["dense"]),
+              ("hard pruned", pruned.get("macs"), pruned.get("hard_pruned_accuracy"), "#ff7f0e"),
+              ("pruned + retrained", pruned.get("macs"), pruned.get("accuracy"), _COLORS["pruned"])]
+    figure = Figure(figsize=(5.2, 3.6), layout="constrained")
+    ax = figure.subplots()
+    shown = [(label, macs, acc, color) for label, macs, acc, color in points
+             if isinstance(macs, (int, float)) and isinstance(acc, (int, float))]
+    for label, macs, acc, color in shown:
+        ax.scatter([macs], [100 * acc], color=color, label=label, s=50, zorder=3)
+    if shown:
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no labelled data: accuracy not measured", ha="center", va="center")
+    ax.set_xlabel("MACs / sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{report.get('model', '')}: accuracy against MACs", fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()

@@ -53,14 +53,23 @@ class ADMM:
         masks = self.plan.masks_for(values)
         return {n: v * masks[n].to(v.device, v.dtype) for n, v in values.items()}
 
+    def _follow_device(self) -> None:
+        """Keep Z and U where the parameters are (training may move the model to a GPU)."""
+        device = next(iter(self.params.values())).device
+        if next(iter(self.Z.values())).device != device:
+            self.Z = {n: z.to(device) for n, z in self.Z.items()}
+            self.U = {n: u.to(device) for n, u in self.U.items()}
+
     def penalty(self) -> torch.Tensor:
         """``sum_i rho/2 ||W_i - Z_i + U_i||^2``: add it to the task loss in the W-step."""
+        self._follow_device()
         terms = [(p - self.Z[n] + self.U[n]).pow(2).sum() for n, p in self.params.items()]
         return 0.5 * self.rho * torch.stack(terms).sum()
 
     @torch.no_grad()
     def update(self) -> AdmmRound:
         """One Z/U round; returns the residuals and grows rho for the next round."""
+        self._follow_device()
         z_prev = self.Z
         self.Z = self._project({n: p.detach() + self.U[n] for n, p in self.params.items()})
         w_norm = _norm(p.detach() for p in self.params.values()).clamp_min(1e-12)

@@ -138,17 +138,21 @@ class _Search:
         while current > goal:
             best, best_value = None, -1.0
             for gid in self.units:
-                if step[gid] + 1 >= len(self.grid):
+                # the next grid step that keeps fewer channels (rounding can make steps equal)
+                for nxt in range(step[gid] + 1, len(self.grid)):
+                    saved = current - self.macs({**step, gid: nxt})
+                    if saved > 0:
+                        break
+                else:
                     continue
-                saved = current - self.macs({**step, gid: step[gid] + 1})
                 sens = self.sensitivity[gid]
-                value = saved / (max(sens[step[gid] + 1] - sens[step[gid]], 0.0) + 1e-3)
-                if saved > 0 and value > best_value:
-                    best, best_value = gid, value
+                value = saved / (max(sens[nxt] - sens[step[gid]], 0.0) + 1e-3)
+                if value > best_value:
+                    best, best_value, best_step = gid, value, nxt
             if best is None:
                 raise StructADMMError(f"a {target:g}x MAC reduction is out of reach: at most "
                                       f"{self.cost.dense / current:.2f}x with the groups that can be pruned")
-            step[best] += 1
+            step[best] = best_step
             current = self.macs(step)
         units = []
         for gid, s in step.items():

@@ -92,6 +92,10 @@ def compress(
             if folder is not None:
                 folder.keep_if_resumable()  # a deliberate stop: --resume picks it up
             raise
+        except OSError as exc:  # a full disk, a folder that vanished: the user's to fix
+            if folder is not None:
+                folder.discard()
+            raise StructADMMError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}") from exc
         except BaseException:
             if folder is not None:
                 folder.discard()
@@ -165,6 +169,8 @@ class _Pipeline:
 
         plan = self._plan()  # depends on the structure only: fail before training, not after
         dense_acc = self._dense()
+        if config.target_macs or config.target_latency:
+            plan = self._budget_plan()
         admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max)
         self.state.admm = admm
         masks = self._admm(admm)
@@ -202,12 +208,41 @@ class _Pipeline:
 
     def _plan(self) -> PruningPlan:
         config, model = self.config, self.model
-        plan = (PruningPlan.from_file(model, self.example, config.plan) if config.plan
-                else PruningPlan.uniform(model, self.example, config.sparsity, config.ratio))
+        multiple = config.channel_multiple
+        plan = (PruningPlan.from_file(model, self.example, config.plan, multiple=multiple) if config.plan
+                else PruningPlan.uniform(model, self.example, config.sparsity, config.ratio, multiple=multiple))
         if not plan.units:
             reasons = "; ".join(f"{layer}: {why}" for layer, why in plan.skipped[:3]) or "no Conv/Linear layers"
             raise StructADMMError(f"nothing in {self.name} can be pruned with this plan ({reasons})")
         return plan
+
+    def _budget_plan(self) -> PruningPlan:
+        """Per-group ratios for the MAC or latency target, from the trained dense model.
+
+        Sensitivity is probed on up to 512 held-out samples (training samples without any);
+        every rank computes the same plan from the same weights and data.
+        """
+        from .budget import plan_for_latency, plan_for_macs
+
+        config = self.config
+        source = (self.val if self.val is not None else self.train).dataset
+        x_probe, y_probe = next(iter(make_loader(source, 512, shuffle=False)))[:2]
+
+        def probe(net: nn.Module) -> float:
+            net.eval()
+            with torch.no_grad():
+                return float((net(x_probe).argmax(1) == y_probe).float().mean())
+
+        common = dict(probe=probe, sparsity=config.sparsity, multiple=config.channel_multiple)
+        if config.target_macs:
+            result = plan_for_macs(self.model, self.example, config.target_macs, **common)
+        else:
+            batch = max(config.bench_batches)
+            result = plan_for_latency(self.model, self.example, config.target_latency, batch=batch,
+                                      threads=config.bench_threads, **common)
+        self.state.facts["budget"] = {"ratios": result.ratios, "predicted_mac_ratio": result.mac_ratio,
+                                      "measured_speedup": result.speedup}
+        return result.plan
 
     def _admm(self, admm: ADMM) -> Masks:
         if self.state.done("admm"):
@@ -240,6 +275,8 @@ class _Pipeline:
     def _publish(self, plan: PruningPlan, admm: ADMM, masks: Masks, dense_acc: float | None) -> dict[str, Any]:
         """Rank 0: surgery, export, parity, benchmark and report; then the folder is renamed into place."""
         from ..bench import benchmark, write_report
+        from ..bench.profile import layer_table
+        from .lowering import LoweredConv
         from ..exporters import count_onnx, verify_onnx
 
         config, model, out, val = self.config, self.model, self.out, self.val
@@ -273,6 +310,11 @@ class _Pipeline:
             "admm": [r.__dict__ for r in admm.history],
             "groups": [cut.__dict__ for cut in cuts],
             "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped],
+            "budget": self.state.facts.get("budget"),
+            "lowered": [name for name, m in small.named_modules() if isinstance(m, LoweredConv)],
+            "layers": [row.__dict__ for row in layer_table(out / "dense.onnx", out / "pruned.onnx",
+                                                           batch=max(config.bench_batches),
+                                                           threads=config.bench_threads)],
             "timings": dict(self.state.facts["timings"]),
             "config": config.to_dict(),
             "seed": config.seed,

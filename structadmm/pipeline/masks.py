@@ -25,14 +25,15 @@ class MaskGuard:
         if missing:
             raise StructADMMError(f"masks name parameters the model does not have: {', '.join(missing[:5])}")
         self._pairs = [(params[name], mask.to(params[name].device, params[name].dtype)) for name, mask in masks.items()]
-        self._handles = [p.register_hook(lambda grad, m=m: grad * m) for p, m in self._pairs]
+        # masks follow the parameters to whatever device training moves them to
+        self._handles = [p.register_hook(lambda grad, m=m: grad * m.to(grad.device)) for p, m in self._pairs]
         self._handles.append(model.register_forward_pre_hook(lambda *_: self.enforce()))
         self.enforce()
 
     @torch.no_grad()
     def enforce(self) -> None:
         for param, mask in self._pairs:
-            param.mul_(mask)
+            param.mul_(mask.to(param.device))
 
     def remove(self) -> None:
         for handle in self._handles:

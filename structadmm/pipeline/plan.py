@@ -224,7 +224,8 @@ class PruningPlan:
         return sorted({p for u in self.units for p in u.params()})
 
     def masks_for(self, values: Mapping[str, torch.Tensor]) -> Masks:
-        """Masks of the projection of ``values`` (parameter name -> tensor) onto the plan."""
+        """Masks of the projection of ``values`` (parameter name -> tensor) onto the plan (on the CPU)."""
+        values = {p: values[p].detach().cpu() for p in self.param_names()}
         masks: Masks = {p: torch.ones_like(values[p], dtype=torch.float32) for p in self.param_names()}
         for unit in self.units:
             unit.project(values, masks)

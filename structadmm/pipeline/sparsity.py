@@ -65,13 +65,15 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
 def keep_count(alive: int, ratio: float, multiple: int = 1) -> int:
     """How many of ``alive`` groups survive pruning a fraction ``ratio`` of them (at least one).
 
-    With ``multiple`` > 1 the count is rounded up to a multiple of it, unless that would keep
-    everything: CPU kernels work on channel blocks (ONNX Runtime's NCHWc layout uses blocks of
-    8 with AVX2 and 16 with AVX-512), and a count between two multiples pays for the padding.
+    With ``multiple`` > 1 the count is rounded up to a multiple of it, as long as that prunes
+    something and adds at most half again to the count: CPU kernels work on channel blocks
+    (ONNX Runtime's NCHWc layout uses blocks of 8 with AVX2 and 16 with AVX-512), and a count
+    between two multiples pays for the padding anyway. Small counts at aggressive ratios
+    stay as they are, so the ratio still means something there.
     """
     keep = max(1, min(alive, int(round(alive * (1.0 - ratio)))))
     rounded = -(-keep // multiple) * multiple
-    return rounded if rounded < alive else keep
+    return rounded if rounded < alive and 2 * rounded <= 3 * keep else keep
 
 
 def topk_mask(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -> torch.Tensor:
