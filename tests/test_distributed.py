@@ -121,7 +121,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     assert [zero["rank"], one["rank"]] == [0, 1] and zero["report"] == one["report"]
     assert zero["run_dir"] == one["run_dir"] == str(tmp_path / "ddp")
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "dense.onnx", "latency.png", "pruned.onnx", "report.json", "report.md"]
+        "accuracy.png", "dense.onnx", "latency.png", "pruned.onnx", "report.json", "report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "rank0.pt", "rank1.pt", "single"]
     assert not zero["group_left"] and not one["group_left"]
 

@@ -118,7 +118,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(inputs: list[str], tmp
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in full.iterdir()) == [
-        "dense.onnx", "latency.png", "pruned.onnx", "report.json", "report.md"]
+        "accuracy.png", "dense.onnx", "latency.png", "pruned.onnx", "report.json", "report.md"]
     assert not staging.exists()
 
     a, b = (json.loads((run / "report.json").read_text()) for run in (full, killed))
