@@ -110,7 +110,7 @@ def test_parse_sparsity_and_ratio() -> None:
 def test_keep_count_rounds_up_to_kernel_friendly_multiples() -> None:
     assert keep_count(100, 0.5, 16) == 64
     assert keep_count(24, 0.5, 16) == 16
-    assert keep_count(8, 0.5, 16) == 4  # rounding would keep all 8: the plain count stands
-    assert keep_count(64, 0.9375, 16) == 4  # 16 would be four times the count asked for
     assert keep_count(144, 0.5, 16) == 80
+    assert keep_count(8, 0.5, 16) == 8  # narrower than one block: left whole
+    assert keep_count(64, 0.9375, 16) == 16  # never below one block
     assert keep_count(96, 0.5, 8) == 48

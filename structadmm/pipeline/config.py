@@ -24,8 +24,8 @@ class CompressConfig:
     plan: str | None = None  # TOML plan file with per-layer settings (overrides sparsity/ratio)
     target_macs: float | None = None  # per-layer ratios chosen for this MAC reduction, e.g. 4.0 (overrides ratio)
     target_latency: float | None = None  # per-layer ratios chosen for this measured ORT CPU speedup, e.g. 3.0
-    # kept channels rounded up to a multiple: ONNX Runtime's CPU kernels work on blocks of 8 (AVX2) or
-    # 16 (AVX-512) channels; MobileNetV2 at 50 %: 0.52/0.75 speedup efficiency without, 0.84/1.01 with 16
+    # kept channels rounded up to a multiple (see sparsity.keep_count): ONNX Runtime's CPU kernels work on
+    # blocks of 8 (AVX2) or 16 (AVX-512) channels; 1 keeps the exact ratios
     channel_multiple: int = 16
     # training (the built-in trainer; SGD with momentum and a cosine schedule per phase)
     dense_epochs: int = 12  # train the dense model first; 0 for an already trained model
@@ -89,13 +89,7 @@ class CompressConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "CompressConfig":
         """Settings from a TOML file (top-level keys as in this class), then ``overrides``."""
-        path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise StructADMMError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise StructADMMError(f"config file {path} is not valid TOML: {exc}") from None
+        values = read_toml(path, "config file")
         return cls.from_mapping({**values, **(overrides or {})}, source=str(path))
 
     def replace(self, **changes: Any) -> "CompressConfig":
@@ -103,3 +97,14 @@ class CompressConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's contents; a one-line error naming ``what`` it was meant to be otherwise."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise StructADMMError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise StructADMMError(f"{what} {path} is not valid TOML: {exc}") from None

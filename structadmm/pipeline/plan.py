@@ -19,7 +19,6 @@ by the layer that produces the channels, ``channel`` by a layer that reads them.
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
+from .config import read_toml
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
 from .sparsity import (
     PROJECTION_ORDER,
@@ -165,13 +165,7 @@ class PruningPlan:
     @classmethod
     def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path, *, multiple: int = 1) -> "PruningPlan":
         """A TOML plan: ``[layers."<glob>"]`` tables with ``sparsity`` and ``ratio`` keys."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise StructADMMError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise StructADMMError(f"plan file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "plan file")
         unknown = set(data) - {"layers"}
         if unknown or not isinstance(data.get("layers"), dict):
             raise StructADMMError(

@@ -65,15 +65,16 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
 def keep_count(alive: int, ratio: float, multiple: int = 1) -> int:
     """How many of ``alive`` groups survive pruning a fraction ``ratio`` of them (at least one).
 
-    With ``multiple`` > 1 the count is rounded up to a multiple of it, as long as that prunes
-    something and adds at most half again to the count: CPU kernels work on channel blocks
-    (ONNX Runtime's NCHWc layout uses blocks of 8 with AVX2 and 16 with AVX-512), and a count
-    between two multiples pays for the padding anyway. Small counts at aggressive ratios
-    stay as they are, so the ratio still means something there.
+    With ``multiple`` > 1 the count is rounded up to a multiple of it (at most ``alive``): CPU
+    kernels work on channel blocks (ONNX Runtime's NCHWc layout uses blocks of 8 with AVX2 and
+    16 with AVX-512), so a count between two multiples pays for the padding anyway, and a
+    layer narrower than one block leaves the fast path. Measured on MobileNetV2 at 50 %
+    (ORT CPU, 2 threads): exact counts 2.03x / 2.63x faster than dense at batch 1 / 8,
+    multiples of 16 2.65x / 3.22x, although they remove fewer MACs. The price: no group is
+    pruned below one block, so high ratios on narrow layers are not reached.
     """
     keep = max(1, min(alive, int(round(alive * (1.0 - ratio)))))
-    rounded = -(-keep // multiple) * multiple
-    return rounded if rounded < alive and 2 * rounded <= 3 * keep else keep
+    return min(alive, -(-keep // multiple) * multiple)
 
 
 def topk_mask(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -> torch.Tensor:
