@@ -120,3 +120,15 @@ def test_unwritable_output_folder(workdir: Path) -> None:
 def test_existing_output_folder(workdir: Path) -> None:
     expect_clean_failure(workdir, ["run", "--config", str(workdir / "fast.toml"), "--out", str(workdir / "earlier")],
                          "already exists")
+
+
+def test_full_disk_while_writing_the_report(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import structadmm.bench
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "new" / "report.json"))
+
+    monkeypatch.setattr(structadmm.bench, "write_report", no_space)
+    expect_clean_failure(workdir, run_args(workdir), "No space left on device")

@@ -79,3 +79,34 @@ def test_only_standard_modules() -> None:
         leaves = {n.target for n in traced.graph.nodes if n.op == "call_module"}
         for target in leaves:
             assert isinstance(traced.get_submodule(target), allowed), (name, target)
+
+
+FAST_ZOO = ["lenet5", "resnet20", "alexnet-cifar", "c3d-small"]
+
+
+def _prune_compact_export(name: str, sparsity: str, tmp_path) -> None:
+    from structadmm.exporters import export_onnx
+    from structadmm.pipeline import PruningPlan, compact
+
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    x = spec.example_input(2)
+    PruningPlan.uniform(model, x, sparsity, 0.5).project(model)
+    small = compact(model, x)  # parity with the masked model is checked inside
+    result = export_onnx(small, x, tmp_path / f"{name}.onnx")  # and ONNX Runtime against torch
+    assert result.max_abs_diff is not None
+    assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("sparsity", ["filter", "shape"])
+@pytest.mark.parametrize("name", FAST_ZOO)
+def test_small_zoo_models_prune_compact_and_export(name: str, sparsity: str, tmp_path) -> None:
+    _prune_compact_export(name, sparsity, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparsity", ["filter", "shape"])
+@pytest.mark.parametrize("name", sorted(set(ZOO) - set(FAST_ZOO)))
+def test_large_zoo_models_prune_compact_and_export(name: str, sparsity: str, tmp_path) -> None:
+    _prune_compact_export(name, sparsity, tmp_path)

@@ -277,7 +277,7 @@ class _Pipeline:
         from ..bench import benchmark, write_report
         from ..bench.profile import layer_table
         from .lowering import LoweredConv
-        from ..exporters import count_onnx, verify_onnx
+        from ..exporters import count_onnx, sparse_storage, verify_onnx
 
         config, model, out, val = self.config, self.model, self.out, self.val
         small, cuts = compact_with_report(model, self.example)
@@ -290,6 +290,7 @@ class _Pipeline:
 
         dense_cost, pruned_cost = count_onnx(out / "dense.onnx"), count_onnx(out / "pruned.onnx")
         mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
+        storage = sparse_storage(out / "pruned.onnx")  # what irregular sparsity buys: bytes, not speed
         latency = benchmark(
             {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx"},
             batch_sizes=config.bench_batches, threads=config.bench_threads,
@@ -303,6 +304,9 @@ class _Pipeline:
                        "onnx": "pruned.onnx", "hard_pruned_accuracy": self.state.facts["hard_pruned_accuracy"],
                        "weight_sparsity": sparsity_of(masks)},
             "mac_ratio": mac_ratio,
+            "sparse_storage": {"weights": storage.weights, "zeros": storage.zeros, "sparsity": storage.sparsity,
+                               "dense_bytes": storage.dense_bytes, "csr_bytes": storage.sparse_bytes,
+                               "compression": storage.compression},
             "param_ratio": dense_cost.params / max(pruned_cost.params, 1),
             "parity": {"max_abs_diff": parity, "ok": True},
             "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio),
