@@ -140,7 +140,7 @@ def run_admm(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
            f"-d{a.dense_epochs}-{a.lr}-wd{a.weight_decay}.pt")
     path = bench.cache / key if a.cache_dir else None
     if path is not None and path.exists():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         model.load_state_dict(saved["model"])
         admm.load_state_dict(saved["admm"])
     else:

@@ -119,7 +119,7 @@ def run(
     if result.rank != 0:  # under torchrun, rank 0 speaks for the job
         return
     out.print(render_table(result.report))
-    out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png)")
+    out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png, accuracy.png)")
 
 
 def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[str]):
