@@ -6,7 +6,6 @@ import itertools
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
