@@ -461,3 +461,26 @@ def test_check_compatible_and_shapes() -> None:
     assert parse_shape("3x32x32") == (3, 32, 32) and parse_shape("1,8,8") == (1, 8, 8)
     with fails(r"input shape must be the positive sizes of one sample joined by x, like 3x32x32, got '3x0'"):
         parse_shape("3x0")
+
+
+def test_exported_program_is_lifted_to_prunable_layers(tmp_path: Path) -> None:
+    """A .pt2 file becomes real Conv/BatchNorm/Linear layers: same outputs, prunable, exact surgery."""
+    from structadmm.models import get_spec
+    from structadmm.pipeline import PruningPlan, compact
+
+    spec = get_spec("resnet20")
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    x = spec.example_input(2)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "resnet20.pt2")
+    loaded = load_model(str(tmp_path / "resnet20.pt2"))
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), model(x))
+    convs = [sum(isinstance(m, nn.Conv2d) for m in net.modules()) for net in (loaded.module, model)]
+    assert convs[0] == convs[1] > 0
+    plan = PruningPlan.uniform(loaded.module, x, "filter", 0.5)
+    native = PruningPlan.uniform(model, x, "filter", 0.5)
+    assert len(plan.units) == len(native.units) == 12
+    plan.project(loaded.module)
+    compact(loaded.module, x)  # raises ParityError unless exact

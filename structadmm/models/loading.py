@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
+from .lifting import lift
 from .registry import get_spec
 
 # Suffixes of files that hold weights but no architecture, for a better message when one is
@@ -249,7 +250,8 @@ def _load_exported(path: Path) -> LoadedModel:
             f"{path} was exported for batch size {sample.shape[0]} only, but the pipeline runs it at "
             "several batch sizes; export it with dynamic_shapes=({0: torch.export.Dim('batch')},)"
         )
-    return LoadedModel(program.module(), path.stem, _exported_sample_shape(program, sample),
+    # the program's flat ATen graph, rebuilt with real layers so it can be pruned and trained
+    return LoadedModel(lift(program.module()).eval(), path.stem, _exported_sample_shape(program, sample),
                        _exported_num_classes(program))
 
 
