@@ -132,3 +132,14 @@ def test_default_run_meets_the_targets(tmp_path: Path) -> None:
     assert report["pruned"]["accuracy"] >= report["dense"]["accuracy"] - 0.01
     large = max(report["latency"], key=lambda row: row["batch"])
     assert large["speedup"] >= 2.0
+
+
+def test_an_empty_out_folder_is_filled_and_kept_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    result = runner.invoke(app, ["run", "--config", str(_config(tmp_path)), "--out", str(out), "--plan",
+                                 str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and out.is_dir() and not any(out.iterdir())
+    result = runner.invoke(app, ["run", "--config", str(_config(tmp_path)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.json").exists()

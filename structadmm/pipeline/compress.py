@@ -128,8 +128,7 @@ def _new_run_dir(out_dir: str | Path | None, name: str) -> Path:
     run_dir = Path(out_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise StructADMMError(f"output folder {run_dir} already exists and is not empty; choose a new --out")
-    if run_dir.exists():
-        run_dir.rmdir()  # an empty folder is replaced atomically at the end
+    # an existing empty folder stays until the finished run is renamed onto it (rename replaces it)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         probe = run_dir.parent / f".{run_dir.name}.probe-{os.getpid()}"
