@@ -113,7 +113,7 @@ class RandomNet(nn.Module):
             blocks.append(block)
         self.features = nn.Sequential(*blocks)
         self.flatten = rng.random() < 0.5
-        spatial = self.features(torch.zeros(1, self.in_channels, *SPATIAL[self.dims])).shape[2:].numel()
+        spatial = self.features(torch.zeros(2, self.in_channels, *SPATIAL[self.dims])).shape[2:].numel()
         features = c * spatial if self.flatten else c
         hidden = rng.randint(4, 12)
         self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 3))

@@ -84,7 +84,15 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
 def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
                         verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> tuple[nn.Module, list[GroupCut]]:
     """:func:`compact`, also returning the channels kept per group."""
-    small, cuts = _remove_channels(model, example_inputs)
+    small, cuts = _remove_channels(copy.deepcopy(model), example_inputs)
+    # removing a layer's outputs can leave channels it alone read with no reader: repeat to a fixed point
+    while cuts:
+        small, more = _remove_channels(small, example_inputs)
+        if not more:
+            break
+        first = {cut.group: cut.channels for cut in cuts}
+        cuts = [c for c in cuts if c.group not in {m.group for m in more}] + [
+            GroupCut(m.group, first.get(m.group, m.channels), m.kept) for m in more]
     if lower:
         small, _ = lower_convs(small, min_gain=min_gain)
     if verify:
@@ -92,8 +100,8 @@ def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = 
     return small, cuts
 
 
-def _remove_channels(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, list[GroupCut]]:
-    small = copy.deepcopy(model)
+def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, list[GroupCut]]:
+    """One pass of channel removal, in place on ``small``."""
     graph = trace(small, example_inputs)
     keep: dict[int, torch.Tensor] = {}
     cuts: list[GroupCut] = []
