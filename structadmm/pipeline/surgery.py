@@ -43,18 +43,7 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
             read = (s.norms(graph.tensor(s))[torch.from_numpy(pos)] > 0).numpy()
             dead[torch.from_numpy(local[read])] = False
     constraints = graph.blocks_in(group)
-    for _ in range(len(constraints) + 1):
-        changed = False
-        for blocks in constraints:
-            target = max(int((~dead[b]).sum()) for b in blocks)
-            for b in blocks:
-                missing = target - int((~dead[b]).sum())
-                if missing > 0:
-                    dead[b[dead[b].nonzero().flatten()[:missing]]] = False
-                    changed = True
-        if not changed:
-            break
-    # every layer keeps at least one output (and, through the blocks, every block one channel)
+    # every layer keeps at least one output, every constrained block at least one channel ...
     for block in graph.producer_blocks(group):
         if dead[block].all():
             dead[block[0]] = False
@@ -62,6 +51,17 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
         if any(dead[b].all() for b in blocks):
             for b in blocks:
                 dead[b[0]] = False
+    # ... and blocks that must match keep equal counts; only reviving, so the above still holds
+    changed = True
+    while changed:
+        changed = False
+        for blocks in constraints:
+            target = max(int((~dead[b]).sum()) for b in blocks)
+            for b in blocks:
+                revive = b[dead[b].nonzero().flatten()[: target - int((~dead[b]).sum())]]
+                if len(revive):
+                    dead[revive] = False
+                    changed = True
     return dead
 
 
@@ -110,18 +110,12 @@ def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, 
         if dead.any():
             keep[group.id] = ~dead
             cuts.append(GroupCut(group.name, group.size, int((~dead).sum())))
-    # every tensor: the position selections to apply, outputs (axis 0) before inputs
-    plans: dict[tuple[str, str], list[tuple[Slice, torch.Tensor]]] = {}
-    for s in graph.slices:
-        atoms = graph.atom_of[s.entries]
-        groups = graph.group_of[atoms]
-        keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
-        for gid in np.unique(groups).tolist():
-            if gid in keep:
-                where = torch.from_numpy(np.nonzero(groups == gid)[0])
-                keep_pos[where] = keep[gid][torch.from_numpy(graph.local_of[atoms[where.numpy()]])]
-        if not keep_pos.all():
-            plans.setdefault((s.module, s.tensor), []).append((s, keep_pos))
+    plans = _selections(graph, keep)
+    while plans is None:  # a grouped conv's blocks would keep unequal columns: leave one group whole
+        unbalanced = _unbalanced_groups(graph, keep)
+        keep = {gid: k for gid, k in keep.items() if gid not in unbalanced}
+        cuts = [c for c in cuts if c.group not in {graph.groups[g].name for g in unbalanced}]
+        plans = _selections(graph, keep)
     resized: dict[str, nn.Module] = {}
     with torch.no_grad():
         for (module_name, tensor_name), selections in plans.items():
@@ -139,6 +133,45 @@ def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, 
     for module in resized.values():
         _fix_sizes(module)
     return small, cuts
+
+
+def _positions_kept(graph: ChannelGraph, s: Slice, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+    atoms = graph.atom_of[s.entries]
+    groups = graph.group_of[atoms]
+    keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
+    for gid in np.unique(groups).tolist():
+        if gid in keep:
+            where = np.nonzero(groups == gid)[0]
+            keep_pos[torch.from_numpy(where)] = keep[gid][torch.from_numpy(graph.local_of[atoms[where]])]
+    return keep_pos
+
+
+def _is_unbalanced(s: Slice, keep_pos: torch.Tensor) -> bool:
+    """Positions of a grouped conv's input must stay equal per group (tied channels can differ)."""
+    if s.role != "in" or s.groups == 1:
+        return False
+    counts = keep_pos.view(s.groups, -1).sum(1)
+    return bool((counts != counts[0]).any())
+
+
+def _selections(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> dict[tuple[str, str], list] | None:
+    """Per tensor, the position selections to apply (outputs before inputs); None if unbalanced."""
+    plans: dict[tuple[str, str], list[tuple[Slice, torch.Tensor]]] = {}
+    for s in graph.slices:
+        keep_pos = _positions_kept(graph, s, keep)
+        if _is_unbalanced(s, keep_pos):
+            return None
+        if not keep_pos.all():
+            plans.setdefault((s.module, s.tensor), []).append((s, keep_pos))
+    return plans
+
+
+def _unbalanced_groups(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> set[int]:
+    for s in graph.slices:
+        if _is_unbalanced(s, _positions_kept(graph, s, keep)):
+            touched = set(np.unique(graph.group_of[graph.atom_of[s.entries]]).tolist()) & set(keep)
+            return {min(touched)}
+    return set()
 
 
 def _fix_sizes(module: nn.Module) -> None:
