@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 from structadmm.errors import ParityError, StructADMMError
+from structadmm.pipeline.surgery import flat_outputs
 
 __all__ = ["ExportResult", "export_onnx", "load_onnx", "verify_onnx"]
 
@@ -81,7 +82,7 @@ def export_onnx(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _eval_mode(model):
-            n_outputs = len(_flatten_outputs(_run_torch(model, inputs)))
+            n_outputs = len(flat_outputs(_run_torch(model, inputs)))
             input_names = _names("input", len(inputs))
             output_names = _names("output", n_outputs)
             _export_raw(model, inputs, tmp, input_names, output_names, opset)
@@ -114,7 +115,7 @@ def verify_onnx(
     """
     inputs = _as_tuple(inputs)
     with _eval_mode(model):
-        expected = [t.detach().cpu().numpy() for t in _flatten_outputs(_run_torch(model, inputs))]
+        expected = [t.detach().cpu().numpy() for t in flat_outputs(_run_torch(model, inputs))]
     actual = _run_onnx(Path(path), inputs)
     batch = inputs[0].shape[0]
     if len(actual) != len(expected):
@@ -377,16 +378,6 @@ def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
     if any(t.dim() == 0 for t in items):
         raise StructADMMError("example inputs need a batch dimension (dim 0); got a scalar")
     return items
-
-
-def _flatten_outputs(outputs: object) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, (tuple, list)):
-        return [t for item in outputs for t in _flatten_outputs(item)]
-    raise StructADMMError(
-        f"model outputs must be tensors or tuples/lists of tensors, got {type(outputs).__name__}"
-    )
 
 
 # --- small utilities ----------------------------------------------------------------------

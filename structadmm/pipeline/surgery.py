@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ParityError
+from ..errors import ParityError, StructADMMError
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
 from .lowering import MIN_GAIN, lower_convs
 
@@ -205,8 +205,8 @@ def check_same_function(reference: nn.Module, candidate: nn.Module, example_inpu
     reference.eval(), candidate.eval()
     try:
         with torch.no_grad():
-            expected = _flat_outputs(reference(*inputs))
-            got = _flat_outputs(candidate(*inputs))
+            expected = flat_outputs(reference(*inputs))
+            got = flat_outputs(candidate(*inputs))
     finally:
         reference.train(modes[0]), candidate.train(modes[1])
     if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)):
@@ -219,9 +219,12 @@ def check_same_function(reference: nn.Module, candidate: nn.Module, example_inpu
     return diff
 
 
-def _flat_outputs(out: Any) -> list[torch.Tensor]:
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """A model's output tensors in order, from a tensor or nested tuples, lists and dicts."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
-    return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    raise StructADMMError(f"model outputs must be tensors or tuples/lists/dicts of tensors, got {type(out).__name__}")
