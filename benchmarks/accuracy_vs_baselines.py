@@ -134,9 +134,9 @@ def run_admm(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
     a = bench.args
     model = bench.model(state)
     plan = PruningPlan.uniform(model, bench.example, "filter", ratio)
-    admm = ADMM(model, plan, rho=a.rho, rho_growth=a.rho_growth, rho_max=a.rho_max)
+    admm = ADMM(model, plan, rho=a.rho, rho_growth=a.rho_growth, rho_max=a.rho_max, ramp_rounds=a.admm_ramp)
     # with --cache-dir, the model after the ADMM phase is kept too (to vary only the retraining)
-    key = (f"admm-s{seed}-r{ratio}-{a.admm_rounds}x{a.admm_epochs}-lr{a.admm_lr}-rho{a.rho}-{a.rho_growth}-{a.rho_max}"
+    key = (f"admm-s{seed}-r{ratio}-{a.admm_rounds}x{a.admm_epochs}-lr{a.admm_lr}-rho{a.rho}-{a.rho_growth}-{a.rho_max}{f'-ramp{a.admm_ramp}' if a.admm_ramp > 1 else ''}"
            f"-d{a.dense_epochs}-{a.lr}-wd{a.weight_decay}.pt")
     path = bench.cache / key if a.cache_dir else None
     if path is not None and path.exists():
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--admm-rounds", type=int, default=8)
     parser.add_argument("--admm-epochs", type=int, default=2, help="epochs of W-steps per Z/U round")
     parser.add_argument("--admm-lr", type=float, default=0.03)
+    parser.add_argument("--admm-ramp", type=int, default=0,
+                        help="progressive targets: the first N rounds' Z-steps approach the ratio in steps")
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--rho-growth", type=float, default=1.6)
     parser.add_argument("--rho-max", type=float, default=5.0)

@@ -7,12 +7,17 @@ Weights are random (seeded): latency and MACs do not depend on their values, and
 pretrained weights can be downloaded here. One-shot magnitude projection stands in for ADMM,
 which would choose different channels but the same counts. Dense and pruned are timed in one
 process, interleaved (medians); the speedup efficiency is speedup / MAC ratio.
+
+``--peer tp`` adds Torch-Pruning's MagnitudePruner (L1, same ratio in every layer, the output
+layer ignored; a benchmark-only dependency, ``pip install -e ".[bench]"``) on a copy of the
+same weights, exported, counted and timed in the same interleaved run as dense and ours.
 Writes benchmarks/results/zoo_<sparsity>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -29,26 +34,47 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def measure(name: str, sparsity: str, ratio: float, multiple: int, batches: list[int], threads: int, seconds: float,
-            runs: int) -> dict:
+            runs: int, peer: str | None = None) -> dict:
     spec = get_spec(name)
     torch.manual_seed(0)
     model = spec.build().eval()
     x = spec.example_input(2)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        dense, pruned = Path(tmp) / "dense.onnx", Path(tmp) / "pruned.onnx"
-        export_onnx(model, x, dense)
+        paths = {"dense": Path(tmp) / "dense.onnx", "pruned": Path(tmp) / "pruned.onnx"}
+        export_onnx(model, x, paths["dense"])
+        peer_model = copy.deepcopy(model) if peer else None
         PruningPlan.uniform(model, x, sparsity, ratio, multiple=multiple).project(model)
         small = compact(model, x)
-        parity = export_onnx(small, x, pruned).max_abs_diff
-        macs = count_onnx(dense).macs, count_onnx(pruned).macs
-        report = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=batches, threads=threads,
-                           min_seconds=seconds, min_runs=runs)
-    mac_ratio = macs[0] / macs[1]
-    rows = report.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio)
-    return {"model": name, "sparsity": sparsity, "ratio": ratio, "multiple": multiple, "dense_macs": macs[0], "pruned_macs": macs[1],
-            "mac_ratio": mac_ratio, "parity": parity, "seconds": time.perf_counter() - start,
-            "latency": [{k: row[k] for k in ("batch", "dense_ms", "pruned_ms", "speedup", "efficiency")} for row in rows]}
+        parity = export_onnx(small, x, paths["pruned"]).max_abs_diff
+        if peer_model is not None:
+            paths[peer] = Path(tmp) / f"{peer}.onnx"
+            export_onnx(torch_pruning_magnitude(peer_model, x, ratio), x, paths[peer])
+        macs = {key: count_onnx(path).macs for key, path in paths.items()}
+        report = benchmark(paths, batch_sizes=batches, threads=threads, min_seconds=seconds, min_runs=runs)
+    result = {"model": name, "sparsity": sparsity, "ratio": ratio, "multiple": multiple, "dense_macs": macs["dense"],
+              "pruned_macs": macs["pruned"], "mac_ratio": macs["dense"] / macs["pruned"], "parity": parity,
+              "seconds": time.perf_counter() - start, "latency": _latency(report, "pruned", macs)}
+    if peer_model is not None:
+        result["peer"] = {"name": peer, "macs": macs[peer], "mac_ratio": macs["dense"] / macs[peer],
+                          "latency": _latency(report, peer, macs)}
+    return result
+
+
+def _latency(report, name: str, macs: dict[str, int]) -> list[dict]:
+    rows = report.to_rows(dense="dense", pruned=name, mac_ratio=macs["dense"] / macs[name])
+    return [{k: row[k] for k in ("batch", "dense_ms", "pruned_ms", "speedup", "efficiency")} for row in rows]
+
+
+def torch_pruning_magnitude(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn.Module:
+    """Torch-Pruning's L1 magnitude pruner at one ratio in every layer, the output layer left whole."""
+    import torch_pruning as tp
+
+    output_layer = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    pruner = tp.pruner.MagnitudePruner(model, x[:1], importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=output_layer)
+    pruner.step()
+    return model.eval()
 
 
 def main() -> None:
@@ -62,13 +88,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--peer", choices=("tp",), default=None,
+                        help="also time Torch-Pruning's magnitude pruner at the same ratio, in the same run")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for sparsity in args.sparsity:
         results = []
         for name in args.models:
-            results.append(measure(name, sparsity, args.ratio, args.multiple, args.batches, args.threads, args.seconds, args.runs))
+            results.append(measure(name, sparsity, args.ratio, args.multiple, args.batches, args.threads, args.seconds, args.runs,
+                                   args.peer))
             print(json.dumps(results[-1]), flush=True)
         stem = f"zoo_{sparsity}{args.tag}"
         (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -76,12 +105,16 @@ def main() -> None:
 
 
 def _table(results: list[dict], batches: list[int]) -> str:
-    head = "| model | MAC ratio | parity | " + " | ".join(f"speedup b={b} | eff b={b}" for b in batches) + " |"
+    head = "| model | pruner | MAC ratio | " + " | ".join(f"speedup b={b} | eff b={b}" for b in batches) + " |"
     lines = [head, "|---" * (3 + 2 * len(batches)) + "|"]
     for r in results:
-        lat = {row["batch"]: row for row in r["latency"]}
-        cells = " | ".join(f"{lat[b]['speedup']:.2f}x | {lat[b]['efficiency']:.2f}" for b in batches)
-        lines.append(f"| {r['model']} | {r['mac_ratio']:.2f}x | {r['parity']:.1e} | {cells} |")
+        rows = [("structadmm", r["mac_ratio"], r["latency"])]
+        if "peer" in r:
+            rows.append(({"tp": "Torch-Pruning"}[r["peer"]["name"]], r["peer"]["mac_ratio"], r["peer"]["latency"]))
+        for pruner, mac_ratio, latency in rows:
+            lat = {row["batch"]: row for row in latency}
+            cells = " | ".join(f"{lat[b]['speedup']:.2f}x | {lat[b]['efficiency']:.2f}" for b in batches)
+            lines.append(f"| {r['model']} | {pruner} | {mac_ratio:.2f}x | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -140,13 +140,23 @@ def bench(
     batch: list[int] = typer.Option([1, 64], "--batch", "-b", help="Batch size (repeatable)."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     min_seconds: float = typer.Option(3.0, "--min-seconds", help="Minimum timing time per batch size."),
+    min_runs: int = typer.Option(30, "--min-runs", help="Minimum timed runs per model and batch size."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed runs per model before timing."),
+    provider: Optional[list[str]] = typer.Option(
+        None, "--provider", "-p",
+        help="Execution provider (repeatable), e.g. CPUExecutionProvider; default: CPU, CUDA and TensorRT where usable."),
+    opt_level: str = typer.Option("all", "--opt-level", help="Graph optimisation: disable, basic, extended or all."),
+    spinning: str = typer.Option("run", "--spinning",
+                                 help="Pool threads spin: run (within a run, the default), off, or on (ORT's default)."),
     debug: bool = DebugOpt,
 ) -> None:
     """Benchmark two ONNX files with ONNX Runtime, interleaved, and print the speedup."""
     from .bench import benchmark
     from .exporters import count_onnx
 
-    report = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=batch, threads=threads, min_seconds=min_seconds)
+    report = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=batch, threads=threads, min_seconds=min_seconds,
+                       min_runs=min_runs, max_runs=max(10_000, min_runs), warmup=warmup, providers=provider,
+                       optimization=opt_level, spinning=spinning)
     dense_cost, pruned_cost = count_onnx(dense), count_onnx(pruned)
     mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
     table = Table(title=f"{dense.name} vs {pruned.name}: {mac_ratio:.2f}x fewer MACs")

@@ -102,3 +102,37 @@ def test_mask_guard_remove_releases_the_hooks() -> None:
         net[0].weight.fill_(1.0)
     net(x)
     assert torch.all(net[0].weight == 1.0)
+
+
+def _kept_filters(admm: ADMM, name: str) -> int:
+    return int((admm.Z[name].flatten(1).abs().sum(1) > 0).sum())
+
+
+def test_progressive_targets_step_to_the_ratio_and_the_hard_prune_uses_it() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                        nn.Flatten(), nn.LazyLinear(10))
+    x = torch.randn(2, 1, 8, 8)
+    net(x)
+    plan = PruningPlan.uniform(net, x, "filter", 0.9375)
+    admm = ADMM(net, plan, ramp_rounds=4)
+    kept = [_kept_filters(admm, "0.weight")]
+    for _ in range(5):
+        admm.update()
+        kept.append(_kept_filters(admm, "0.weight"))
+    assert kept == [16, 8, 4, 2, 2, 2]  # keep 1/2, 1/4, 1/8, then the plan's 1/16 of 32
+    assert _kept_filters(admm, "2.weight") == 4
+    masks = admm.hard_prune()
+    assert int(masks["0.weight"].flatten(1)[:, 0].sum()) == 2
+    # without a ramp the first target is the plan itself
+    assert _kept_filters(ADMM(net, plan), "0.weight") == 2
+
+
+def test_a_plan_on_the_way_keeps_a_power_of_what_the_plan_keeps() -> None:
+    net = small_net()
+    plan = PruningPlan.uniform(net, torch.randn(2, 1, 16, 16), "filter", 0.75)
+    half = plan.on_the_way(0.5)
+    assert [u.ratio for u in half.units] == pytest.approx([0.5] * len(plan.units))
+    assert plan.on_the_way(1.0) is plan and [u.ratio for u in plan.units] == [0.75] * len(plan.units)
+    with pytest.raises(ValueError):
+        plan.on_the_way(0.0)

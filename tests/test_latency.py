@@ -187,8 +187,28 @@ def test_fixed_batch_model_at_another_batch_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"baseline": "nope"}, {"batch_sizes": (0,)}, {"threads": 0}, {"min_runs": 0},
-     {"min_runs": 10, "max_runs": 5}],
+     {"min_runs": 10, "max_runs": 5}, {"warmup": -1}, {"optimization": "max"}, {"spinning": "sometimes"},
+     {"providers": ["NoSuchExecutionProvider"]}],
 )
 def test_bad_arguments(pair: dict[str, Path], kwargs: dict[str, object]) -> None:
     with pytest.raises(StructADMMError):
         benchmark(pair, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("spinning", "allow", "stop"), [("run", "", "1"), ("off", "0", ""), ("on", "", "")])
+def test_session_settings_reach_onnx_runtime(spinning: str, allow: str, stop: str) -> None:
+    options = latency.SessionSettings(threads=3, optimization="basic", spinning=spinning).options()
+    assert options.intra_op_num_threads == 3
+    assert options.graph_optimization_level == latency.ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    for key, value in (("session.intra_op.allow_spinning", allow), ("session.force_spinning_stop", stop)):
+        if value:
+            assert options.get_session_config_entry(key) == value
+        else:  # unset: ORT's default (spinning allowed, not stopped)
+            with pytest.raises(RuntimeError):
+                options.get_session_config_entry(key)
+
+
+def test_every_optimisation_level_gives_the_same_outputs_timed(pair: dict[str, Path]) -> None:
+    for level in latency.OPTIMIZATION_LEVELS:
+        result = benchmark(pair, batch_sizes=(2,), optimization=level, spinning="off", **FAST)
+        assert {e.name for e in result.entries} == {"dense", "pruned"}

@@ -78,6 +78,9 @@ def test_cli_run_prints_the_table_and_leaves_the_folder(tmp_path: Path) -> None:
     (["run", "--sparsity", "rows"], "unknown sparsity type 'rows'"),
     (["run", "--config", "/nonexistent/cfg.toml"], "cannot read config file"),
     (["bench", "/nonexistent/a.onnx", "/nonexistent/b.onnx"], "a.onnx"),
+    (["bench", "/nonexistent/a.onnx", "/nonexistent/b.onnx", "--opt-level", "max"], "graph optimisation level"),
+    (["bench", "/nonexistent/a.onnx", "/nonexistent/b.onnx", "--spinning", "no"], "spinning must be one of"),
+    (["bench", "/nonexistent/a.onnx", "/nonexistent/b.onnx", "-p", "GPU"], "unknown execution provider 'GPU'"),
     (["inspect", "--model", "nope"], "unknown model 'nope'"),
 ])
 def test_bad_input_gets_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """ONNX Runtime latency benchmark: dense vs pruned, interleaved in one process.
 
 This module owns how latency is measured (SPEC §6): one session per model and execution
-provider (graph optimisation ALL, fixed thread count, sequential execution), the same seeded
+provider (graph optimisation ALL by default, fixed thread count, sequential execution), the same seeded
 random input for every model, a warm-up, then timed runs interleaved round by round with the
 order reversed every round, so slow drift (thermal, frequency scaling, other load) and
 "who ran last" cache effects fall on every model alike. It reports median, p90, min and IQR per
@@ -11,6 +11,14 @@ CPU is always measured; CUDA and TensorRT when ONNX Runtime offers them (on thos
 outputs stay on the device through IOBinding so host↔device copies are not timed). A provider
 that cannot be used is listed in ``LatencyReport.skipped`` with the reason, never silently
 replaced by another.
+
+Thread spinning (``spinning``): ORT's pool threads normally busy-wait for work, which makes
+handing a kernel to a worker cheap but lets the threads of a session that just finished keep
+the cores busy while the next model in the round is timed. The default ``"run"`` spins inside
+a run and stops the spinning at its end (``session.force_spinning_stop``): every model gets
+cheap dispatch and none steals from the next. ``"off"`` never spins (each kernel then pays a
+thread wake-up, ~30 µs on the 2-core reference machine, which dominates small layers at
+batch 1); ``"on"`` is ORT's default, for timing one model alone.
 """
 
 from __future__ import annotations
@@ -26,12 +34,19 @@ import onnxruntime as ort
 from structadmm.errors import StructADMMError
 from structadmm.exporters.onnx_export import _one_line, load_onnx
 
-__all__ = ["LatencyEntry", "LatencyReport", "benchmark", "round_order", "time_interleaved"]
+__all__ = ["LatencyEntry", "LatencyReport", "SessionSettings", "benchmark", "round_order", "time_interleaved"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 _GPU_PROVIDERS = (CUDA, TENSORRT)
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+SPINNING = ("run", "off", "on")
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -123,23 +138,27 @@ def benchmark(
     max_runs: int = 10_000,
     seed: int = 0,
     baseline: str | None = None,
+    optimization: str = "all",
+    spinning: str = "run",
 ) -> LatencyReport:
     """Measure every model at every batch size on every usable provider.
 
     ``models`` maps display names to ONNX files that take the same inputs with a dynamic (or
     matching) batch axis; the first model, or ``baseline``, is the reference for speedups.
     Timing stops once ``min_runs`` rounds and ``min_seconds`` have both passed, or at
-    ``max_runs`` rounds.
+    ``max_runs`` rounds. ``optimization`` is ORT's graph optimisation level (one of
+    :data:`OPTIMIZATION_LEVELS`); ``spinning`` is explained in the module docstring.
     """
     paths = {name: Path(path) for name, path in models.items()}
-    baseline = _check_arguments(paths, baseline, batch_sizes, threads, min_runs, max_runs)
+    settings = SessionSettings(threads, optimization, spinning)
+    baseline = _check_arguments(paths, baseline, batch_sizes, warmup, min_runs, max_runs)
+    runnable, skipped = _select_providers(providers)
     for path in paths.values():
         load_onnx(path)  # a clear error for a missing or corrupt file before anything is timed
     names = [baseline, *(name for name in paths if name != baseline)]
-    runnable, skipped = _select_providers(providers)
     report = LatencyReport(baseline=baseline, skipped=skipped)
     for provider in runnable:
-        sessions, reason = _open_sessions(paths, provider, threads)
+        sessions, reason = _open_sessions(paths, provider, settings)
         if sessions is None:
             report.skipped.append((provider, reason))
             continue
@@ -197,7 +216,7 @@ def _check_arguments(
     paths: Mapping[str, Path],
     baseline: str | None,
     batch_sizes: Sequence[int],
-    threads: int,
+    warmup: int,
     min_runs: int,
     max_runs: int,
 ) -> str:
@@ -208,14 +227,18 @@ def _check_arguments(
         raise StructADMMError(f"baseline {baseline!r} is not one of the models {list(paths)}")
     if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
         raise StructADMMError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if threads < 1:
-        raise StructADMMError(f"threads must be at least 1, got {threads}")
+    if warmup < 0:
+        raise StructADMMError(f"warmup must be >= 0 runs, got {warmup}")
     if not 1 <= min_runs <= max_runs:
         raise StructADMMError(f"need 1 <= min_runs <= max_runs, got {min_runs} and {max_runs}")
     return baseline if baseline is not None else next(iter(paths))
 
 
 def _select_providers(requested: Sequence[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+    unknown = [p for p in requested or () if p not in ort.get_all_providers()]
+    if unknown:
+        raise StructADMMError(f"unknown execution provider {unknown[0]!r}; ONNX Runtime knows "
+                              f"{', '.join(ort.get_all_providers()[:6])}, ...")
     available = set(ort.get_available_providers())
     wanted = [CPU, *_GPU_PROVIDERS] if requested is None else list(dict.fromkeys(requested))
     runnable = [p for p in wanted if p in available]
@@ -229,7 +252,7 @@ def _unavailable_reason(provider: str) -> str:
 
 
 def _open_sessions(
-    paths: Mapping[str, Path], provider: str, threads: int
+    paths: Mapping[str, Path], provider: str, settings: "SessionSettings"
 ) -> tuple[dict[str, ort.InferenceSession] | None, str]:
     """Sessions for every model on ``provider``, or (None, reason) when the provider is unusable.
 
@@ -239,7 +262,7 @@ def _open_sessions(
     for name, path in paths.items():
         try:
             session = ort.InferenceSession(
-                str(path), _session_options(threads), providers=_provider_chain(provider)
+                str(path), settings.options(), providers=_provider_chain(provider)
             )
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
             if provider != CPU:
@@ -255,17 +278,36 @@ def _open_sessions(
     return sessions, ""
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: fallback warnings are reported as skips
-    # Spinning pool threads of the idle session steal cores from the one being timed: measured
-    # on 2 cores, interleaved medians rose up to 1.5x and the IQR 70x with spinning on.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+@dataclass(frozen=True)
+class SessionSettings:
+    """How every timed (and profiled) ONNX Runtime session is configured."""
+
+    threads: int = 2
+    optimization: str = "all"
+    spinning: str = "run"
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise StructADMMError(f"threads must be at least 1, got {self.threads}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise StructADMMError(
+                f"graph optimisation level must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {self.optimization!r}"
+            )
+        if self.spinning not in SPINNING:
+            raise StructADMMError(f"spinning must be one of {', '.join(SPINNING)}, got {self.spinning!r}")
+
+    def options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: fallback warnings are reported as skips
+        if self.spinning == "off":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif self.spinning == "run":
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options
 
 
 def _provider_chain(provider: str) -> list[str]:

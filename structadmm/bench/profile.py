@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from structadmm.bench.latency import _session_options
+from structadmm.bench.latency import SessionSettings
 from structadmm.exporters.counting import count_onnx
 from structadmm.exporters.onnx_export import load_onnx
 
@@ -44,7 +44,7 @@ def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int 
     """Mean milliseconds per run of every node, from ONNX Runtime's profiler."""
     load_onnx(path)
     with tempfile.TemporaryDirectory() as tmp:
-        options = _session_options(threads)
+        options = SessionSettings(threads).options()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

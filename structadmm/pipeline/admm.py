@@ -11,6 +11,12 @@ Pruning is posed as ``min loss(W)  s.t.  W_i in S_i`` and split with an auxiliar
 so the regulariser starts gentle and ends strong enough to pull W onto the sparse set; the
 primal residual ||W - Z|| / ||W|| it returns must fall toward zero. :meth:`ADMM.hard_prune`
 then projects W itself and returns the masks for masked retraining.
+
+Progressive targets (``ramp_rounds`` = R > 1): the Z-steps of the first R rounds project onto
+a plan part of the way to its ratios (:meth:`PruningPlan.on_the_way`, round r keeping
+``(1 - ratio) ** (r / R)`` of each group), so at high ratios W is pulled onto the final set
+in steps (0.9375: keep 1/2, 1/4, 1/8, then 1/16) instead of at once. The hard prune always
+uses the plan itself.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ class ADMM:
     """ADMM state (Z, U, rho) for the parameters a plan constrains."""
 
     def __init__(self, model: nn.Module, plan: PruningPlan, *, rho: float = 0.05,
-                 rho_growth: float = 1.6, rho_max: float = 5.0):
+                 rho_growth: float = 1.6, rho_max: float = 5.0, ramp_rounds: int = 0):
         if not (rho > 0 and rho_growth >= 1 and rho_max >= rho):
             raise ValueError("need rho > 0, rho_growth >= 1 and rho_max >= rho")
+        if ramp_rounds < 0:
+            raise ValueError(f"ramp_rounds must be >= 0, got {ramp_rounds}")
         self.plan = plan
+        self.ramp_rounds = ramp_rounds
         named = dict(model.named_parameters())
         self.params = {name: named[name] for name in plan.param_names()}
         self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
@@ -49,8 +58,14 @@ class ADMM:
             self.U = {n: torch.zeros_like(p) for n, p in self.params.items()}
             self.Z = self._project({n: p.detach().clone() for n, p in self.params.items()})
 
+    def target(self) -> PruningPlan:
+        """The plan Z is projected onto for W-step round ``self.round + 1`` (the plan itself after the ramp)."""
+        if self.ramp_rounds <= 1 or self.round + 1 >= self.ramp_rounds:
+            return self.plan
+        return self.plan.on_the_way((self.round + 1) / self.ramp_rounds)
+
     def _project(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        masks = self.plan.masks_for(values)
+        masks = self.target().masks_for(values)
         return {n: v * masks[n].to(v.device, v.dtype) for n, v in values.items()}
 
     def _follow_device(self) -> None:
@@ -70,6 +85,7 @@ class ADMM:
     def update(self) -> AdmmRound:
         """One Z/U round; returns the residuals and grows rho for the next round."""
         self._follow_device()
+        self.round += 1  # the Z-step below sets the target of round ``self.round + 1``'s W-steps
         z_prev = self.Z
         self.Z = self._project({n: p.detach() + self.U[n] for n, p in self.params.items()})
         w_norm = _norm(p.detach() for p in self.params.values()).clamp_min(1e-12)
@@ -77,7 +93,6 @@ class ADMM:
         dual = self.rho * _norm(self.Z[n] - z_prev[n] for n in self.params) / w_norm
         for n, p in self.params.items():
             self.U[n] += p.detach() - self.Z[n]
-        self.round += 1
         record = AdmmRound(self.round, self.rho, float(primal), float(dual))
         self.history.append(record)
         rho_next = min(self.rho * self.rho_growth, self.rho_max)

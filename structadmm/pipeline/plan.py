@@ -18,6 +18,7 @@ by the layer that produces the channels, ``channel`` by a layer that reads them.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,20 @@ class PruningPlan:
             for name, mask in masks.items():
                 params[name].mul_(mask.to(params[name].dtype))
         return masks
+
+    def on_the_way(self, progress: float) -> "PruningPlan":
+        """The same plan a fraction of the way to its ratios, for progressive pruning.
+
+        Every unit keeps ``(1 - ratio) ** progress`` of its groups: at ``progress`` 1 that is
+        the plan itself, and equal steps in ``progress`` remove equal *fractions* of what is
+        left (0.9375 in four steps: keep 1/2, 1/4, 1/8, 1/16).
+        """
+        if not 0 < progress <= 1:
+            raise ValueError(f"progress must be in (0, 1], got {progress}")
+        if progress == 1:
+            return self
+        units = [dataclasses.replace(u, ratio=1 - (1 - u.ratio) ** progress) for u in self.units]
+        return PruningPlan(self.graph, units, self.skipped)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per unit: name, sparsity, ratio and group size (channels) or weights."""
