@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peers import torch_pruning_magnitude
 from torch import nn
 
 from structadmm import ADMM, PruningPlan, apply_masks, compact, count_onnx, export_onnx
@@ -166,14 +167,7 @@ def run_oneshot(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
 
 
 def run_tp(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
-    import torch_pruning as tp
-
-    model = bench.model(state)
-    pruner = tp.pruner.MagnitudePruner(
-        model, bench.example[:1], importance=tp.importance.MagnitudeImportance(p=bench.args.tp_norm),
-        pruning_ratio=ratio, ignored_layers=[model.classifier[3]],  # the 10-way output layer
-    )
-    pruner.step()
+    model = torch_pruning_magnitude(bench.model(state), bench.example, ratio, norm=bench.args.tp_norm)
     pruned_acc = evaluate(model, bench.test)
     torch.manual_seed(seed)
     train_epochs(model, bench.loader(seed), bench.total_epochs(), lr=bench.args.finetune_lr, **bench.fit)

@@ -8,7 +8,7 @@ and fits every matrix layer's time as ``t = a + b * MACs`` by least squares, per
 kind of layer (depthwise or not). ``a`` is what a kernel costs whatever its size (thread
 hand-off, the NCHWc reorders, reading its weights); pruning cannot remove it, so a model whose
 pruned layers are mostly ``a`` cannot reach speedup = MAC ratio. Prints the fit and the share
-of the pruned model's time that is fixed cost; writes benchmarks/results/layer_overhead_<model>.json.
+of the pruned model's time that is fixed cost; writes benchmarks/results/layer_overhead_<model>_<spinning>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from structadmm.bench.latency import SPINNING
 from structadmm.bench.profile import layer_table
 from structadmm.exporters import export_onnx, load_onnx
 from structadmm.models import get_spec
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--spinning", choices=SPINNING, default="run", help="ORT pool threads (see structadmm.bench.latency)")
     args = parser.parse_args()
     spec = get_spec(args.model)
     torch.manual_seed(0)
@@ -54,10 +56,11 @@ def main() -> None:
         export_onnx(model, x, dense)
         PruningPlan.uniform(model, x, "filter", args.ratio, multiple=args.multiple).project(model)
         export_onnx(compact(model, x), x, pruned)
-        table = layer_table(dense, pruned, batch=args.batch, threads=args.threads, runs=args.runs)
+        table = layer_table(dense, pruned, batch=args.batch, threads=args.threads, runs=args.runs, spinning=args.spinning)
         grouped = {node.name for node in load_onnx(dense).graph.node
                    if any(a.name == "group" and a.i > 1 for a in node.attribute)}
-    result = {"model": args.model, "ratio": args.ratio, "batch": args.batch, "threads": args.threads, "fits": {}}
+    result = {"model": args.model, "ratio": args.ratio, "batch": args.batch, "threads": args.threads,
+              "spinning": args.spinning, "fits": {}}
     for model_key, macs_of, ms_of in (("dense", lambda r: r.dense_macs, lambda r: r.dense_ms),
                                       ("pruned", lambda r: r.pruned_macs, lambda r: r.pruned_ms)):
         rows = [r for r in table if macs_of(r)]
@@ -80,7 +83,7 @@ def main() -> None:
           f"with no fixed cost the pruned layers would take {ideal:.3f} ms")
     result["mac_ratio"] = macs[0] / macs[1]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"layer_overhead_{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"layer_overhead_{args.model}_{args.spinning}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+from peers import torch_pruning_magnitude
 
 from structadmm.bench import benchmark
+from structadmm.bench.latency import SPINNING
 from structadmm.exporters import count_onnx, export_onnx
 from structadmm.models import get_spec, model_names
 from structadmm.pipeline import PruningPlan, compact
@@ -34,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def measure(name: str, sparsity: str, ratio: float, multiple: int, batches: list[int], threads: int, seconds: float,
-            runs: int, peer: str | None = None) -> dict:
+            runs: int, peer: str | None = None, spinning: str = "run") -> dict:
     spec = get_spec(name)
     torch.manual_seed(0)
     model = spec.build().eval()
@@ -49,10 +51,12 @@ def measure(name: str, sparsity: str, ratio: float, multiple: int, batches: list
         parity = export_onnx(small, x, paths["pruned"]).max_abs_diff
         if peer_model is not None:
             paths[peer] = Path(tmp) / f"{peer}.onnx"
-            export_onnx(torch_pruning_magnitude(peer_model, x, ratio), x, paths[peer])
+            export_onnx(torch_pruning_magnitude(peer_model, x, ratio).eval(), x, paths[peer])
         macs = {key: count_onnx(path).macs for key, path in paths.items()}
-        report = benchmark(paths, batch_sizes=batches, threads=threads, min_seconds=seconds, min_runs=runs)
-    result = {"model": name, "sparsity": sparsity, "ratio": ratio, "multiple": multiple, "dense_macs": macs["dense"],
+        report = benchmark(paths, batch_sizes=batches, threads=threads, min_seconds=seconds, min_runs=runs,
+                           spinning=spinning)
+    result = {"model": name, "sparsity": sparsity, "ratio": ratio, "multiple": multiple, "spinning": spinning,
+              "dense_macs": macs["dense"],
               "pruned_macs": macs["pruned"], "mac_ratio": macs["dense"] / macs["pruned"], "parity": parity,
               "seconds": time.perf_counter() - start, "latency": _latency(report, "pruned", macs)}
     if peer_model is not None:
@@ -64,17 +68,6 @@ def measure(name: str, sparsity: str, ratio: float, multiple: int, batches: list
 def _latency(report, name: str, macs: dict[str, int]) -> list[dict]:
     rows = report.to_rows(dense="dense", pruned=name, mac_ratio=macs["dense"] / macs[name])
     return [{k: row[k] for k in ("batch", "dense_ms", "pruned_ms", "speedup", "efficiency")} for row in rows]
-
-
-def torch_pruning_magnitude(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn.Module:
-    """Torch-Pruning's L1 magnitude pruner at one ratio in every layer, the output layer left whole."""
-    import torch_pruning as tp
-
-    output_layer = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
-    pruner = tp.pruner.MagnitudePruner(model, x[:1], importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=ratio, ignored_layers=output_layer)
-    pruner.step()
-    return model.eval()
 
 
 def main() -> None:
@@ -90,15 +83,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--peer", choices=("tp",), default=None,
                         help="also time Torch-Pruning's magnitude pruner at the same ratio, in the same run")
+    parser.add_argument("--spinning", choices=SPINNING, default="run", help="ORT pool threads (see structadmm.bench.latency)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every model this many times in this process (the first can differ: see README)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     for sparsity in args.sparsity:
         results = []
         for name in args.models:
-            results.append(measure(name, sparsity, args.ratio, args.multiple, args.batches, args.threads, args.seconds, args.runs,
-                                   args.peer))
-            print(json.dumps(results[-1]), flush=True)
+            for repeat in range(args.repeats):
+                results.append(measure(name, sparsity, args.ratio, args.multiple, args.batches, args.threads, args.seconds,
+                                       args.runs, args.peer, args.spinning) | {"repeat": repeat})
+                print(json.dumps(results[-1]), flush=True)
         stem = f"zoo_{sparsity}{args.tag}"
         (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
         (RESULTS / f"{stem}.md").write_text(_table(results, args.batches))
@@ -114,7 +111,8 @@ def _table(results: list[dict], batches: list[int]) -> str:
         for pruner, mac_ratio, latency in rows:
             lat = {row["batch"]: row for row in latency}
             cells = " | ".join(f"{lat[b]['speedup']:.2f}x | {lat[b]['efficiency']:.2f}" for b in batches)
-            lines.append(f"| {r['model']} | {pruner} | {mac_ratio:.2f}x | {cells} |")
+            name = r["model"] + (f" (#{r['repeat'] + 1})" if r.get("repeat") else "")
+            lines.append(f"| {name} | {pruner} | {mac_ratio:.2f}x | {cells} |")
     return "\n".join(lines) + "\n"
 
 

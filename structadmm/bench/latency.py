@@ -17,7 +17,7 @@ handing a kernel to a worker cheap but lets the threads of a session that just f
 the cores busy while the next model in the round is timed. The default ``"run"`` spins inside
 a run and stops the spinning at its end (``session.force_spinning_stop``): every model gets
 cheap dispatch and none steals from the next. ``"off"`` never spins (each kernel then pays a
-thread wake-up, ~30 µs on the 2-core reference machine, which dominates small layers at
+thread wake-up, 17–37 µs on the 2-core reference machine, which dominates small layers at
 batch 1); ``"on"`` is ORT's default, for timing one model alone.
 """
 

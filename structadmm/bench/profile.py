@@ -40,11 +40,12 @@ class LayerRow:
     pruned_ms: float | None
 
 
-def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0) -> dict[str, float]:
+def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0,
+               spinning: str = "run") -> dict[str, float]:
     """Mean milliseconds per run of every node, from ONNX Runtime's profiler."""
     load_onnx(path)
     with tempfile.TemporaryDirectory() as tmp:
-        options = SessionSettings(threads).options()
+        options = SessionSettings(threads, spinning=spinning).options()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -97,14 +98,14 @@ def _out_channels(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def layer_table(dense: str | Path, pruned: str | Path, *, batch: int = 8, threads: int = 2,
-                runs: int = 20) -> list[LayerRow]:
+                runs: int = 20, spinning: str = "run") -> list[LayerRow]:
     """Per matrix layer: channels, MACs and measured time in the dense and the pruned model."""
     costs = {}
     times = {}
     channels = {}
     for key, path in (("dense", dense), ("pruned", pruned)):
         costs[key] = {layer.name: layer for layer in count_onnx(path).layers if layer.op_type in _MATRIX_OPS}
-        times[key] = node_times(path, batch=batch, threads=threads, runs=runs)
+        times[key] = node_times(path, batch=batch, threads=threads, runs=runs, spinning=spinning)
         channels[key] = _out_channels(load_onnx(path))
     rows = []
     for name, layer in costs["dense"].items():
