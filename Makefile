@@ -4,15 +4,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The pinned CPU torch first: an open torch range with no torch installed pulls a CUDA build.
-TORCH ?= torch==2.13.0
+# The pinned torch first, with the torchvision built against it (timm, onnx2torch and the
+# test zoos need torchvision; its wheels load only beside the torch release they were built for).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" || $(PY) -m pip install --quiet "torch>=2.4"
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
