@@ -37,9 +37,9 @@ def test_arch_compacts_exactly_and_exports(name: str, ratio: float, tmp_path) ->
 
 
 EXPECTED_LEFT_ALONE = {
-    "convnext": ("block.pwconv2", "LayerNorm 'block.norm' normalising over the channel axis"),
+    "convnext": ("block.pwconv2", "layer norm over the channel axis in 'block.norm'"),
     "spatial-attention": ("conv1.0", "'mean' over the channel axis"),
-    "hard-coded-view": ("conv2.0", "'view' with a hard-coded channel count"),
+    "hard-coded-view": ("conv2.0", "'view' at node 'view' gives these channels a fixed count"),
 }
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import StructADMMError
 from .config import read_toml
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
+from .surgery import freeze_fixed_sizes
 from .sparsity import (
     PROJECTION_ORDER,
     Sparsity,
@@ -183,7 +184,9 @@ class PruningPlan:
         a pattern, a longer pattern beats a shorter one) decides a layer's setting.
         """
         graph = trace(model, example_inputs)
-        weighted = {name for name, m in graph.modules.items() if isinstance(m, _WEIGHTED)}
+        freeze_fixed_sizes(model, example_inputs, graph)
+        weighted = {name for name, m in graph.modules.items() if isinstance(m, _WEIGHTED)} | {
+            s.module for s in graph.slices if s.tensor == "weight" and s.role in ("in", "out")}
         rules = _parse_rules(layers)
         for pattern in rules:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in weighted):

@@ -104,22 +104,27 @@ def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, 
     """One pass of channel removal, in place on ``small``."""
     graph = trace(small, example_inputs)
     keep: dict[int, torch.Tensor] = {}
-    cuts: list[GroupCut] = []
     for group in graph.prunable_groups():
         dead = removable_channels(graph, group)
         if dead.any():
             keep[group.id] = ~dead
-            cuts.append(GroupCut(group.name, group.size, int((~dead).sum())))
+    fixed = _fixed_size_groups(small, example_inputs, graph, [graph.groups[g] for g in keep])
+    keep = {gid: k for gid, k in keep.items() if gid not in fixed}
     plans = _selections(graph, keep)
     while plans is None:  # a grouped conv's blocks would keep unequal columns: leave one group whole
         unbalanced = _unbalanced_groups(graph, keep)
         keep = {gid: k for gid, k in keep.items() if gid not in unbalanced}
-        cuts = [c for c in cuts if c.group not in {graph.groups[g].name for g in unbalanced}]
         plans = _selections(graph, keep)
+    _cut(graph.modules, plans)
+    return small, [GroupCut(graph.groups[g].name, graph.groups[g].size, int(k.sum())) for g, k in keep.items()]
+
+
+def _cut(modules: dict[str, nn.Module], plans: dict[tuple[str, str], list]) -> None:
+    """Apply the position selections of :func:`_selections` to ``modules``' tensors, in place."""
     resized: dict[str, nn.Module] = {}
     with torch.no_grad():
         for (module_name, tensor_name), selections in plans.items():
-            module = graph.modules[module_name]
+            module = modules[module_name]
             tensor = getattr(module, tensor_name)
             new = tensor.detach()
             for s, keep_pos in sorted(selections, key=lambda sel: sel[0].role == "in"):
@@ -132,7 +137,69 @@ def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, 
             resized[module_name] = module
     for module in resized.values():
         _fix_sizes(module)
-    return small, cuts
+
+
+def freeze_fixed_sizes(model: nn.Module, example_inputs: Any, graph: ChannelGraph) -> None:
+    """Freeze the groups whose channel count the model's code writes down as a number.
+
+    An exported graph states every size as a number, so whether ``x.view(b, 64, -1)`` came
+    from ``x.size(1)`` or from a literal 64 cannot be read from it. For each prunable group
+    that reaches such an op, a copy of ``model`` loses one of the group's channels and runs:
+    if it fails or its outputs change shape, the group is frozen with the reason.
+    """
+    for gid in _fixed_size_groups(model, example_inputs, graph, graph.prunable_groups()):
+        group = graph.groups[gid]
+        group.frozen = f"{graph.sized[gid]} gives these channels a fixed count (hard-coded in forward())"
+        graph.notes.append(f"{group.frozen}: channels of {group.name} are not pruned")
+
+
+def _fixed_size_groups(model: nn.Module, example_inputs: Any, graph: ChannelGraph,
+                       groups: list[ChannelGroup]) -> set[int]:
+    probed = [g for g in groups if g.id in graph.sized]
+    if not probed:
+        return set()
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    reference = [tuple(t.shape) for t in _eval_outputs(model, inputs)]
+    fixed = set()
+    for group in probed:
+        keep = {group.id: _one_fewer(graph, group)}
+        plans = None if keep[group.id] is None else _selections(graph, keep)
+        if plans is None:
+            continue
+        trial = copy.deepcopy(model)
+        _cut(dict(trial.named_modules()), plans)
+        try:
+            shapes = [tuple(t.shape) for t in _eval_outputs(trial, inputs)]
+        except Exception:
+            shapes = None
+        if shapes != reference:
+            fixed.add(group.id)
+    return fixed
+
+
+def _one_fewer(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor | None:
+    """A keep mask for ``group`` with one channel fewer (one per block where blocks must match)."""
+    keep = torch.ones(group.size, dtype=torch.bool)
+    constraints = graph.blocks_in(group)
+    for blocks in constraints:
+        for b in blocks:
+            keep[b[-1]] = False
+    if not constraints:
+        keep[-1] = False
+    if any(not keep[b].any() for b in graph.producer_blocks(group)):
+        return None
+    return keep
+
+
+def _eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return flat_outputs(model(*inputs))
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _positions_kept(graph: ChannelGraph, s: Slice, keep: dict[int, torch.Tensor]) -> torch.Tensor:
