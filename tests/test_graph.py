@@ -104,3 +104,74 @@ def test_every_test_net_has_prunable_groups(name: str) -> None:
     graph = trace(build(), torch.randn(shape))
     assert graph.prunable_groups()
     assert not graph.notes, graph.notes
+
+
+def test_padding_the_channel_axis_freezes_what_it_pads() -> None:
+    class ChannelPad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(10, 6, 3), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            y = nn.functional.pad(torch.relu(self.a(x)), (0, 0, 0, 0, 1, 1))  # two zero channels
+            return self.c(torch.relu(self.b(y)))
+
+    plan = PruningPlan.uniform(ChannelPad(), torch.randn(1, 3, 10, 10), "filter", 0.5)
+    assert [u.name for u in plan.units] == ["b"]
+    assert any(layer.startswith("a") and "padding of the channel axis" in why for layer, why in plan.skipped)
+
+
+def test_functional_batch_norm_in_a_custom_module_is_pruned() -> None:
+    class BatchNormAct(nn.BatchNorm2d):  # the timm pattern: F.batch_norm on the module's own tensors
+        def forward(self, x):
+            y = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                         self.training, self.momentum, self.eps)
+            return nn.functional.silu(y)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct(8), nn.Conv2d(8, 4, 3))
+    graph = trace(model, torch.randn(1, 3, 8, 8))
+    group = next(g for g in graph.groups if g.name == "0")
+    assert group.prunable
+    assert {("1", t, "through") for t in ("weight", "bias", "running_mean", "running_var")} <= members(graph, group)
+
+
+def test_a_layer_used_twice_ties_its_uses_and_compacts_exactly() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = torch.relu(self.b(y))
+            return self.head(torch.relu(self.b(y)))
+
+    torch.manual_seed(0)
+    model, x = Shared(), torch.randn(2, 3, 8, 8)
+    plan = PruningPlan.uniform(model, x, "filter", 0.5)
+    (unit,) = plan.units
+    assert set(unit.group.producers) == {"a", "b"} and unit.group.size == 8
+    plan.project(model)
+    from structadmm.pipeline.surgery import compact
+
+    small = compact(model, x)
+    assert small.a.out_channels == small.b.in_channels == small.b.out_channels == small.head.in_channels == 4
+
+
+def test_a_count_written_in_forward_is_probed_and_frozen_but_a_computed_one_is_not() -> None:
+    class Views(nn.Module):
+        def __init__(self, literal: bool) -> None:
+            super().__init__()
+            self.literal = literal
+            self.a, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.a(x).mean((2, 3))
+            y = y.view(-1, 8) if self.literal else y.view(-1, y.shape[1])
+            return self.head(y)
+
+    x = torch.randn(2, 3, 8, 8)
+    assert [u.name for u in PruningPlan.uniform(Views(False), x, "filter", 0.5).units] == ["a"]
+    literal = PruningPlan.uniform(Views(True), x, "filter", 0.5)
+    assert not literal.units
+    assert any("fixed count" in why for _, why in literal.skipped)

@@ -183,19 +183,12 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
-            try:
-                model(*inputs)
-            except Exception as exc:
-                shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-                raise StructADMMError(
-                    f"the example input (shape {shapes}) does not fit {type(model).__name__}: {first_line(exc)}"
-                ) from None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 program = torch.export.export(model, inputs, strict=False)
         except Exception as exc:  # export raises many types for untraceable Python
+            _check_inputs_fit(model, inputs)
             raise StructADMMError(
                 f"cannot trace {type(model).__name__} with torch.export ({first_line(exc)}); "
                 "models with data-dependent Python control flow need that logic moved out of forward()"
@@ -204,6 +197,18 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
         for m, training in modes.items():
             m.training = training
     return Walk(program, model).run()
+
+
+def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
+    """Run ``model`` on ``inputs`` (eval, no grad): a failure means the inputs do not fit it."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        raise StructADMMError(
+            f"the example input (shape {shapes}) does not fit {type(model).__name__}: {first_line(exc)}"
+        ) from None
 
 
 def first_line(exc: BaseException) -> str:

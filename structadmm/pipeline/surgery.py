@@ -178,15 +178,24 @@ def _fixed_size_groups(model: nn.Module, example_inputs: Any, graph: ChannelGrap
 
 
 def _one_fewer(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor | None:
-    """A keep mask for ``group`` with one channel fewer (one per block where blocks must match)."""
+    """A keep mask for ``group`` with its last channel removed, and as many more as the blocks
+    that must keep equal counts need; None where no such mask leaves every layer an output."""
     keep = torch.ones(group.size, dtype=torch.bool)
+    keep[-1] = False
     constraints = graph.blocks_in(group)
-    for blocks in constraints:
-        for b in blocks:
-            keep[b[-1]] = False
-    if not constraints:
-        keep[-1] = False
-    if any(not keep[b].any() for b in graph.producer_blocks(group)):
+    for _ in range(group.size):
+        changed = False
+        for blocks in constraints:
+            target = max(int((~keep[b]).sum()) for b in blocks)
+            for b in blocks:
+                alive = b[keep[b].nonzero().flatten()]
+                need = target - int((~keep[b]).sum())
+                if need > 0:
+                    keep[alive[len(alive) - need:]] = False
+                    changed = True
+        if not changed:
+            break
+    if not keep.any() or any(not keep[b].any() for b in graph.producer_blocks(group)):
         return None
     return keep
 
