@@ -125,9 +125,9 @@ def run(name: str, onnx: bool, size: int | None = None) -> dict:
         if not row["pruned"]:
             row["reason"] = f"loses only {saving:.0%} of its MACs" if saving < 0.25 else "ONNX parity failed"
     except sa.StructADMMError as exc:
-        row.update(pruned=False, reason=str(exc).splitlines()[0])
+        row.update(pruned=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0])
     except Exception as exc:  # a bug of ours: keep the run going, record it
-        row.update(pruned=False, reason=f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        row.update(pruned=False, reason=f"internal error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
                    traceback=traceback.format_exc(limit=3))
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import StructADMMError
+
 from .plan import Masks, PruningPlan
 
 
@@ -51,6 +53,9 @@ class ADMM:
         self.ramp_rounds = ramp_rounds
         named = dict(model.named_parameters())
         self.params = {name: named[name] for name in plan.param_names()}
+        if not self.params:
+            why = f" (first reason: {plan.skipped[0][0]}: {plan.skipped[0][1]})" if plan.skipped else ""
+            raise StructADMMError(f"the plan prunes nothing in this model{why}; `structadmm inspect` lists every reason")
         self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
         self.round = 0
         self.history: list[AdmmRound] = []
