@@ -140,7 +140,8 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> LoadedData:
         num_classes = int(max(y.max(), y_val.max())) + 1
     else:
         train_idx, val_idx = _split_indices(len(y), y.numpy(), test_fraction, seed, path)
-        train, val = TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+        everything = TensorDataset(x, y)  # the splits index it: no copies, and sample i stays x[i]
+        train, val = Subset(everything, train_idx.tolist()), Subset(everything, val_idx.tolist())
         num_classes = int(y.max()) + 1
     return LoadedData(train, val, tuple(x.shape[1:]), num_classes, path.stem)
 
