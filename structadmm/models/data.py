@@ -15,7 +15,12 @@ A data reference is one of
   single dataset or DataLoader, or an ``(x, y)`` tensor pair. DataLoaders are kept as given.
 
 Where no held-out part is given, ``test_fraction`` of the samples are held out with a seeded
-split, stratified by label where the labels are known and every class is big enough.
+split, stratified by label where the labels are known and every class is big enough; the two
+parts are ``Subset``s of the whole, so sample ``i`` of an ``.npz`` file is ``x[i]`` in messages.
+
+This module checks what it can see in the files; what the model must be able to learn from
+(finite inputs, labels within its classes, readable images) is checked, for every source, by
+:mod:`.validate` when a run starts.
 """
 
 from __future__ import annotations
