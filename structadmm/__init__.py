@@ -14,7 +14,7 @@
 __version__ = "0.1.0"
 
 from .bench import LatencyReport, benchmark, write_report
-from .errors import ParityError, StructADMMError
+from .errors import ParityError, StructADMMError, StructADMMWarning
 from .exporters import count_onnx, export_onnx, load_onnx, verify_onnx
 from .pipeline import (
     ADMM,
@@ -31,6 +31,6 @@ from .pipeline import (
 
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",
-    "Sparsity", "StructADMMError", "apply_masks", "benchmark", "compact", "compress", "count_onnx",
-    "export_onnx", "load_onnx", "trace", "verify_onnx", "write_report",
+    "Sparsity", "StructADMMError", "StructADMMWarning", "apply_masks", "benchmark", "compact", "compress",
+    "count_onnx", "export_onnx", "load_onnx", "trace", "verify_onnx", "write_report",
 ]

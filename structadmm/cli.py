@@ -6,17 +6,20 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import StructADMMError
+from .errors import StructADMMError, StructADMMWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +58,22 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show structadmm's warnings (:class:`StructADMMWarning`) as one yellow line each."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if not issubclass(category, StructADMMWarning):
+                return show(message, category, *args, **kwargs)
+            err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+        warnings.simplefilter("always", StructADMMWarning)
+        warnings.showwarning = one_line
+        yield
 
 
 def _progress() -> Progress:
@@ -113,7 +132,7 @@ def run(
     loaded = _load_model(model, checkpoint, input_shape)
     dataset = load_data(data, input_shape=loaded.input_shape, seed=cfg.seed)
     check_compatible(loaded.input_shape, dataset.input_shape, loaded.name, dataset.name)
-    with _progress() as progress:
+    with _progress() as progress, _warnings_as_lines():
         result = compress(loaded.module, dataset.train, dataset.val, cfg, out_dir=resume or out_dir,
                           model_name=loaded.name, progress=progress, resume=resume is not None)
     if result.rank != 0:  # under torchrun, rank 0 speaks for the job

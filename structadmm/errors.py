@@ -1,7 +1,9 @@
-"""The one exception type that means "the user asked for something we cannot do".
+"""The one exception type that means "the user asked for something we cannot do", and the
+one warning type for "this will run, but probably not as you meant".
 
 Everything raised as :class:`StructADMMError` is shown by the CLI as a single line (no
 traceback unless ``--debug``) and exits non-zero. Anything else is a bug in structadmm.
+A :class:`StructADMMWarning` is shown by the CLI as one ``warning:`` line, and the run goes on.
 """
 
 from __future__ import annotations
@@ -13,3 +15,7 @@ class StructADMMError(Exception):
 
 class ParityError(StructADMMError):
     """Two models that must compute the same function do not (surgery or export went wrong)."""
+
+
+class StructADMMWarning(UserWarning):
+    """A user-facing warning: the input is usable but likely a mistake (e.g. a class with no samples)."""

@@ -305,13 +305,14 @@ def test_npz_with_seeded_stratified_split(tmp_path: Path) -> None:
     x, y = write_npz(path)
     data = load_data(str(path), seed=3)
     assert (data.name, data.input_shape, data.num_classes) == ("set", (3, 5, 5), 4)
-    val_x, val_y = data.val.tensors
+    val_x, val_y = next(iter(DataLoader(data.val, batch_size=len(data.val))))
     assert (len(data.train), len(data.val)) == (32, 8)
     assert val_x.dtype == torch.float32 and val_y.dtype == torch.int64
     assert sorted(np.bincount(val_y.numpy()).tolist()) == [2, 2, 2, 2]  # stratified
-    assert torch.equal(load_data(str(path), seed=3).val.tensors[1], val_y)  # seeded
-    row = int(np.flatnonzero((x.astype(np.float32) == val_x[0].numpy()).all(axis=(1, 2, 3)))[0])
-    assert int(val_y[0]) == y[row]  # samples keep their labels
+    assert data.val.indices == load_data(str(path), seed=3).val.indices  # seeded
+    assert not set(data.val.indices) & set(data.train.indices)
+    row = data.val.indices[0]  # the splits index the file's arrays: held-out sample 0 is x[row]
+    assert np.array_equal(val_x[0].numpy(), x[row].astype(np.float32)) and int(val_y[0]) == y[row]
 
 
 def test_npz_with_held_out_arrays(tmp_path: Path) -> None:

@@ -15,7 +15,12 @@ A data reference is one of
   single dataset or DataLoader, or an ``(x, y)`` tensor pair. DataLoaders are kept as given.
 
 Where no held-out part is given, ``test_fraction`` of the samples are held out with a seeded
-split, stratified by label where the labels are known and every class is big enough.
+split, stratified by label where the labels are known and every class is big enough; the two
+parts are ``Subset``s of the whole, so sample ``i`` of an ``.npz`` file is ``x[i]`` in messages.
+
+This module checks what it can see in the files; what the model must be able to learn from
+(finite inputs, labels within its classes, readable images) is checked, for every source, by
+:mod:`.validate` when a run starts.
 """
 
 from __future__ import annotations
@@ -140,7 +145,8 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> LoadedData:
         num_classes = int(max(y.max(), y_val.max())) + 1
     else:
         train_idx, val_idx = _split_indices(len(y), y.numpy(), test_fraction, seed, path)
-        train, val = TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+        everything = TensorDataset(x, y)  # the splits index it: no copies, and sample i stays x[i]
+        train, val = Subset(everything, train_idx.tolist()), Subset(everything, val_idx.tolist())
         num_classes = int(y.max()) + 1
     return LoadedData(train, val, tuple(x.shape[1:]), num_classes, path.stem)
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import StructADMMError
+from ..models.validate import check_data
 from . import distributed
 from .admm import ADMM, AdmmRound
 from .checkpoint import RunFolder, RunState, final_of, run_identity, staging_of
@@ -70,6 +71,8 @@ def compress(
 
     ``train_data``/``val_data``: a Dataset, a DataLoader or an ``(x, y)`` pair. ``model`` is
     trained in place (it ends masked, not compacted) and a pruned copy is returned in the result.
+    The data is checked first (:func:`structadmm.models.validate.check_data`): data the model cannot learn
+    from raises :class:`StructADMMError` before any training and before anything is written.
 
     ``resume=True`` continues the interrupted run whose folder is ``out_dir`` from its last
     checkpoint; model, data, config and process count must be the ones it was started with.
@@ -81,6 +84,8 @@ def compress(
     name = model_name or type(model).__name__
     ctx = distributed.setup(config.device)
     try:
+        # the data is checked before anything is written, the default runs/ folder included
+        distributed.on_main(lambda: check_data(model, train_data, val_data, model_name=name), ctx)
         identity = run_identity(config.to_dict(), name, model, _sample_count(train_data), ctx.world_size)
         run_dir = distributed.on_main(lambda: _run_dir(out_dir, name, resume), ctx)
         folder = RunFolder(run_dir) if ctx.is_main else None  # only rank 0 touches the disk
