@@ -37,6 +37,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+from fractions import Fraction
 import subprocess
 import sys
 import time
@@ -346,11 +347,13 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     n = len(x)
     if n == 0:
         raise StructADMMError("no values to take a median of")
-    alpha = (1.0 - confidence) / 2
-    k, below = 1, 0.0  # below: P(Binomial(n, 1/2) <= k - 1)
+    # exact integers: P(Binomial(n, 1/2) <= j) = sum of comb(n, i) for i <= j, over 2**n
+    limit = Fraction((1.0 - confidence) / 2).limit_denominator(10**6) * 2**n
+    k, below, term = 1, 0, 1  # below: 2**n P(B <= k - 1); term: comb(n, k - 1)
     while k + 1 <= (n + 1) // 2:
-        below += math.comb(n, k - 1) / 2.0**n
-        if below + math.comb(n, k) / 2.0**n > alpha:
+        below += term
+        term = term * (n - k + 1) // k  # comb(n, k)
+        if below + term > limit:
             break
         k += 1
     return float(x[k - 1]), float(x[n - k])
