@@ -109,12 +109,17 @@ class LatencyReport:
         dense: str | None = None,
         pruned: str | None = None,
         mac_ratio: float | None = None,
+        byte_ratios: Mapping[int, float] | None = None,
     ) -> list[dict[str, object]]:
         """The report.json "latency" list (SPEC §5) for a dense/pruned pair.
 
         ``dense`` defaults to the baseline and ``pruned`` to the only other model. With
         ``mac_ratio`` (dense MACs / pruned MACs) each row also gets
-        ``efficiency = speedup / mac_ratio``.
+        ``efficiency = speedup / mac_ratio``; with ``byte_ratios`` (batch -> dense bytes moved /
+        pruned bytes moved, :meth:`~structadmm.exporters.OnnxCost.bytes_at`) it gets ``byte_ratio``
+        and ``byte_efficiency = speedup / byte_ratio``, what a memory-bound net can be judged against.
+        ``speedup_per_round`` (and its interval ``speedup_low``..``speedup_high``) is the median of
+        the per-round ratios, exact when ``dense`` is the baseline.
         """
         dense = dense or self.baseline
         pruned = pruned or self._only_other(dense)
@@ -140,6 +145,9 @@ class LatencyReport:
             }
             if mac_ratio:
                 row["efficiency"] = row["speedup"] / mac_ratio
+            if byte_ratios and batch in byte_ratios:
+                row["byte_ratio"] = byte_ratios[batch]
+                row["byte_efficiency"] = row["speedup"] / byte_ratios[batch]
             rows.append(row)
         return rows
 
