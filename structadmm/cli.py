@@ -214,10 +214,11 @@ def doctor() -> None:
 
     facts = runtime_facts()
     packages = ", ".join(f"{name} {version}" for name, version in facts.ort_packages.items())
-    out.print(f"onnxruntime package: {packages or 'none installed (pip install structadmm[cpu] or [gpu])'}")
-    out.print(f"onnxruntime module:  {facts.ort_module_version or 'cannot be imported'} (device {facts.ort_device or 'n/a'})")
-    out.print(f"providers:           {', '.join(facts.providers) or 'none'}")
-    out.print(f"torch:               {facts.torch_version or 'not installed'}, CUDA "
+    say = functools.partial(out.print, markup=False, highlight=False, soft_wrap=True)
+    say(f"onnxruntime package: {packages or 'none installed (pip install structadmm[cpu] or [gpu])'}")
+    say(f"onnxruntime module:  {facts.ort_module_version or 'cannot be imported'} (device {facts.ort_device or 'n/a'})")
+    say(f"providers:           {', '.join(facts.providers) or 'none'}")
+    say(f"torch:               {facts.torch_version or 'not installed'}, CUDA "
               f"{'available' if facts.torch_cuda else 'not available'}")
     if facts.conflict:
         err.print(f"[bold red]warning:[/] {facts.conflict}", highlight=False, soft_wrap=True)

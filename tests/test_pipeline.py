@@ -36,6 +36,10 @@ def test_compress_writes_a_complete_run_folder(digits, tmp_path: Path) -> None:
         ("CPUExecutionProvider", 1), ("CPUExecutionProvider", 16)}
     for row in report["latency"]:
         assert row["efficiency"] == pytest.approx(row["speedup"] / report["mac_ratio"])
+        assert row["mode"] == "isolated"  # reported figures: each model alone in its own process
+        assert row["byte_ratio"] > 1.0 and row["byte_efficiency"] == pytest.approx(row["speedup"] / row["byte_ratio"])
+        assert row["speedup_low"] <= row["speedup_per_round"] <= row["speedup_high"]
+    assert report["versions"]["onnxruntime_package"] in ("onnxruntime", "onnxruntime-gpu")
     residuals = [r["primal_residual"] for r in report["admm"]]
     assert residuals[-1] < residuals[0]
     assert report["config"]["ratio"] == 0.5 and report["model"] == "digits-cnn"
