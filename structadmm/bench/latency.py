@@ -37,12 +37,12 @@ from __future__ import annotations
 import gc
 import json
 import math
-from fractions import Fraction
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
