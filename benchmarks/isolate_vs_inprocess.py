@@ -93,7 +93,9 @@ def main() -> None:
 
 
 def table(results: list[dict], command: str) -> str:
-    lines = [f"`{command}` (ONNX Runtime CPU, filter 50 %, 224x224, random weights)", "",
+    lines = [f"`{command.strip()}` (ONNX Runtime CPU, filter 50 %, 224x224, random weights)", "",
+             "Load is the machine's 1-minute load average before and after each measurement: on a 2-core machine "
+             "anything above 2 means the timed runs shared the cores with other work, and the figures are noisy.", "",
              "| model | batch | mode | repeat | dense ms | pruned ms | speedup | per round (95 % CI) | MAC ratio "
              "| eff | byte ratio | speedup / byte ratio | load before → after |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
