@@ -219,7 +219,7 @@ def doctor() -> None:
     say(f"onnxruntime module:  {facts.ort_module_version or 'cannot be imported'} (device {facts.ort_device or 'n/a'})")
     say(f"providers:           {', '.join(facts.providers) or 'none'}")
     say(f"torch:               {facts.torch_version or 'not installed'}, CUDA "
-              f"{'available' if facts.torch_cuda else 'not available'}")
+        f"{'available' if facts.torch_cuda else 'not available'}")
     if facts.conflict:
         err.print(f"[bold red]warning:[/] {facts.conflict}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
