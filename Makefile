@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # The pinned torch first, with the torchvision built against it (timm, onnx2torch and the
 # test zoos need torchvision; its wheels load only beside the torch release they were built for).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# The ONNX Runtime build, one of the extras cpu or gpu (never both): `make ORT=gpu` for onnxruntime-gpu.
+ORT ?= cpu
 
 .PHONY: demo test test-slow bench clean
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[$(ORT),dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

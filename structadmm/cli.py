@@ -165,26 +165,35 @@ def bench(
         None, "--provider", "-p",
         help="Execution provider (repeatable), e.g. CPUExecutionProvider; default: CPU, CUDA and TensorRT where usable."),
     opt_level: str = typer.Option("all", "--opt-level", help="Graph optimisation: disable, basic, extended or all."),
-    spinning: str = typer.Option("run", "--spinning",
-                                 help="Pool threads spin: run (within a run, the default), off, or on (ORT's default)."),
+    spinning: Optional[str] = typer.Option(None, "--spinning", help=(
+        "Pool threads spin: on (ORT's default; the default with --isolate), run (within a run; the default "
+        "in-process), or off.")),
+    isolate: bool = typer.Option(True, "--isolate/--in-process", help=(
+        "Time each model alone in its own process, dense and pruned processes alternating (the default), "
+        "or both in this process, run by run.")),
+    processes: int = typer.Option(3, "--processes", help="With --isolate: rounds of processes per batch size."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Benchmark two ONNX files with ONNX Runtime, interleaved, and print the speedup."""
+    """Benchmark two ONNX files with ONNX Runtime and print the speedup (see `structadmm doctor` for the ORT build)."""
     from .bench import benchmark
     from .exporters import count_onnx
 
     report = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=batch, threads=threads, min_seconds=min_seconds,
                        min_runs=min_runs, max_runs=max(10_000, min_runs), warmup=warmup, providers=provider,
-                       optimization=opt_level, spinning=spinning)
+                       optimization=opt_level, spinning=spinning, isolate=isolate, processes=processes)
     dense_cost, pruned_cost = count_onnx(dense), count_onnx(pruned)
     mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
+    byte_ratios = {b: dense_cost.bytes_at(b) / max(pruned_cost.bytes_at(b), 1) for b in batch}
     table = Table(title=f"{dense.name} vs {pruned.name}: {mac_ratio:.2f}x fewer MACs")
-    for col in ("provider", "batch", "dense ms", "pruned ms", "speedup", "efficiency"):
+    for col in ("provider", "batch", "dense ms", "pruned ms", "speedup", "efficiency", "per round (95% CI)",
+                "byte ratio (eff)"):
         table.add_column(col, justify="right")
-    for row in report.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio):
+    for row in report.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios):
         table.add_row(str(row["provider"]).replace("ExecutionProvider", ""), str(row["batch"]),
                       f"{row['dense_ms']:.3f}", f"{row['pruned_ms']:.3f}", f"{row['speedup']:.2f}x",
-                      f"{row['efficiency']:.2f}")
+                      f"{row['efficiency']:.2f}",
+                      f"{row['speedup_per_round']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})",
+                      f"{row['byte_ratio']:.2f}x ({row['byte_efficiency']:.2f})")
     out.print(table)
     for provider, reason in report.skipped:
         out.print(f"[dim]skipped {provider}: {reason}[/]")
@@ -215,6 +224,27 @@ def inspect(
     out.print(table)
     for layer, reason in pruning.skipped:
         out.print(f"[dim]left alone: {layer}: {reason}[/]")
+
+
+@app.command()
+def doctor() -> None:
+    """Which ONNX Runtime build is installed, its providers, torch's CUDA; exit 1 if two ORT builds clash."""
+    from .bench.runtime import runtime_facts
+
+    facts = runtime_facts()
+    packages = ", ".join(f"{name} {version}" for name, version in facts.ort_packages.items())
+    say = functools.partial(out.print, markup=False, highlight=False, soft_wrap=True)
+    say(f"onnxruntime package: {packages or 'none installed (pip install structadmm[cpu] or [gpu])'}")
+    say(f"onnxruntime module:  {facts.ort_module_version or 'cannot be imported'} (device {facts.ort_device or 'n/a'})")
+    say(f"providers:           {', '.join(facts.providers) or 'none'}")
+    say(f"torch:               {facts.torch_version or 'not installed'}, CUDA "
+        f"{'available' if facts.torch_cuda else 'not available'}")
+    if facts.conflict:
+        err.print(f"[bold red]warning:[/] {facts.conflict}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if not facts.ort_packages:
+        raise typer.Exit(1)
+    out.print("one onnxruntime build: ok")
 
 
 @app.command()

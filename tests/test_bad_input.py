@@ -43,6 +43,7 @@ admm_epochs = 1
 retrain_epochs = 1
 bench_min_seconds = 0.0
 bench_min_runs = 3
+bench_isolate = false
 bench_batches = [1, 4]
 """
 

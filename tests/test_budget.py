@@ -11,7 +11,7 @@ from torch import nn
 from archs import ARCHS
 from structadmm.errors import StructADMMError
 from structadmm.models import DigitsCNN
-from structadmm.pipeline.budget import MacModel, _layer_macs, plan_for_latency, plan_for_macs
+from structadmm.pipeline.budget import MacModel, Speedup, _layer_macs, plan_for_latency, plan_for_macs
 from structadmm.pipeline.plan import PruningPlan
 from structadmm.pipeline.surgery import compact
 
@@ -71,11 +71,36 @@ def test_latency_target_searches_with_measurements() -> None:
     model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
     dense_macs = sum(_layer_macs(model, x).values())
 
-    def fake_measure(dense: nn.Module, small: nn.Module) -> float:  # a machine where speed tracks MACs^0.8
-        return (dense_macs / sum(_layer_macs(small, x).values())) ** 0.8
+    def fake_measure(dense: nn.Module, small: nn.Module, seconds: float) -> Speedup:  # speed tracks MACs^0.8
+        value = (dense_macs / sum(_layer_macs(small, x).values())) ** 0.8
+        return Speedup(value, value, value)
 
     result = plan_for_latency(model, x, 3.0, measure=fake_measure)
     assert result.speedup >= 3.0 and result.mac_ratio >= 3.0 ** (1 / 0.8) * 0.999
+    assert result.measurements and all(r["resolved"] and r["seconds"] == 1.0 for r in result.measurements)
+
+
+def test_latency_search_measures_longer_until_the_target_is_resolved() -> None:
+    model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
+    dense_macs = sum(_layer_macs(model, x).values())
+    asked: list[float] = []
+
+    def noisy_measure(dense: nn.Module, small: nn.Module, seconds: float) -> Speedup:
+        asked.append(seconds)  # the interval halves with every doubling: +-1.6 at 1 s ... +-0.2 at 8 s
+        value = (dense_macs / sum(_layer_macs(small, x).values())) ** 0.8
+        return Speedup(value, value - 1.6 / seconds, value + 1.6 / seconds)
+
+    result = plan_for_latency(model, x, 3.0, measure=noisy_measure, min_seconds=1.0, max_seconds=8.0)
+    assert set(asked) > {1.0} and max(asked) <= 8.0
+    for record in result.measurements:
+        spread = record["high"] - record["low"]
+        assert spread == pytest.approx(3.2 / record["seconds"])
+        # resolved: the interval excludes the target; else it ran as long as allowed
+        assert record["resolved"] == (not record["low"] <= 3.0 <= record["high"])
+        assert record["resolved"] or record["seconds"] == 8.0
+    assert any(record["seconds"] > 1.0 for record in result.measurements)
+    with pytest.raises(StructADMMError, match="min_seconds <= max_seconds"):
+        plan_for_latency(model, x, 3.0, measure=noisy_measure, min_seconds=2.0, max_seconds=1.0)
 
 
 def test_unreachable_and_bad_targets_are_clear_errors() -> None:
@@ -86,3 +111,12 @@ def test_unreachable_and_bad_targets_are_clear_errors() -> None:
         plan_for_macs(model, x, 0.5)
     with pytest.raises(StructADMMError, match="filter or channel"):
         plan_for_macs(model, x, 2.0, sparsity="shape")
+
+
+def test_default_latency_measure_gives_the_per_round_speedup_and_its_interval() -> None:
+    from structadmm.pipeline.budget import _ort_speedup
+
+    model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
+    measured = _ort_speedup(model, model, x, batch=4, threads=1, min_seconds=0.05)
+    assert isinstance(measured, Speedup)
+    assert 0 < measured.low <= measured.speedup <= measured.high

@@ -216,3 +216,16 @@ def test_bad_file_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b"junk")
     with pytest.raises(StructADMMError, match="junk.onnx"):
         count_onnx(path)
+
+
+def test_bytes_moved_per_node_for_the_roofline(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    cost = _count_torch(tmp_path, model, 3, 6, 6)
+    moved = {layer.op_type: (layer.activation_bytes, layer.weight_bytes) for layer in cost.layers}
+    assert moved["Conv"] == (4 * (3 * 36 + 8 * 36), 4 * (8 * 27 + 8))  # float32: input, output; weight, bias
+    assert moved["Relu"] == (4 * 2 * 8 * 36, 0)
+    assert moved["Flatten"] == (0, 0)  # a view: ORT moves nothing
+    assert moved["Gemm"] == (4 * (288 + 10), 4 * (288 * 10 + 10))
+    conv = next(layer for layer in cost.layers if layer.op_type == "Conv")
+    assert conv.bytes_at(8) == 8 * conv.activation_bytes + conv.weight_bytes  # weights read once per run
+    assert cost.bytes_at(8) == sum(layer.bytes_at(8) for layer in cost.layers)

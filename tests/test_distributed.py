@@ -24,7 +24,7 @@ from structadmm.pipeline import CompressConfig, compress
 from structadmm.pipeline.distributed import DistContext, setup, shard
 
 CONFIG = dict(dense_epochs=1, admm_rounds=2, admm_epochs=1, retrain_epochs=1, batch_size=16, rho=0.5,
-              rho_growth=2.0, bench_batches=[1], bench_min_runs=3, bench_min_seconds=0.0)
+              rho_growth=2.0, bench_batches=[1], bench_min_runs=3, bench_min_seconds=0.0, bench_isolate=False)
 WORLD = 2
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import logging
 from pathlib import Path
+
+import numpy as np
 
 import onnx
 import pytest
@@ -11,15 +15,15 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from structadmm.bench import LatencyReport, benchmark, latency
-from structadmm.bench.latency import round_order, time_interleaved
+from structadmm.bench import LatencyReport, benchmark, latency, runtime
+from structadmm.bench.latency import median_interval, round_order, time_interleaved
 from structadmm.errors import StructADMMError
 from structadmm.exporters import export_onnx
 
 CPU = "CPUExecutionProvider"
-FAST = {"min_seconds": 0.0, "min_runs": 5, "warmup": 1, "providers": [CPU]}
+FAST = {"min_seconds": 0.0, "min_runs": 5, "warmup": 1, "providers": [CPU], "isolate": False}
 SPEC_ROW_KEYS = {"provider", "batch", "threads", "dense_ms", "pruned_ms", "dense_p90_ms",
-                 "pruned_p90_ms", "speedup"}
+                 "pruned_p90_ms", "speedup", "speedup_per_round", "speedup_low", "speedup_high", "mode"}
 
 
 def _net(width: int) -> nn.Module:
@@ -128,7 +132,7 @@ def test_unavailable_provider_is_skipped_with_a_reason(pair: dict[str, Path], mo
     # a CPU-only onnxruntime, also on machines that have a GPU build
     monkeypatch.setattr(latency.ort, "get_available_providers", lambda: [CPU])
     result = benchmark(pair, batch_sizes=(1,), min_seconds=0.0, min_runs=5, warmup=1,
-                       providers=["CUDAExecutionProvider", CPU])
+                       providers=["CUDAExecutionProvider", CPU], isolate=False)
     assert [(p, "not available" in reason) for p, reason in result.skipped] == [
         ("CUDAExecutionProvider", True)
     ]
@@ -138,7 +142,7 @@ def test_unavailable_provider_is_skipped_with_a_reason(pair: dict[str, Path], mo
 def test_default_providers_report_missing_gpu_providers(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # a CPU-only onnxruntime, also on machines that have a GPU build
     monkeypatch.setattr(latency.ort, "get_available_providers", lambda: [CPU])
-    result = benchmark(pair, batch_sizes=(1,), min_seconds=0.0, min_runs=5, warmup=1)
+    result = benchmark(pair, batch_sizes=(1,), min_seconds=0.0, min_runs=5, warmup=1, isolate=False)
     assert [p for p, _ in result.skipped] == ["CUDAExecutionProvider", "TensorrtExecutionProvider"]
     assert {e.provider for e in result.entries} == {CPU}
 
@@ -188,7 +192,7 @@ def test_fixed_batch_model_at_another_batch_is_an_error(tmp_path: Path) -> None:
     "kwargs",
     [{"baseline": "nope"}, {"batch_sizes": (0,)}, {"threads": 0}, {"min_runs": 0},
      {"min_runs": 10, "max_runs": 5}, {"warmup": -1}, {"optimization": "max"}, {"spinning": "sometimes"},
-     {"providers": ["NoSuchExecutionProvider"]}],
+     {"providers": ["NoSuchExecutionProvider"]}, {"processes": 1}],
 )
 def test_bad_arguments(pair: dict[str, Path], kwargs: dict[str, object]) -> None:
     with pytest.raises(StructADMMError):
@@ -212,3 +216,104 @@ def test_every_optimisation_level_gives_the_same_outputs_timed(pair: dict[str, P
     for level in latency.OPTIMIZATION_LEVELS:
         result = benchmark(pair, batch_sizes=(2,), optimization=level, spinning="off", **FAST)
         assert {e.name for e in result.entries} == {"dense", "pruned"}
+
+
+# --- isolated mode, warm-up, gc, per-round ratios, the ORT conflict warning -----------------
+
+
+def test_isolated_mode_alternates_one_process_per_model(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs: list[dict[str, object]] = []
+    fake = {"dense": [[4.0, 4.0, 4.0], [8.0, 8.0, 8.0], [4.0, 4.0, 4.0]],  # seconds per run, per process
+            "pruned": [[1.0, 1.0, 1.0], [4.0, 4.0, 4.0], [2.0, 2.0, 2.0]]}
+
+    def child(job: dict[str, object]) -> list[float]:
+        jobs.append(job)
+        name = Path(str(job["path"])).stem
+        return fake[name][sum(Path(str(j["path"])).stem == name for j in jobs) - 1]
+
+    monkeypatch.setattr(latency, "_run_child", child)
+    result = benchmark(pair, batch_sizes=(2,), min_runs=7, min_seconds=3.0, warmup=4, providers=[CPU], processes=3)
+    assert [Path(str(j["path"])).stem for j in jobs] == ["dense", "pruned", "pruned", "dense", "dense", "pruned"]
+    assert {(j["min_runs"], j["min_seconds"], j["warmup"], j["batch"], j["spinning"]) for j in jobs} == {
+        (3, 1.0, 4, 2, "on")}  # the budget split over the rounds; ORT's default spinning alone
+    row = result.to_rows(dense="dense", pruned="pruned")[0]
+    assert row["mode"] == "isolated" and row["dense_ms"] == 4000.0  # median of all 9 runs
+    assert row["pruned_ms"] == 2000.0 and row["speedup"] == 2.0  # ratio of the medians
+    assert row["speedup_per_round"] == 2.0  # per round 4/1, 8/4, 4/2
+    assert (row["speedup_low"], row["speedup_high"]) == (2.0, 4.0)  # three rounds: [min, max]
+
+
+def test_isolated_mode_runs_real_processes(pair: dict[str, Path]) -> None:
+    result = benchmark(pair, batch_sizes=(1,), min_runs=4, min_seconds=0.0, warmup=1, providers=[CPU], processes=2)
+    dense, pruned = result.entries
+    assert (dense.mode, dense.runs, pruned.runs) == ("isolated", 4, 4)
+    assert 0 < pruned.min_ms <= pruned.median_ms and pruned.round_speedup_low <= pruned.round_speedup_high
+
+
+def test_a_failing_child_is_one_clear_line(tmp_path: Path) -> None:
+    job = dict(path=str(tmp_path / "gone.onnx"), provider=CPU, batch=1, threads=1, optimization="all",
+               spinning="on", warmup=0, seed=0, min_runs=1, min_seconds=0.0, max_runs=1)
+    with pytest.raises(StructADMMError, match=r"gone.onnx in its own process failed: .*gone.onnx") as caught:
+        latency._run_child(job)
+    assert "\n" not in str(caught.value)
+
+
+def test_warm_up_is_interleaved_like_the_timing(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(latency, "make_runner", lambda session, arrays, provider: (
+        lambda name=Path(session._model_path).stem: calls.append(name)))
+    benchmark(pair, batch_sizes=(1,), **{**FAST, "warmup": 3, "min_runs": 2})
+    warm_up, timed = calls[:6], calls[6:]
+    assert warm_up == ["dense", "pruned", "pruned", "dense", "dense", "pruned"]
+    assert timed == ["dense", "pruned", "pruned", "dense"]
+
+
+def test_gc_is_off_while_timing_and_restored() -> None:
+    seen: list[bool] = []
+    time_interleaved({"m": lambda: seen.append(gc.isenabled())}, min_runs=3, min_seconds=0.0)
+    assert seen == [False] * 3 and gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        time_interleaved({"m": lambda: None}, min_runs=1, min_seconds=0.0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_in_process_per_round_ratio_is_run_against_run(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = {"dense": [3.0, 1.0, 3.0, 9.0], "pruned": [1.0, 1.0, 1.0, 1.0]}  # seconds per round
+    monkeypatch.setattr(latency, "time_interleaved", lambda runners, **_: fake)
+    row = benchmark(pair, batch_sizes=(1,), **FAST).to_rows()[0]
+    assert row["mode"] == "in-process" and row["speedup"] == 3.0  # median 3 s / median 1 s
+    assert row["speedup_per_round"] == 3.0 and (row["speedup_low"], row["speedup_high"]) == (1.0, 9.0)
+    fake["pruned"] = [3.0, 1.0, 1.0, 9.0]  # the ratio of medians 3/2, but round by round equal 3 times of 4
+    row = benchmark(pair, batch_sizes=(1,), **FAST).to_rows()[0]
+    assert row["speedup"] == 1.5 and row["speedup_per_round"] == 1.0
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval() -> None:
+    values = list(range(1, 101))  # n = 100: ranks 40 and 61 (the textbook n/2 +- 0.98 sqrt(n))
+    assert median_interval(values) == (40.0, 61.0)
+    assert median_interval([5.0, 1.0, 3.0]) == (1.0, 5.0)  # too few for 95 %: [min, max]
+    assert median_interval([2.0]) == (2.0, 2.0)
+    rng = np.random.default_rng(0)
+    narrow = [median_interval(rng.normal(size=n)) for n in (20, 200, 2000)]
+    widths = [high - low for low, high in narrow]
+    assert widths[0] > widths[1] > widths[2] and all(low < 0.2 and high > -0.2 for low, high in narrow)
+    with pytest.raises(StructADMMError):
+        median_interval([])
+
+
+def test_two_ort_builds_warn_on_every_benchmark(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(runtime, "installed_ort", lambda: {"onnxruntime": "1.20.0", "onnxruntime-gpu": "1.20.0"})
+    with caplog.at_level(logging.WARNING, logger="structadmm"):
+        benchmark(pair, batch_sizes=(1,), **FAST)
+        benchmark(pair, batch_sizes=(1,), **FAST)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert "fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in lines[0]
+    monkeypatch.setattr(runtime, "installed_ort", lambda: {"onnxruntime": "1.20.0"})
+    caplog.clear()
+    benchmark(pair, batch_sizes=(1,), **FAST)
+    assert caplog.records == []

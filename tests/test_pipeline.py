@@ -13,14 +13,15 @@ from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig, compress
 
 FAST = dict(dense_epochs=4, admm_rounds=3, admm_epochs=1, retrain_epochs=2, rho=0.5, rho_growth=2.0,
-            bench_batches=[1, 16], bench_min_runs=3, bench_min_seconds=0.0)
+            bench_batches=[1, 16], bench_min_runs=3, bench_min_seconds=0.0,
+            bench_isolate=False)  # one test below times isolated, the default; the rest stay fast
 
 runner = CliRunner()
 
 
 def test_compress_writes_a_complete_run_folder(digits, tmp_path: Path) -> None:
     train, test = digits
-    config = CompressConfig(ratio=0.5, **FAST)
+    config = CompressConfig(ratio=0.5, **{**FAST, "bench_isolate": True})
     result = compress(get_spec("digits-cnn").build(), train, test, config, out_dir=tmp_path / "run",
                       model_name="digits-cnn")
     run = result.run_dir
@@ -36,6 +37,10 @@ def test_compress_writes_a_complete_run_folder(digits, tmp_path: Path) -> None:
         ("CPUExecutionProvider", 1), ("CPUExecutionProvider", 16)}
     for row in report["latency"]:
         assert row["efficiency"] == pytest.approx(row["speedup"] / report["mac_ratio"])
+        assert row["mode"] == "isolated"  # reported figures: each model alone in its own process
+        assert row["byte_ratio"] > 1.0 and row["byte_efficiency"] == pytest.approx(row["speedup"] / row["byte_ratio"])
+        assert row["speedup_low"] <= row["speedup_per_round"] <= row["speedup_high"]
+    assert report["versions"]["onnxruntime_package"] in ("onnxruntime", "onnxruntime-gpu")
     residuals = [r["primal_residual"] for r in report["admm"]]
     assert residuals[-1] < residuals[0]
     assert report["config"]["ratio"] == 0.5 and report["model"] == "digits-cnn"

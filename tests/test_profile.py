@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
-from structadmm.bench.profile import layer_table, node_times
+from structadmm.bench.profile import kernel_times, layer_table, node_times
+from structadmm.errors import StructADMMError
 from structadmm.exporters import count_onnx, export_onnx
 from structadmm.pipeline.plan import PruningPlan
 from structadmm.pipeline.surgery import compact
@@ -37,3 +39,28 @@ def test_node_times_cover_every_kernel(tmp_path: Path) -> None:
     export_onnx(model, x, tmp_path / "m.onnx")
     times = node_times(tmp_path / "m.onnx", batch=2, runs=3)
     assert times and all(ms >= 0 for ms in times.values())
+
+
+def test_kernel_times_leave_out_the_warm_up_runs() -> None:
+    def run(start: int, conv_us: int) -> list[dict]:
+        return [{"cat": "Session", "name": "model_run", "ts": start, "dur": 100},
+                {"cat": "Node", "name": "conv_kernel_time", "ts": start + 10, "dur": conv_us},
+                {"cat": "Node", "name": "relu_kernel_time", "ts": start + 60, "dur": 20}]
+
+    # two slow warm-up runs (first-run allocations), then three timed runs
+    events = [*run(0, 9000), *run(10_000, 5000), *run(20_000, 40), *run(20_200, 40), *run(20_400, 40)]
+    assert kernel_times(events, warmup=2) == {"conv": pytest.approx(0.04), "relu": pytest.approx(0.02)}
+    assert kernel_times(events, warmup=0)["conv"] == pytest.approx((9000 + 5000 + 120) / 5 / 1000)
+    with pytest.raises(StructADMMError, match="nothing is left"):
+        kernel_times(events, warmup=5)
+
+
+def test_layer_rows_carry_the_bytes_each_layer_moves(tmp_path: Path) -> None:
+    model, x = net(), torch.randn(2, 3, 8, 8)
+    export_onnx(model, x, tmp_path / "dense.onnx")
+    PruningPlan.uniform(model, x, "filter", 0.5).project(model)
+    export_onnx(compact(model, x), x, tmp_path / "pruned.onnx")
+    rows = layer_table(tmp_path / "dense.onnx", tmp_path / "pruned.onnx", batch=4, runs=2)
+    first = rows[0]  # Conv 3 -> 16 (-> 8), 3x3, 8x8, BN folded into its bias; float32
+    assert first.dense_bytes == 4 * (4 * (3 * 64 + 16 * 64) + 16 * 27 + 16)
+    assert first.pruned_bytes == 4 * (4 * (3 * 64 + 8 * 64) + 8 * 27 + 8)

@@ -68,7 +68,7 @@ def test_report_json_round_trips_with_the_spec_keys(tmp_path: Path) -> None:
 def test_report_md_shows_the_figures_and_embeds_the_plot(tmp_path: Path) -> None:
     write_report(tmp_path, spec_report())
     text = (tmp_path / "report.md").read_text()
-    latency_row = "| CPU | 64 | 2 | 9.100 | 9.600 | 2.400 | 2.600 | 3.79x | 0.72 |"
+    latency_row = "| CPU | 64 | 2 | 9.100 | 9.600 | 2.400 | 2.600 | 3.79x | 0.72 | n/a | n/a |"
     for expected in ("digits-cnn", "98.30 %", "97.80 %", "-0.50 pp", "1,234,567", "234,567",
                      "5.26x", "6.70x", latency_row, "3.1e-06", "ok", "![latency](latency.png)"):
         assert expected in text, expected
@@ -137,12 +137,16 @@ def test_render_table_contains_the_figures() -> None:
 
 
 def test_rows_from_a_latency_report_fit_the_report(tmp_path: Path) -> None:
-    def entry(name: str, median: float, speedup: float) -> LatencyEntry:
-        return LatencyEntry(CPU, 64, 2, name, median, median * 1.1, median * 0.9, 0.1, 30, speedup)
+    def entry(name: str, median: float, speedup: float, rounds: tuple[float, float, float]) -> LatencyEntry:
+        return LatencyEntry(CPU, 64, 2, name, median, median * 1.1, median * 0.9, 0.1, 30, speedup, *rounds)
 
-    latency = LatencyReport("dense", [entry("dense", 8.0, 1.0), entry("pruned", 2.0, 4.0)])
+    latency = LatencyReport("dense", [entry("dense", 8.0, 1.0, (1.0, 1.0, 1.0)),
+                                      entry("pruned", 2.0, 4.0, (3.9, 3.5, 4.25))])
     report = spec_report()
-    report["latency"] = latency.to_rows(mac_ratio=5.0)
+    report["latency"] = latency.to_rows(mac_ratio=5.0, byte_ratios={64: 2.5, 1: 9.0})
+    assert report["latency"][0]["speedup_per_round"] == 3.9 and report["latency"][0]["byte_efficiency"] == 1.6
     write_report(tmp_path, report)
     text = (tmp_path / "report.md").read_text()
-    assert "| CPU | 64 | 2 | 8.000 | 8.800 | 2.000 | 2.200 | 4.00x | 0.80 |" in text
+    assert ("| CPU | 64 | 2 | 8.000 | 8.800 | 2.000 | 2.200 | 4.00x | 0.80 | 3.90x (3.50–4.25) | 2.50x (1.60) |"
+            in text)
+    assert "each alone in its own process" in text

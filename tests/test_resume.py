@@ -36,6 +36,7 @@ rho = 0.5
 rho_growth = 2.0
 bench_batches = [1, 8]
 bench_min_runs = 3
+bench_isolate = false
 bench_min_seconds = 0
 """
 

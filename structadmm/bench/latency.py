@@ -1,11 +1,20 @@
-"""ONNX Runtime latency benchmark: dense vs pruned, interleaved in one process.
+"""ONNX Runtime latency benchmark: dense vs pruned, each model alone in its own process or interleaved in one.
 
 This module owns how latency is measured (SPEC §6): one session per model and execution
 provider (graph optimisation ALL by default, fixed thread count, sequential execution), the same seeded
-random input for every model, a warm-up, then timed runs interleaved round by round with the
-order reversed every round, so slow drift (thermal, frequency scaling, other load) and
-"who ran last" cache effects fall on every model alike. It reports median, p90, min and IQR per
-model and the speedup of each model over the baseline.
+random input for every model, a warm-up, then timed runs with the garbage collector off. Two modes:
+
+* **isolated** (``isolate=True``, the default): every model is timed alone in a fresh process, as it
+  is deployed, with ORT's default thread spinning; the processes alternate model by model, round by
+  round (order reversed every round), ``processes`` rounds per batch size. A round's ratio is the
+  baseline process's median over the model process's median.
+* **in-process** (``isolate=False``): one session per model in this process, warm-up and timed runs
+  interleaved run by run with the order reversed every round. Cheaper, but a timed session competes
+  with the idle sessions' threads (see ``spinning`` below). A round's ratio is one run against one run.
+
+Either way slow drift (thermal, frequency scaling, other load) falls on every model alike. It reports
+median, p90, min and IQR per model, the speedup of each model over the baseline as the ratio of the
+medians, and next to it the median of the per-round ratios with its 95 % confidence interval.
 
 CPU is always measured; CUDA and TensorRT when ONNX Runtime offers them (on those, inputs and
 outputs stay on the device through IOBinding so host↔device copies are not timed). A provider
@@ -18,23 +27,32 @@ the cores busy while the next model in the round is timed. The default ``"run"``
 a run and stops the spinning at its end (``session.force_spinning_stop``): every model gets
 cheap dispatch and none steals from the next. ``"off"`` never spins (each kernel then pays a
 thread wake-up, 17–37 µs on the 2-core reference machine, which dominates small layers at
-batch 1); ``"on"`` is ORT's default, for timing one model alone.
+batch 1); ``"on"`` is ORT's default, for timing one model alone (the default in isolated mode).
+
+Every call warns, with the fix, when several ONNX Runtime builds are installed (:mod:`.runtime`).
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import math
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from structadmm.errors import StructADMMError
-from structadmm.exporters.onnx_export import _one_line, load_onnx
+from structadmm.bench.runtime import warn_if_conflicting
 
-__all__ = ["LatencyEntry", "LatencyReport", "SessionSettings", "benchmark", "round_order", "time_interleaved"]
+__all__ = ["LatencyEntry", "LatencyReport", "SessionSettings", "benchmark", "median_interval", "round_order",
+           "round_ratios", "time_alone", "time_interleaved"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -71,6 +89,10 @@ class LatencyEntry:
     iqr_ms: float
     runs: int
     speedup: float  # baseline median / this median (1.0 for the baseline itself)
+    round_speedup: float = 1.0  # median over rounds of (baseline / this model) in that round
+    round_speedup_low: float = 1.0  # 95 % confidence interval of that median
+    round_speedup_high: float = 1.0
+    mode: str = "isolated"  # or "in-process"
 
 
 @dataclass
@@ -87,12 +109,17 @@ class LatencyReport:
         dense: str | None = None,
         pruned: str | None = None,
         mac_ratio: float | None = None,
+        byte_ratios: Mapping[int, float] | None = None,
     ) -> list[dict[str, object]]:
         """The report.json "latency" list (SPEC §5) for a dense/pruned pair.
 
         ``dense`` defaults to the baseline and ``pruned`` to the only other model. With
         ``mac_ratio`` (dense MACs / pruned MACs) each row also gets
-        ``efficiency = speedup / mac_ratio``.
+        ``efficiency = speedup / mac_ratio``; with ``byte_ratios`` (batch -> dense bytes moved /
+        pruned bytes moved, :meth:`~structadmm.exporters.OnnxCost.bytes_at`) it gets ``byte_ratio``
+        and ``byte_efficiency = speedup / byte_ratio``, what a memory-bound net can be judged against.
+        ``speedup_per_round`` (and its interval ``speedup_low``..``speedup_high``) is the median of
+        the per-round ratios, exact when ``dense`` is the baseline.
         """
         dense = dense or self.baseline
         pruned = pruned or self._only_other(dense)
@@ -111,9 +138,16 @@ class LatencyReport:
                 "dense_p90_ms": d.p90_ms,
                 "pruned_p90_ms": p.p90_ms,
                 "speedup": d.median_ms / p.median_ms,
+                "speedup_per_round": p.round_speedup / d.round_speedup,
+                "speedup_low": p.round_speedup_low / d.round_speedup,
+                "speedup_high": p.round_speedup_high / d.round_speedup,
+                "mode": d.mode,
             }
             if mac_ratio:
                 row["efficiency"] = row["speedup"] / mac_ratio
+            if byte_ratios and batch in byte_ratios:
+                row["byte_ratio"] = byte_ratios[batch]
+                row["byte_efficiency"] = row["speedup"] / byte_ratios[batch]
             rows.append(row)
         return rows
 
@@ -139,20 +173,29 @@ def benchmark(
     seed: int = 0,
     baseline: str | None = None,
     optimization: str = "all",
-    spinning: str = "run",
+    spinning: str | None = None,
+    isolate: bool = True,
+    processes: int = 3,
 ) -> LatencyReport:
     """Measure every model at every batch size on every usable provider.
 
     ``models`` maps display names to ONNX files that take the same inputs with a dynamic (or
     matching) batch axis; the first model, or ``baseline``, is the reference for speedups.
     Timing stops once ``min_runs`` rounds and ``min_seconds`` have both passed, or at
-    ``max_runs`` rounds. ``optimization`` is ORT's graph optimisation level (one of
-    :data:`OPTIMIZATION_LEVELS`); ``spinning`` is explained in the module docstring.
+    ``max_runs`` rounds; with ``isolate`` (see the module docstring) these budgets are split over
+    the ``processes`` rounds of processes, each of which also runs ``warmup`` untimed runs first.
+    ``optimization`` is ORT's graph optimisation level (one of :data:`OPTIMIZATION_LEVELS`);
+    ``spinning`` is explained in the module docstring (default: ``"on"`` isolated, ``"run"`` in-process).
     """
     paths = {name: Path(path) for name, path in models.items()}
-    settings = SessionSettings(threads, optimization, spinning)
+    settings = SessionSettings(threads, optimization, spinning or ("on" if isolate else "run"))
     baseline = _check_arguments(paths, baseline, batch_sizes, warmup, min_runs, max_runs)
+    if isolate and processes < 2:
+        raise StructADMMError(f"isolated timing needs at least 2 rounds of processes, got {processes}")
+    warn_if_conflicting()
     runnable, skipped = _select_providers(providers)
+    from structadmm.exporters.onnx_export import load_onnx  # here, not at the top: isolated children skip torch
+
     for path in paths.values():
         load_onnx(path)  # a clear error for a missing or corrupt file before anything is timed
     names = [baseline, *(name for name in paths if name != baseline)]
@@ -164,16 +207,95 @@ def benchmark(
             continue
         spec = _common_input_spec(sessions, paths)
         for batch in batch_sizes:
-            arrays = _random_inputs(spec, batch, seed)
-            runners = {name: _runner(sessions[name], arrays, provider) for name in names}
-            for run in runners.values():
-                for _ in range(warmup):
-                    run()
+            random_inputs(spec, batch, seed)  # a fixed batch that does not fit fails here, in this process
+        if isolate:
+            del sessions  # the children open their own; nothing of this process's stays on the device
+            budget = dict(min_runs=math.ceil(min_runs / processes), min_seconds=min_seconds / processes,
+                          max_runs=max(1, max_runs // processes))
+            for batch in batch_sizes:
+                per_process = _time_isolated(paths, names, provider, batch, settings, warmup, processes,
+                                             seed, budget)
+                times = {name: [t for run in per_process[name] for t in run] for name in names}
+                rounds = {name: [float(np.median(run)) for run in per_process[name]] for name in names}
+                report.entries.extend(_entries(provider, batch, threads, times, rounds, baseline, "isolated"))
+            continue
+        for batch in batch_sizes:
+            arrays = random_inputs(spec, batch, seed)
+            runners = {name: make_runner(sessions[name], arrays, provider) for name in names}
+            for i in range(warmup):  # warmed up in the same alternating order as they are timed
+                for name in round_order(names, i):
+                    runners[name]()
             times = time_interleaved(
                 runners, min_runs=min_runs, min_seconds=min_seconds, max_runs=max_runs
             )
-            report.entries.extend(_entries(provider, batch, threads, times, baseline))
+            report.entries.extend(_entries(provider, batch, threads, times, times, baseline, "in-process"))
     return report
+
+
+def time_alone(
+    path: str | Path,
+    *,
+    provider: str = CPU,
+    batch: int = 1,
+    settings: "SessionSettings | None" = None,
+    warmup: int = 10,
+    min_runs: int = 30,
+    min_seconds: float = 3.0,
+    max_runs: int = 10_000,
+    seed: int = 0,
+) -> list[float]:
+    """Seconds of every timed run of one model alone in this process (what an isolated child runs)."""
+    path = Path(path)
+    session, reason = _open_session(path, provider, settings or SessionSettings(spinning="on"))
+    if session is None:
+        raise StructADMMError(reason)
+    run = make_runner(session, random_inputs(_input_spec(session, path), batch, seed), provider)
+    for _ in range(warmup):
+        run()
+    return time_interleaved({"model": run}, min_runs=min_runs, min_seconds=min_seconds, max_runs=max_runs)["model"]
+
+
+def _time_isolated(
+    paths: Mapping[str, Path], names: Sequence[str], provider: str, batch: int, settings: "SessionSettings",
+    warmup: int, processes: int, seed: int, budget: Mapping[str, float],
+) -> dict[str, list[list[float]]]:
+    """Every model alone in a fresh process, the processes alternating; seconds per process per model."""
+    per_process: dict[str, list[list[float]]] = {name: [] for name in names}
+    for index in range(processes):
+        for name in round_order(names, index):
+            job = dict(path=str(paths[name]), provider=provider, batch=batch, threads=settings.threads,
+                       optimization=settings.optimization, spinning=settings.spinning, warmup=warmup,
+                       seed=seed, **budget)
+            per_process[name].append(_run_child(job))
+    return per_process
+
+
+# The isolated child: ``structadmm`` and ``structadmm.bench`` are bare namespaces there, so their
+# __init__ files (which import torch and the whole pipeline) are not run and a child starts in the
+# time it takes to import numpy and onnxruntime.
+_CHILD = """
+import json, sys, types
+root = sys.argv[1]
+for name, folder in (("structadmm", root), ("structadmm.bench", root + "/bench")):
+    module = types.ModuleType(name)
+    module.__path__ = [folder]
+    sys.modules[name] = module
+from structadmm.bench.latency import SessionSettings, time_alone
+job = json.loads(sys.argv[2])
+settings = SessionSettings(job.pop("threads"), job.pop("optimization"), job.pop("spinning"))
+print(json.dumps(time_alone(job.pop("path"), settings=settings, **job)))
+"""
+
+
+def _run_child(job: Mapping[str, object]) -> list[float]:
+    """:func:`time_alone` in a fresh Python process; its run times, or its error as a StructADMMError."""
+    package = str(Path(__file__).resolve().parents[1])  # the structadmm this process imported
+    done = subprocess.run([sys.executable, "-c", _CHILD, package, json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or "").splitlines() if line.strip()] or ["no output"]
+        message = lines[-1].removeprefix("structadmm.errors.StructADMMError: ")
+        raise StructADMMError(f"timing {job['path']} in its own process failed: {message}")
+    return [float(t) for t in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def round_order(names: Sequence[str], round_index: int) -> list[str]:
@@ -196,17 +318,53 @@ def time_interleaved(
     """
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
-    start = end = clock()
-    rounds = 0
-    while True:
-        for name in round_order(names, rounds):
-            begin = clock()
-            runners[name]()
-            end = clock()
-            times[name].append(end - begin)
-        rounds += 1
-        if rounds >= max_runs or (rounds >= min_runs and end - start >= min_seconds):
-            return times
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()  # a collection must not land inside one model's timed run
+    try:
+        start = end = clock()
+        rounds = 0
+        while True:
+            for name in round_order(names, rounds):
+                begin = clock()
+                runners[name]()
+                end = clock()
+                times[name].append(end - begin)
+            rounds += 1
+            if rounds >= max_runs or (rounds >= min_runs and end - start >= min_seconds):
+                return times
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def round_ratios(baseline: Sequence[float], other: Sequence[float]) -> np.ndarray:
+    """Per-round speedups of ``other`` over ``baseline`` (round i: baseline[i] / other[i])."""
+    if len(baseline) != len(other) or not len(baseline):
+        raise StructADMMError(f"per-round ratios need the same number of rounds, got {len(baseline)} and {len(other)}")
+    return np.asarray(baseline, dtype=float) / np.asarray(other, dtype=float)
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: order statistics k and n-k+1.
+
+    k is the largest rank for which the interval still covers the median with probability
+    ``confidence`` (binomial with p = 1/2); with too few values it is [min, max].
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        raise StructADMMError("no values to take a median of")
+    # exact integers: P(Binomial(n, 1/2) <= j) = sum of comb(n, i) for i <= j, over 2**n
+    limit = Fraction((1.0 - confidence) / 2).limit_denominator(10**6) * 2**n
+    k, below, term = 1, 0, 1  # below: 2**n P(B <= k - 1); term: comb(n, k - 1)
+    while k + 1 <= (n + 1) // 2:
+        below += term
+        term = term * (n - k + 1) // k  # comb(n, k)
+        if below + term > limit:
+            break
+        k += 1
+    return float(x[k - 1]), float(x[n - k])
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -260,22 +418,27 @@ def _open_sessions(
     """
     sessions = {}
     for name, path in paths.items():
-        try:
-            session = ort.InferenceSession(
-                str(path), settings.options(), providers=_provider_chain(provider)
-            )
-        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-            if provider != CPU:
-                return None, f"cannot create a session for {path}: {_one_line(exc)}"
-            raise StructADMMError(
-                f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}"
-            ) from exc
-        # ORT silently falls back to CPU when a GPU provider's libraries fail to load.
-        if session.get_providers()[0] != provider:
-            fallback = session.get_providers()[0]
-            return None, f"ONNX Runtime could not initialise it (fell back to {fallback})"
+        session, reason = _open_session(path, provider, settings)
+        if session is None:
+            return None, reason
         sessions[name] = session
     return sessions, ""
+
+
+def _open_session(path: Path, provider: str, settings: "SessionSettings") -> tuple[ort.InferenceSession | None, str]:
+    try:
+        session = ort.InferenceSession(str(path), settings.options(), providers=_provider_chain(provider))
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        from structadmm.exporters.onnx_export import _one_line  # here, not at the top: isolated children skip torch
+
+        if provider != CPU:
+            return None, f"cannot create a session for {path}: {_one_line(exc)}"
+        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
+    # ORT silently falls back to CPU when a GPU provider's libraries fail to load.
+    if session.get_providers()[0] != provider:
+        fallback = session.get_providers()[0]
+        return None, f"ONNX Runtime could not initialise it (fell back to {fallback})"
+    return session, ""
 
 
 @dataclass(frozen=True)
@@ -353,7 +516,7 @@ def _describe(spec: InputSpec) -> str:
     return ", ".join(f"{shape} {kind}" for shape, (_, kind) in zip(shapes, spec))
 
 
-def _random_inputs(spec: InputSpec, batch: int, seed: int) -> list[np.ndarray]:
+def random_inputs(spec: InputSpec, batch: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = []
     for (fixed_batch, *rest), kind in spec:
@@ -370,7 +533,8 @@ def _random_inputs(spec: InputSpec, batch: int, seed: int) -> list[np.ndarray]:
 # --- running ------------------------------------------------------------------------------
 
 
-def _runner(session: ort.InferenceSession, arrays: list[np.ndarray], provider: str) -> Runner:
+def make_runner(session: ort.InferenceSession, arrays: list[np.ndarray], provider: str) -> Runner:
+    """One run of ``session`` on ``arrays`` (on GPU providers through IOBinding, inputs already on the device)."""
     if provider == CPU:
         feed = {meta.name: array for meta, array in zip(session.get_inputs(), arrays)}
         return lambda: session.run(None, feed)
@@ -394,12 +558,16 @@ def _device_runner(session: ort.InferenceSession, arrays: list[np.ndarray]) -> R
 
 
 def _entries(
-    provider: str, batch: int, threads: int, times: Mapping[str, list[float]], baseline: str
+    provider: str, batch: int, threads: int, times: Mapping[str, list[float]],
+    rounds: Mapping[str, list[float]], baseline: str, mode: str,
 ) -> list[LatencyEntry]:
+    """Statistics of every run in ``times``; per-round ratios from ``rounds`` (one value per round)."""
     stats = {name: np.asarray(seconds) * 1e3 for name, seconds in times.items()}
     reference = float(np.median(stats[baseline]))
     entries = []
     for name, ms in stats.items():
+        ratios = round_ratios(rounds[baseline], rounds[name])
+        low, high = median_interval(ratios)
         q25, median, q75, p90 = (float(v) for v in np.percentile(ms, [25, 50, 75, 90]))
         entries.append(
             LatencyEntry(
@@ -413,6 +581,10 @@ def _entries(
                 iqr_ms=q75 - q25,
                 runs=len(ms),
                 speedup=1.0 if name == baseline else reference / median,
+                round_speedup=float(np.median(ratios)),
+                round_speedup_low=low,
+                round_speedup_high=high,
+                mode=mode,
             )
         )
     return entries

@@ -3,8 +3,10 @@
 ONNX Runtime's profiler records every kernel's duration. Node names from the exporter carry
 the torch module path (``/features/features.3/Conv``), and surgery keeps module names, so
 the dense and pruned graphs line up layer by layer: for every Conv / Gemm / MatMul the
-table has its output channels, MACs and measured time in both models. Fused kernels (a Conv
-that absorbed its ReLU) carry the time of what they absorbed.
+table has its output channels, MACs, bytes moved (the roofline's memory side: activations read
+and written at the profiled batch plus the weights, from :func:`~structadmm.exporters.count_onnx`)
+and measured time in both models. Fused kernels (a Conv that absorbed its ReLU) carry the time of
+what they absorbed. Times are averaged over the runs after the warm-up only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from structadmm.bench.latency import SessionSettings
+from structadmm.errors import StructADMMError
 from structadmm.exporters.counting import count_onnx
 from structadmm.exporters.onnx_export import load_onnx
 
@@ -38,11 +41,13 @@ class LayerRow:
     pruned_macs: int | None
     dense_ms: float
     pruned_ms: float | None
+    dense_bytes: int = 0  # bytes moved at the profiled batch (activations in and out, weights)
+    pruned_bytes: int | None = None
 
 
 def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0,
-               spinning: str = "run") -> dict[str, float]:
-    """Mean milliseconds per run of every node, from ONNX Runtime's profiler."""
+               spinning: str = "run", warmup: int = 5) -> dict[str, float]:
+    """Mean milliseconds per timed run of every node, from ONNX Runtime's profiler (warm-up runs left out)."""
     load_onnx(path)
     with tempfile.TemporaryDirectory() as tmp:
         options = SessionSettings(threads, spinning=spinning).options()
@@ -51,17 +56,32 @@ def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(seed)
         feed = {i.name: rng.standard_normal((batch, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}
-        for _ in range(3):  # warm-up runs are profiled too; they are few next to ``runs``
-            session.run(None, feed)
-        for _ in range(runs):
+        for _ in range(warmup + runs):  # the profiler cannot start late: warm-up runs are cut out below
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
     owner = _kernel_owner(load_onnx(path))
     total: dict[str, float] = defaultdict(float)
+    for kernel, ms in kernel_times(events, warmup=warmup).items():
+        total[owner(kernel)] += ms
+    return dict(total)
+
+
+def kernel_times(events: list[dict], *, warmup: int) -> dict[str, float]:
+    """Mean milliseconds per run of every kernel in a profile, over the runs after the first ``warmup``.
+
+    Every ``session.run`` is one ``model_run`` event; a kernel's events belong to the run whose
+    span contains their start.
+    """
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(runs) <= warmup:
+        raise StructADMMError(f"the profile has {len(runs)} runs; nothing is left after {warmup} warm-up runs")
+    start = runs[warmup][0]
+    timed = len(runs) - warmup
+    total: dict[str, float] = defaultdict(float)
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            total[owner(event["name"][: -len("_kernel_time")])] += event["dur"] / 1000.0
-    return {name: ms / (runs + 3) for name, ms in total.items()}
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= start:
+            total[event["name"][: -len("_kernel_time")]] += event["dur"] / 1000.0
+    return {name: ms / timed for name, ms in total.items()}
 
 
 def _kernel_owner(proto: onnx.ModelProto):
@@ -99,7 +119,7 @@ def _out_channels(proto: onnx.ModelProto) -> dict[str, int]:
 
 def layer_table(dense: str | Path, pruned: str | Path, *, batch: int = 8, threads: int = 2,
                 runs: int = 20, spinning: str = "run") -> list[LayerRow]:
-    """Per matrix layer: channels, MACs and measured time in the dense and the pruned model."""
+    """Per matrix layer: channels, MACs, bytes moved and measured time in the dense and the pruned model."""
     costs = {}
     times = {}
     channels = {}
@@ -116,5 +136,6 @@ def layer_table(dense: str | Path, pruned: str | Path, *, batch: int = 8, thread
             dense_macs=layer.macs, pruned_macs=small.macs if small else None,
             dense_ms=times["dense"].get(name, 0.0),
             pruned_ms=times["pruned"].get(name, 0.0) if small else None,
+            dense_bytes=layer.bytes_at(batch), pruned_bytes=small.bytes_at(batch) if small else None,
         ))
     return rows

@@ -89,12 +89,15 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{_parity_text(report)}.",
         "",
-        "## Latency (ONNX Runtime, dense and pruned interleaved)",
+        f"## Latency (ONNX Runtime, dense and pruned {_mode_text(report.get('latency') or [])})",
         "",
         *_latency_table(report.get("latency") or []),
         "",
         "Speedup = dense median / pruned median. Efficiency = speedup / MAC ratio "
-        "(1.0: the pruned model is faster by exactly the factor of work removed).",
+        "(1.0: the pruned model is faster by exactly the factor of work removed). Per round = the median "
+        "of the round-by-round ratios, with its 95 % confidence interval. Byte ratio = dense / pruned bytes "
+        "moved (activations and weights, unfused: the roofline's memory side), with speedup / byte ratio "
+        "in brackets: what a memory-bound net is judged against.",
         "",
         "![latency](latency.png)",
         "",
@@ -125,13 +128,27 @@ def _layer_table(rows: list[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _mode_text(rows: list[Mapping[str, Any]]) -> str:
+    modes = {row.get("mode") for row in rows}
+    if modes == {"isolated"}:
+        return "each alone in its own process, processes alternating"
+    return "interleaved in one process" if modes == {"in-process"} else "interleaved"
+
+
+def _per_round(row: Mapping[str, Any]) -> str:
+    if row.get("speedup_per_round") is None:
+        return NA
+    return (f"{_ratio(row.get('speedup_per_round'))} ({_number(row.get('speedup_low'))}–"
+            f"{_number(row.get('speedup_high'))})")
+
+
 def _latency_table(rows: list[Mapping[str, Any]]) -> list[str]:
     if not rows:
         return ["No latency was measured."]
     lines = [
         "| provider | batch | threads | dense median ms | dense p90 ms | pruned median ms "
-        "| pruned p90 ms | speedup | efficiency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pruned p90 ms | speedup | efficiency | per round (95 % CI) | byte ratio (eff) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [
@@ -144,6 +161,8 @@ def _latency_table(rows: list[Mapping[str, Any]]) -> list[str]:
             _ms(row.get("pruned_p90_ms")),
             _ratio(row.get("speedup")),
             _number(row.get("efficiency")),
+            _per_round(row),
+            f"{_ratio(row.get('byte_ratio'))} ({_number(row.get('byte_efficiency'))})" if "byte_ratio" in row else NA,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

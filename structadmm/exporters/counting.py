@@ -15,6 +15,13 @@ Definitions:
   Conv+BN pair counts as the conv's weight plus one bias per output channel, not as
   ``sum(p.numel())`` of the torch modules.
 
+* ``activation_bytes`` / ``weight_bytes`` — the memory one node reads and writes, for the roofline:
+  its non-constant inputs and outputs for ONE sample, and the constants it reads (once per run,
+  whatever the batch). At batch B a node moves ``B * activation_bytes + weight_bytes``
+  (:meth:`OnnxCost.bytes_at`). Every node is counted as if run alone, unfused (a Relu that ORT fuses
+  into its Conv moves nothing of its own; reshapes, which ORT does in place, count 0), so the totals are an upper bound on the traffic; a node with
+  a tensor of unknown shape counts 0.
+
 Nodes inside subgraphs (If/Loop bodies) are not counted.
 """
 
@@ -48,6 +55,12 @@ class LayerCost:
     op_type: str
     macs: int
     params: int
+    activation_bytes: int = 0  # per sample: non-constant inputs read + outputs written
+    weight_bytes: int = 0  # constants read, once per run
+
+    def bytes_at(self, batch: int) -> int:
+        """Bytes this node moves in one run at ``batch``."""
+        return batch * self.activation_bytes + self.weight_bytes
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,10 @@ class OnnxCost:
     params: int
     layers: list[LayerCost]
 
+    def bytes_at(self, batch: int) -> int:
+        """Bytes all nodes move in one run at ``batch`` (the roofline's memory side, unfused)."""
+        return sum(layer.bytes_at(batch) for layer in self.layers)
+
 
 def count_onnx(model_or_path: onnx.ModelProto | str | Path) -> OnnxCost:
     """Count per-sample MACs and parameters of an ONNX model (a file path or a ModelProto)."""
@@ -68,6 +85,7 @@ def count_onnx(model_or_path: onnx.ModelProto | str | Path) -> OnnxCost:
     graph = _infer_with_batch_one(proto).graph
     constants = _float_constant_sizes(graph)
     shapes = _static_shapes(graph)
+    itemsizes = _itemsizes(graph)
     credited: set[str] = set()
     layers = []
     for index, node in enumerate(graph.node):
@@ -79,6 +97,7 @@ def count_onnx(model_or_path: onnx.ModelProto | str | Path) -> OnnxCost:
                 op_type=node.op_type,
                 macs=_node_macs(node, shapes),
                 params=sum(constants[n] for n in owned),
+                **_node_bytes(node, shapes, itemsizes, constants),
             )
         )
     return OnnxCost(
@@ -142,6 +161,37 @@ def _shape(shapes: dict[str, Shape], node: onnx.NodeProto, tensor: str) -> Shape
         f"cannot count the MACs of {node.op_type} node {node.name or '(unnamed)'}: the shape of "
         f"{tensor!r} is unknown (only the batch axis of the inputs may be dynamic)"
     )
+
+
+_VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})  # ORT reuses the buffer
+
+
+def _itemsizes(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {init.name: init.data_type for init in graph.initializer}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        types.setdefault(value.name, value.type.tensor_type.elem_type)
+    for node in graph.node:
+        tensor = _constant_tensor(node)
+        if tensor is not None:
+            types[node.output[0]] = tensor.data_type
+    sizes = {}
+    for name, kind in types.items():
+        try:
+            sizes[name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+    return sizes
+
+
+def _node_bytes(node: onnx.NodeProto, shapes: dict[str, Shape], itemsizes: dict[str, int],
+                constants: dict[str, int]) -> dict[str, int]:
+    tensors = [name for name in (*node.input, *node.output) if name]
+    if node.op_type in _VIEW_OPS or any(name not in shapes or name not in itemsizes for name in tensors):
+        return {"activation_bytes": 0, "weight_bytes": 0}
+    size = {name: math.prod(shapes[name]) * itemsizes[name] for name in tensors}
+    weights = sum(size[name] for name in dict.fromkeys(node.input) if name in constants)
+    activations = sum(size[name] for name in dict.fromkeys(tensors) if name not in constants)
+    return {"activation_bytes": activations, "weight_bytes": weights}
 
 
 # --- parameters ---------------------------------------------------------------------------

@@ -12,14 +12,18 @@ measurements drive the choice:
 A greedy search then raises, one grid step at a time, the ratio of the group that saves the
 most MACs per unit of sensitivity, until the MAC target is met. A latency target (a
 speedup over dense on ONNX Runtime CPU) is met by searching over MAC targets with real
-measurements of the compacted, exported candidate: latency is measured, not modelled.
+measurements of the compacted, exported candidate: latency is measured, not modelled. Each
+measurement is made long enough to tell whether the candidate meets the target: the 95 %
+confidence interval of its speedup (median of the per-round ratios) must exclude the target, else it
+is measured again for twice as long, up to ``max_seconds``. Every measurement, with its interval,
+is kept in :attr:`BudgetResult.measurements`.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +45,16 @@ class BudgetResult:
     ratios: dict[str, float]  # group name -> ratio
     mac_ratio: float  # predicted dense MACs / pruned MACs
     speedup: float | None = None  # measured, for latency targets
+    measurements: list[dict[str, Any]] = field(default_factory=list)  # latency targets: every candidate timed
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A measured speedup over dense and the 95 % confidence interval of it."""
+
+    speedup: float
+    low: float
+    high: float
 
 
 class MacModel:
@@ -201,20 +215,28 @@ def _sensitivity(model: nn.Module, plan: PruningPlan,
 
 def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
                      probe: Callable[[nn.Module], float] | None = None, sparsity: str = "filter",
-                     batch: int = 8, threads: int = 2, min_seconds: float = 1.0, multiple: int = 1,
-                     measure: Callable[[nn.Module, nn.Module], float] | None = None) -> BudgetResult:
+                     batch: int = 8, threads: int = 2, min_seconds: float = 1.0, max_seconds: float = 8.0,
+                     multiple: int = 1,
+                     measure: Callable[[nn.Module, nn.Module, float], Speedup] | None = None) -> BudgetResult:
     """Per-group ratios so that the compacted model runs ``speedup`` times faster than dense.
 
     Searches over MAC targets (bisection on the log scale), measuring each candidate's
-    speedup with ``measure(dense, small)`` — by default ONNX Runtime CPU, interleaved.
+    speedup with ``measure(dense, small, seconds)`` — by default ONNX Runtime CPU, dense and
+    candidate interleaved in this process for ``seconds`` (run-by-run pairs give an interval that
+    narrows as the measurement grows; a fresh process per round would not). A measurement whose
+    interval contains the target is repeated for twice as long, up to ``max_seconds``; if it still
+    cannot tell, the point estimate decides and the record says ``"resolved": False``.
     """
     if not speedup > 1.0:
         raise StructADMMError(f"a latency target is a speedup over dense and must be > 1, got {speedup}")
+    if not 0 < min_seconds <= max_seconds:
+        raise StructADMMError(f"need 0 < min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
     search = _Search(model, example_inputs, probe, sparsity, GRID, multiple)
-    measure = measure or (lambda dense, small: _ort_speedup(dense, small, example_inputs, batch, threads, min_seconds))
+    measure = measure or (lambda dense, small, seconds: _ort_speedup(dense, small, example_inputs, batch, threads,
+                                                                     seconds))
     weak, strong, ceiling = 1.0, None, None  # MAC targets: too weak; meets the speedup; unreachable
     best: BudgetResult | None = None
-    measured: list[float] = []
+    records: list[dict[str, Any]] = []
     target = speedup
     for _ in range(8):
         try:
@@ -222,8 +244,17 @@ def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
         except StructADMMError:
             ceiling = target
         else:
-            candidate.speedup = measure(model, _compact_copy(model, example_inputs, candidate.plan))
-            measured.append(candidate.speedup)
+            small = _compact_copy(model, example_inputs, candidate.plan)
+            seconds = min_seconds
+            while True:
+                measured = measure(model, small, seconds)
+                resolved = not measured.low <= speedup <= measured.high
+                if resolved or seconds * 2 > max_seconds:
+                    break
+                seconds *= 2
+            candidate.speedup = measured.speedup
+            records.append({"mac_target": target, "mac_ratio": candidate.mac_ratio, "speedup": measured.speedup,
+                            "low": measured.low, "high": measured.high, "seconds": seconds, "resolved": resolved})
             if candidate.speedup >= speedup:
                 best, strong = candidate, target
             else:
@@ -231,10 +262,13 @@ def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
         upper = strong or ceiling
         if strong is not None and strong / weak < 1.05:
             break
-        target = (weak * upper) ** 0.5 if upper else target * max(1.25, speedup / max(measured[-1], 1e-6))
+        last = records[-1]["speedup"] if records else 1.0
+        target = (weak * upper) ** 0.5 if upper else target * max(1.25, speedup / max(last, 1e-6))
     if best is None:
         raise StructADMMError(f"a {speedup:g}x speedup was not reached (best measured: "
-                              f"{max(measured, default=1.0):.2f}x); ask for less, or use a larger batch")
+                              f"{max((r['speedup'] for r in records), default=1.0):.2f}x); ask for less, "
+                              "or use a larger batch")
+    best.measurements = records
     return best
 
 
@@ -251,7 +285,7 @@ def _compact_copy(model: nn.Module, example_inputs: Any, plan: PruningPlan) -> n
 
 
 def _ort_speedup(dense: nn.Module, small: nn.Module, example_inputs: Any, batch: int, threads: int,
-                 min_seconds: float) -> float:
+                 min_seconds: float) -> Speedup:
     from ..bench import benchmark
     from ..exporters import export_onnx
 
@@ -260,5 +294,7 @@ def _ort_speedup(dense: nn.Module, small: nn.Module, example_inputs: Any, batch:
         paths = {"dense": Path(tmp) / "dense.onnx", "pruned": Path(tmp) / "pruned.onnx"}
         export_onnx(dense, example, paths["dense"])
         export_onnx(small, example, paths["pruned"])
-        report = benchmark(paths, batch_sizes=(batch,), threads=threads, min_seconds=min_seconds, min_runs=20)
-    return float(report.to_rows(dense="dense", pruned="pruned")[0]["speedup"])
+        report = benchmark(paths, batch_sizes=(batch,), threads=threads, min_seconds=min_seconds, min_runs=20,
+                           isolate=False)
+    row = report.to_rows(dense="dense", pruned="pruned")[0]
+    return Speedup(float(row["speedup_per_round"]), float(row["speedup_low"]), float(row["speedup_high"]))

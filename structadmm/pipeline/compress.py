@@ -245,7 +245,7 @@ class _Pipeline:
             result = plan_for_latency(self.model, self.example, config.target_latency, batch=batch,
                                       threads=config.bench_threads, **common)
         self.state.facts["budget"] = {"ratios": result.ratios, "predicted_mac_ratio": result.mac_ratio,
-                                      "measured_speedup": result.speedup}
+                                      "measured_speedup": result.speedup, "measurements": result.measurements}
         return result.plan
 
     def _admm(self, admm: ADMM) -> Masks:
@@ -299,7 +299,9 @@ class _Pipeline:
             {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx"},
             batch_sizes=config.bench_batches, threads=config.bench_threads,
             min_runs=config.bench_min_runs, min_seconds=config.bench_min_seconds, seed=config.seed,
+            isolate=config.bench_isolate,
         )
+        byte_ratios = {b: dense_cost.bytes_at(b) / max(pruned_cost.bytes_at(b), 1) for b in config.bench_batches}
         report = {
             "model": self.name,
             "dense": {"accuracy": dense_acc, "macs": dense_cost.macs, "params": dense_cost.params,
@@ -313,7 +315,7 @@ class _Pipeline:
                                "compression": storage.compression},
             "param_ratio": dense_cost.params / max(pruned_cost.params, 1),
             "parity": {"max_abs_diff": parity, "ok": True},
-            "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio),
+            "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios),
             "skipped_providers": [{"provider": p, "reason": r} for p, r in latency.skipped],
             "admm": [r.__dict__ for r in admm.history],
             "groups": [cut.__dict__ for cut in cuts],
@@ -338,9 +340,11 @@ def _versions() -> dict[str, str]:
     import onnxruntime
 
     from .. import __version__
+    from ..bench.runtime import installed_ort
 
     return {"structadmm": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "onnxruntime_package": "+".join(installed_ort()) or "unknown",
+            "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": str(os.cpu_count())}
 
 

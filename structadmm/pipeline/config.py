@@ -47,6 +47,7 @@ class CompressConfig:
     bench_threads: int = 2
     bench_min_runs: int = 30
     bench_min_seconds: float = 3.0
+    bench_isolate: bool = True  # each model alone in its own process, alternating (False: interleaved in one)
     # the run
     seed: int = 0
     device: str = "cpu"
