@@ -8,6 +8,7 @@
     sa.apply_masks(model, masks)          # retrain with pruned weights held at zero
     small = sa.compact(model, example_inputs)
     sa.export_onnx(small, example_inputs, "pruned.onnx")
+    sa.quantize_onnx("pruned.onnx", "pruned-int8.onnx", train_dataset)   # ONNX Runtime static INT8
     report = sa.benchmark({"dense": "dense.onnx", "pruned": "pruned.onnx"})
 """
 
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 from .bench import LatencyReport, benchmark, write_report
 from .errors import ParityError, StructADMMError, StructADMMWarning
-from .exporters import count_onnx, export_onnx, load_onnx, verify_onnx
+from .exporters import count_onnx, export_onnx, load_onnx, quantize_onnx, verify_onnx
 from .pipeline import (
     ADMM,
     CompressConfig,
@@ -32,5 +33,5 @@ from .pipeline import (
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",
     "Sparsity", "StructADMMError", "StructADMMWarning", "apply_masks", "benchmark", "compact", "compress",
-    "count_onnx", "export_onnx", "load_onnx", "trace", "verify_onnx", "write_report",
+    "count_onnx", "export_onnx", "load_onnx", "quantize_onnx", "trace", "verify_onnx", "write_report",
 ]

@@ -106,6 +106,9 @@ def run(
         "Choose per-layer ratios for this MAC reduction (e.g. 4 for 4x fewer), by layer sensitivity.")),
     target_latency: Optional[float] = typer.Option(None, "--target-latency", help=(
         "Choose per-layer ratios for this measured ONNX Runtime CPU speedup over dense (e.g. 3).")),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=(
+        "int8: also quantize pruned.onnx and dense.onnx with ONNX Runtime (static QDQ, per-channel, calibrated "
+        "on training batches), measure them in ONNX Runtime and gate the pruned INT8 model.")),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with any of the settings."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new folder under ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (training device)."),
@@ -125,7 +128,7 @@ def run(
     if resume is not None and out_dir is not None and out_dir.resolve() != resume.resolve():
         raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
-                                         target_macs=target_macs, target_latency=target_latency,
+                                         target_macs=target_macs, target_latency=target_latency, quantize=quantize,
                                          plan=str(plan) if plan else None).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
     torch.manual_seed(cfg.seed)  # before building, so a model's initial weights are the same every run
@@ -138,6 +141,11 @@ def run(
     if result.rank != 0:  # under torchrun, rank 0 speaks for the job
         return
     out.print(render_table(result.report))
+    gate = (result.report.get("quantized") or {}).get("gate")
+    if gate and not gate["ok"]:
+        err.print(f"[bold yellow]warning:[/] the pruned INT8 model failed its gate ({'; '.join(gate['reasons'])}); "
+                  f"kept as {result.report['quantized']['onnx']} for inspection, not shipped as pruned-int8.onnx",
+                  highlight=False, soft_wrap=True)
     out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png, accuracy.png)")
 
 

@@ -56,9 +56,16 @@ def render_table(report: Mapping[str, Any]) -> Table:
                   _ratio(_ratio_value(report, "mac_ratio", "macs")))
     table.add_row("params", _si(dense.get("params")), _si(pruned.get("params")),
                   _ratio(_ratio_value(report, "param_ratio", "params")))
+    quantized = _side(report, "quantized")
+    if quantized:
+        ort_acc = _side(quantized, "ort_accuracy")
+        gate = _side(quantized, "gate")
+        table.add_row("INT8 accuracy (ORT)", _percent(ort_acc.get("dense INT8")), _percent(ort_acc.get("pruned INT8")),
+                      "gate ok" if gate.get("ok") else "gate FAILED")
     rows = report.get("latency") or []
     if rows:
         table.add_section()
+    variants = {(r.get("provider"), r.get("batch"), r.get("variant")): r for r in report.get("latency_variants") or []}
     for row in rows:
         table.add_row(
             f"{_short(row.get('provider'))} batch {row.get('batch', NA)} ms",
@@ -66,6 +73,12 @@ def render_table(report: Mapping[str, Any]) -> Table:
             f"{_ms(row.get('pruned_ms'))} (p90 {_ms(row.get('pruned_p90_ms'))})",
             f"{_ratio(row.get('speedup'))} (eff {_number(row.get('efficiency'))})",
         )
+        dense_int8 = variants.get((row.get("provider"), row.get("batch"), "dense INT8"))
+        pruned_int8 = variants.get((row.get("provider"), row.get("batch"), "pruned INT8"))
+        if dense_int8 and pruned_int8:
+            table.add_row(f"{_short(row.get('provider'))} batch {row.get('batch', NA)} INT8 ms",
+                          _ms(dense_int8.get("median_ms")), _ms(pruned_int8.get("median_ms")),
+                          f"{_ratio(pruned_int8.get('speedup'))} vs dense FP32")
     return table
 
 
@@ -101,6 +114,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         "![latency](latency.png)",
         "",
+        *_int8_section(report),
         "## Accuracy against MACs",
         "",
         "![accuracy](accuracy.png)",
@@ -108,6 +122,63 @@ def _markdown(report: Mapping[str, Any]) -> str:
         *_layer_table(report.get("layers") or []),
     ]
     return "\n".join(lines)
+
+
+_VARIANTS = ("dense FP32", "pruned FP32", "pruned INT8", "dense INT8")
+
+
+def _int8_section(report: Mapping[str, Any]) -> list[str]:
+    """The four variants side by side (``--quantize int8``): accuracy in ONNX Runtime, size, latency."""
+    quantized = _side(report, "quantized")
+    if not quantized:
+        return []
+    dense, pruned, sizes = _side(report, "dense"), _side(report, "pruned"), _side(report, "file_sizes")
+    dense_int8 = _side(quantized, "dense_int8")
+    accuracy = _side(quantized, "ort_accuracy")
+    files = {"dense FP32": dense.get("onnx"), "pruned FP32": pruned.get("onnx"),
+             "pruned INT8": quantized.get("onnx"), "dense INT8": dense_int8.get("onnx")}
+    macs = {"dense FP32": dense.get("macs"), "pruned FP32": pruned.get("macs"), "pruned INT8": quantized.get("macs"),
+            "dense INT8": dense.get("macs")}
+    lines = [
+        "## INT8 (ONNX Runtime quantization)",
+        "",
+        "| | " + " | ".join(_VARIANTS) + " |",
+        "|---|" + "---:|" * len(_VARIANTS),
+        "| accuracy (ONNX Runtime) | " + " | ".join(_percent(accuracy.get(v)) for v in _VARIANTS) + " |",
+        "| MACs / sample | " + " | ".join(_si(macs[v]) for v in _VARIANTS) + " |",
+        "| file | " + " | ".join(f"{files[v] or NA} ({_bytes(sizes.get(files[v]))})" for v in _VARIANTS) + " |",
+    ]
+    variants = report.get("latency_variants") or []
+    for provider, batch in dict.fromkeys((r.get("provider"), r.get("batch")) for r in variants):
+        by = {r.get("variant"): r for r in variants if (r.get("provider"), r.get("batch")) == (provider, batch)}
+        lines.append(f"| {_short(provider)} batch {batch}: median ms (speedup) | " + " | ".join(
+            f"{_ms(by.get(v, {}).get('median_ms'))} ({_ratio(by.get(v, {}).get('speedup'))})" for v in _VARIANTS) + " |")
+    gate = _side(quantized, "gate")
+    verdict = "ok" if gate.get("ok") else "FAILED: " + "; ".join(gate.get("reasons") or [])
+    drop = gate.get("accuracy_drop")
+    lines += [
+        "",
+        "All four timed in one interleaved run; speedup is over dense FP32.",
+        "",
+        f"INT8 gate (pruned INT8 against pruned FP32): top-1 agreement {_percent(gate.get('agreement'))} "
+        f"(min {_percent(gate.get('min_agreement'))}), accuracy drop "
+        f"{f'{drop * 100:.2f} pt' if isinstance(drop, (int, float)) else NA} "
+        f"(max {_number((gate.get('max_accuracy_drop') or 0) * 100)} pt): {verdict}.",
+        "",
+        f"Quantization: {quantized.get('mode', NA)}, calibration {quantized.get('calibration_method') or 'none'} on "
+        f"{quantized.get('calibration_samples', NA)} training samples, per-channel weights "
+        f"{'on' if quantized.get('per_channel') else 'off'}, {quantized.get('quantized_nodes', NA)} matrix layers in "
+        f"INT8, left in FP32: {', '.join(quantized.get('excluded') or []) or 'none'}.",
+        "",
+    ]
+    sensitivity = quantized.get("sensitivity") or []
+    if sensitivity:
+        lines += ["### Per-layer sensitivity (each layer quantized alone, most sensitive first)", "",
+                  "| layer | op | output SQNR dB | top-1 agreement with FP32 |", "|---|---|---:|---:|"]
+        lines += [f"| {r.get('node')} | {r.get('op_type')} | {_number(r.get('sqnr_db'))} | {_percent(r.get('agreement'))} |"
+                  for r in sensitivity]
+        lines += ["", "Layers to leave in FP32 go in the config's `quantize_exclude`.", ""]
+    return lines
 
 
 def _layer_table(rows: list[Mapping[str, Any]]) -> list[str]:
@@ -181,8 +252,13 @@ def _plot_png(report: Mapping[str, Any]) -> bytes:
     grid_rows = max(1, math.ceil(len(rows) / columns))
     figure = Figure(figsize=(3.2 * columns + 0.6, 3.4 * grid_rows + 0.8), layout="constrained")
     axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    variants = report.get("latency_variants") or []
     for ax, row in zip(axes, rows):
-        _plot_row(ax, row)
+        same = [v for v in variants if (v.get("provider"), v.get("batch")) == (row.get("provider"), row.get("batch"))]
+        if same:
+            _plot_variants(ax, row, same)
+        else:
+            _plot_row(ax, row)
     for ax in axes[len(rows):]:
         ax.set_axis_off()
     if not rows:
@@ -234,6 +310,22 @@ def _plot_row(ax: Any, row: Mapping[str, Any]) -> None:
         label += f"\nefficiency {_number(row['efficiency'])}"
     ax.text(0.5, 0.95, label, transform=ax.transAxes, ha="center", va="top", fontsize=9,
             fontweight="bold")
+
+
+def _plot_variants(ax: Any, row: Mapping[str, Any], variants: list[Mapping[str, Any]]) -> None:
+    """dense FP32, pruned FP32, pruned INT8, dense INT8 side by side."""
+    colors = {"dense FP32": _COLORS["dense"], "pruned FP32": _COLORS["pruned"], "pruned INT8": "#2ca02c",
+              "dense INT8": "#bcbd22"}
+    values = [v.get("median_ms") for v in variants]
+    heights = [v if isinstance(v, (int, float)) else 0.0 for v in values]
+    labels = [str(v.get("variant")) for v in variants]
+    bars = ax.bar([label.replace(" ", "\n") for label in labels], heights, color=[colors.get(l, "#777") for l in labels])
+    ax.bar_label(bars, labels=[f"{_ms(v)}\n{_ratio(r.get('speedup'))}" for v, r in zip(values, variants)],
+                 padding=2, fontsize=7)
+    ax.set_title(f"{_short(row.get('provider'))}, batch {row.get('batch', NA)}", fontsize=10)
+    ax.set_ylabel("median latency (ms)")
+    ax.set_ylim(0, max(heights + [1e-9]) * 1.5)
+    ax.tick_params(axis="x", labelsize=7)
 
 
 def _macs_caption(report: Mapping[str, Any]) -> str:
@@ -300,6 +392,10 @@ def _ratio(value: Any) -> str:
 
 def _number(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else NA
+
+
+def _bytes(value: Any) -> str:
+    return f"{_si(value)}B" if isinstance(value, (int, float)) else NA
 
 
 def _ms(value: Any) -> str:

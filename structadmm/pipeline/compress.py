@@ -282,6 +282,7 @@ class _Pipeline:
         from ..bench.profile import layer_table
         from .lowering import LoweredConv
         from ..exporters import count_onnx, sparse_storage, verify_onnx
+        from ..exporters.quantize import quantize_run
 
         config, model, out, val = self.config, self.model, self.out, self.val
         small, cuts = compact_with_report(model, self.example)
@@ -295,8 +296,10 @@ class _Pipeline:
         dense_cost, pruned_cost = count_onnx(out / "dense.onnx"), count_onnx(out / "pruned.onnx")
         mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
         storage = sparse_storage(out / "pruned.onnx")  # what irregular sparsity buys: bytes, not speed
+        # --quantize int8: INT8 files made, evaluated and gated in ORT, then timed with the FP32 pair
+        quantized = quantize_run(out, config, self.train, val) if config.quantize else None
         latency = benchmark(
-            {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx"},
+            {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx", **(quantized.models if quantized else {})},
             batch_sizes=config.bench_batches, threads=config.bench_threads,
             min_runs=config.bench_min_runs, min_seconds=config.bench_min_seconds, seed=config.seed,
             isolate=config.bench_isolate,
@@ -330,6 +333,8 @@ class _Pipeline:
             "seed": config.seed,
             "versions": _versions(),
         }
+        if quantized is not None:
+            report.update(quantized.report(out, latency, pruned_cost.macs))
         write_report(out, report)
         self.folder.finish()
         return json.loads(json.dumps(report))

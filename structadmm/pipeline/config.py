@@ -52,6 +52,17 @@ class CompressConfig:
     seed: int = 0
     device: str = "cpu"
 
+    # --- INT8 quantization (ONNX Runtime; exporters/quantize.py) -------------------------------
+    quantize: str | None = None  # "int8": quantize pruned.onnx (and dense.onnx for reference) after export
+    quantize_mode: str = "auto"  # static (QDQ, calibrated) | dynamic (weights only) | auto (dynamic if Linear-heavy)
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    calibration_batches: int = 8  # batches of training data (of batch_size) the calibration reads
+    quantize_per_channel: bool = True
+    quantize_exclude: list[str] = field(default_factory=list)  # ONNX node names left in FP32 (see sensitivity)
+    int8_min_agreement: float = 0.98  # INT8 gate: top-1 agreement with the FP32 model on held-out data
+    int8_max_accuracy_drop: float = 0.005  # INT8 gate: FP32 accuracy minus INT8 accuracy (0.005 = 0.5 pt)
+    # --- end INT8 quantization ------------------------------------------------------------------
+
     def __post_init__(self) -> None:
         parse_sparsity(self.sparsity)
         self.ratio = check_ratio(self.ratio)
@@ -75,6 +86,24 @@ class CompressConfig:
             raise StructADMMError(f"bench_batches must be positive batch sizes, got {self.bench_batches}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise StructADMMError(f"device must be cpu or cuda, got {self.device!r}")
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        """The INT8 quantization block's settings."""
+        if self.quantize not in (None, "int8"):
+            raise StructADMMError(f"quantize must be int8 (or left out), got {self.quantize!r}")
+        if self.quantize_mode not in ("auto", "static", "dynamic"):
+            raise StructADMMError(f"quantize_mode must be auto, static or dynamic, got {self.quantize_mode!r}")
+        if self.calibration_method not in ("minmax", "entropy", "percentile"):
+            raise StructADMMError(f"calibration_method must be minmax, entropy or percentile, got {self.calibration_method!r}")
+        if int(self.calibration_batches) < 1:
+            raise StructADMMError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+        if not isinstance(self.quantize_exclude, list) or not all(isinstance(n, str) for n in self.quantize_exclude):
+            raise StructADMMError("quantize_exclude must be a list of ONNX node names")
+        if not 0 <= self.int8_min_agreement <= 1:
+            raise StructADMMError(f"int8_min_agreement must be in [0, 1], got {self.int8_min_agreement}")
+        if not 0 <= self.int8_max_accuracy_drop <= 1:
+            raise StructADMMError(f"int8_max_accuracy_drop must be in [0, 1], got {self.int8_max_accuracy_drop}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "CompressConfig":

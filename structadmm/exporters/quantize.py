@@ -1,0 +1,500 @@
+"""INT8 ONNX files made by ONNX Runtime's quantization tooling, and the gate they must pass.
+
+This module owns the step "FP32 ONNX file → INT8 ONNX file" and nothing of the arithmetic:
+every scale and zero point comes from ``onnxruntime.quantization``.
+
+* :func:`quantize_onnx`: ``quant_pre_process``, then static quantization (QDQ format, per-channel
+  weights, activations calibrated on the batches given, with MinMax, Entropy or Percentile)
+  or dynamic quantization (weights only, activations ranged at run time: for Linear-heavy
+  models). Named nodes can be left in FP32.
+* :func:`layer_sensitivity`: each quantizable layer quantized on its own (reusing one
+  calibration), scored by how far the model's output moves from FP32: the list to choose
+  exclusions from.
+* :func:`check_int8`: the INT8 gate, top-1 agreement with the FP32 model and accuracy drop.
+* :func:`quantize_run`: the pipeline's ``--quantize int8`` stage over a run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import tempfile
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+
+from structadmm.errors import StructADMMError
+from structadmm.exporters.onnx_export import _one_line, load_onnx
+
+__all__ = ["CALIBRATION_METHODS", "Int8Gate", "LayerSensitivity", "QuantizeResult", "QuantizedRun",
+           "calibration_batches", "check_int8", "layer_sensitivity", "quantize_onnx", "quantize_run"]
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+MODES = ("auto", "static", "dynamic")
+# the matrix ops whose weights carry the model's size and time
+_MATRIX_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What :func:`quantize_onnx` wrote."""
+
+    path: Path
+    mode: str  # static | dynamic
+    method: str | None  # the calibration method (static only)
+    calibration_samples: int  # samples the calibration read (0 for dynamic)
+    per_channel: bool
+    excluded: tuple[str, ...]
+    quantized_nodes: int  # matrix nodes now fed by int8 weights
+    bytes: int
+
+
+def calibration_batches(data: Any, batches: int, batch_size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """The first ``batches`` input batches of ``data``, as float32 arrays; nothing more is read.
+
+    ``data``: a DataLoader (its own batches, in its order), a Dataset or ``(x, y)`` pair (batched
+    by ``batch_size`` in a seeded shuffle, so a class-sorted set still calibrates on every class),
+    an array or tensor of inputs, or an iterable of batches.
+    """
+    from torch.utils.data import DataLoader, Dataset
+
+    from structadmm.pipeline.train import make_loader
+
+    if batches < 1:
+        raise StructADMMError(f"calibration needs at least 1 batch, got {batches}")
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        data = (torch.as_tensor(data),)
+    if isinstance(data, (Dataset, tuple)):
+        data = make_loader(data, batch_size, shuffle=True, seed=seed)
+    if not isinstance(data, (DataLoader, Iterable)):
+        raise StructADMMError(f"calibration data must be a Dataset, DataLoader, array or batches, not {type(data).__name__}")
+    out: list[np.ndarray] = []
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        out.append(np.ascontiguousarray(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x,
+                                                   dtype=np.float32)))
+        if len(out) == batches:
+            break
+    if not out:
+        raise StructADMMError("the calibration data is empty")
+    return out
+
+
+def quantize_onnx(
+    model: str | Path,
+    path: str | Path,
+    calibration: Any = None,
+    *,
+    mode: str = "auto",
+    method: str = "minmax",
+    batches: int = 8,
+    batch_size: int = 32,
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    nodes: Sequence[str] | None = None,
+    preprocess: bool = True,
+    seed: int = 0,
+    calibration_cache: str | Path | None = None,
+) -> QuantizeResult:
+    """Quantize the FP32 ONNX file ``model`` to INT8 at ``path`` with ONNX Runtime.
+
+    ``mode``: ``static`` (QDQ, activations calibrated on the first ``batches`` batches of
+    ``calibration``, see :func:`calibration_batches`), ``dynamic`` (weights only; no calibration
+    data) or ``auto`` (dynamic when Gemm/MatMul hold most of the MACs, else static).
+    ``method``: minmax | entropy | percentile. ``exclude``: node names left in FP32 (names as in
+    :func:`layer_sensitivity`); ``nodes``: quantize only these. ``path`` is written atomically.
+    """
+    model, path = Path(model), Path(path)
+    if mode not in MODES:
+        raise StructADMMError(f"quantization mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if method not in CALIBRATION_METHODS:
+        raise StructADMMError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    proto = load_onnx(model)
+    with tempfile.TemporaryDirectory(prefix="structadmm-quant-") as tmp:
+        source = _preprocessed(model, Path(tmp)) if preprocess else model
+        graph = onnx.load(source).graph
+        _check_node_names(graph, exclude, "exclude")
+        _check_node_names(graph, nodes or (), "nodes")
+        if mode == "auto":
+            mode = "dynamic" if _matrix_share(proto) > 0.5 else "static"
+        tmp_out = Path(tmp) / "quantized.onnx"
+        samples = 0
+        with _quiet():
+            if mode == "static":
+                samples = _quantize_static(graph, source, tmp_out, calibration, method, batches, batch_size,
+                                           per_channel, exclude, nodes, seed, calibration_cache)
+            else:
+                _quantize_dynamic(source, Path(tmp), tmp_out, per_channel, exclude, nodes)
+        quantized = load_onnx(tmp_out)
+        count = _quantized_matrix_nodes(quantized)
+        _write_atomic(tmp_out, path)
+    return QuantizeResult(path, mode, method if mode == "static" else None, samples, per_channel,
+                          tuple(exclude), count, path.stat().st_size)
+
+
+# --- static and dynamic ---------------------------------------------------------------------
+
+
+class _Reader(CalibrationDataReader):
+    """ORT's calibration reader over a fixed list of input arrays: it yields those and nothing else."""
+
+    def __init__(self, name: str, arrays: list[np.ndarray]):
+        self.name, self.arrays, self.position = name, arrays, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.arrays):
+            return None
+        self.position += 1
+        return {self.name: self.arrays[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+
+def _quantize_static(graph: onnx.GraphProto, source: Path, out: Path, calibration: Any, method: str, batches: int,
+                     batch_size: int, per_channel: bool, exclude: Sequence[str], nodes: Sequence[str] | None,
+                     seed: int, cache: str | Path | None) -> int:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    inputs = _graph_inputs(graph)
+    if len(inputs) != 1:
+        raise StructADMMError(f"static quantization calibrates single-input models; this one takes {len(inputs)} "
+                              "inputs: use mode='dynamic'")
+    reader = None
+    samples = 0
+    if calibration is not None and not (cache is not None and Path(cache).is_file()):
+        arrays = calibration_batches(calibration, batches, batch_size, seed)
+        samples = sum(len(a) for a in arrays)
+        reader = _Reader(inputs[0], arrays)
+    elif calibration is None and not (cache is not None and Path(cache).is_file()):
+        raise StructADMMError("static quantization needs calibration data (batches of training inputs)")
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"CalibPercentile": 99.999} if method == "percentile" else {}
+    try:
+        quantize_static(
+            str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude), nodes_to_quantize=list(nodes or []), calibrate_method=calibrate,
+            extra_options=extra, calibration_cache_path=str(cache) if cache is not None else None,
+        )
+    except (ValueError, RuntimeError) as exc:  # ORT's own words for data that does not fit the model
+        raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {_one_line(exc)}") from exc
+    return samples
+
+
+def _quantize_dynamic(source: Path, tmp: Path, out: Path, per_channel: bool, exclude: Sequence[str],
+                      nodes: Sequence[str] | None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT's dynamic (integer-op) quantizer has no Gemm: a torch Linear exports as Gemm, so it is
+    # rewritten as the MatMul + Add it computes first (same node names, so exclusions still match)
+    proto = onnx.load(source)
+    if _gemm_as_matmul(proto.graph):
+        source = tmp / "matmul.onnx"
+        onnx.save(proto, source)
+    try:
+        quantize_dynamic(str(source), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Attention", "LSTM", "Gather"],
+                         nodes_to_exclude=list(exclude), nodes_to_quantize=list(nodes or []))
+    except (ValueError, RuntimeError) as exc:
+        raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {_one_line(exc)}") from exc
+
+
+def _gemm_as_matmul(graph: onnx.GraphProto) -> bool:
+    """Rewrite every Gemm with a constant 2-D B (alpha = beta = 1, no transA) as MatMul (+ Add)."""
+    from onnx import helper, numpy_helper
+
+    inits = {init.name: init for init in graph.initializer}
+    changed = False
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        name = f"{node.input[1]}_matmul"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mid = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [mid], name=node.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mid, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        changed = True
+    if changed:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {i for n in graph.node for i in n.input}
+        keep = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return changed
+
+
+def _preprocessed(model: Path, tmp: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = tmp / "preprocessed.onnx"
+    try:
+        with _quiet():
+            quant_pre_process(str(model), str(out))
+    except Exception as exc:  # noqa: BLE001 - shape inference fails in many ways on odd graphs
+        raise StructADMMError(f"{model}: ONNX Runtime's quantization pre-processing failed: {_one_line(exc)}") from exc
+    return out
+
+
+# --- per-layer sensitivity ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One layer quantized alone: how far the model's output moves from FP32."""
+
+    node: str
+    op_type: str
+    sqnr_db: float  # FP32 output power over the change INT8 makes to it, in dB (higher: less sensitive)
+    agreement: float  # top-1 agreement with the FP32 model on the samples
+
+
+def layer_sensitivity(model: str | Path, calibration: Any, samples: Any, *, method: str = "minmax",
+                      batches: int = 8, batch_size: int = 32, per_channel: bool = True, seed: int = 0,
+                      threads: int = 2) -> list[LayerSensitivity]:
+    """Quantize each Conv/Gemm/MatMul of ``model`` on its own (static, one shared calibration)
+    and score the model's first output on ``samples`` (an array of inputs) against FP32.
+
+    Sorted most sensitive first. Node names are those :func:`quantize_onnx` takes in ``exclude``.
+    """
+    model = Path(model)
+    x = np.asarray(samples.detach().cpu() if isinstance(samples, torch.Tensor) else samples, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="structadmm-sens-") as tmp:
+        tmp = Path(tmp)
+        source = _preprocessed(model, tmp)
+        graph = onnx.load(source).graph
+        reference = _run(source, x, threads)
+        cache = tmp / "calibration.json"
+        rows = []
+        for node in graph.node:
+            if node.op_type not in _MATRIX_OPS or not any(i in {t.name for t in graph.initializer} for i in node.input):
+                continue
+            out = tmp / f"one-{len(rows)}.onnx"
+            quantize_onnx(source, out, calibration, mode="static", method=method, batches=batches,
+                          batch_size=batch_size, per_channel=per_channel, nodes=[node.name], preprocess=False,
+                          seed=seed, calibration_cache=cache)
+            got = _run(out, x, threads)
+            rows.append(LayerSensitivity(node.name, node.op_type, _sqnr_db(reference, got),
+                                         float((got.argmax(1) == reference.argmax(1)).mean())))
+    return sorted(rows, key=lambda r: r.sqnr_db)
+
+
+def _sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.linalg.norm((reference - got).astype(np.float64)))
+    signal = float(np.linalg.norm(reference.astype(np.float64)))
+    return math.inf if noise == 0 else 20 * math.log10(max(signal, 1e-30) / noise)
+
+
+def _run(path: Path, x: np.ndarray, threads: int) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# --- the INT8 gate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Gate:
+    """Whether an INT8 model may ship in place of its FP32 model (see :func:`check_int8`)."""
+
+    ok: bool
+    agreement: float  # top-1 agreement with the FP32 model, in [0, 1]
+    accuracy_drop: float | None  # FP32 accuracy − INT8 accuracy (None without labels)
+    min_agreement: float
+    max_accuracy_drop: float
+    reasons: tuple[str, ...] = ()
+
+
+def check_int8(fp32, int8, *, min_agreement: float, max_accuracy_drop: float) -> Int8Gate:
+    """The INT8 gate over two :class:`~structadmm.bench.accuracy.OnnxOutputs` of the same data:
+    fails when top-1 agreement < ``min_agreement`` or accuracy falls by > ``max_accuracy_drop``."""
+    from structadmm.bench.accuracy import top1_agreement
+
+    agreement = top1_agreement(fp32, int8)
+    drop = None if fp32.accuracy is None or int8.accuracy is None else fp32.accuracy - int8.accuracy
+    reasons = []
+    if agreement < min_agreement:
+        reasons.append(f"top-1 agreement with FP32 {agreement:.2%} < {min_agreement:.2%}")
+    if drop is not None and drop > max_accuracy_drop:
+        reasons.append(f"accuracy drop {drop * 100:.2f} pt > {max_accuracy_drop * 100:.2f} pt")
+    return Int8Gate(not reasons, agreement, drop, min_agreement, max_accuracy_drop, tuple(reasons))
+
+
+# --- the pipeline stage -----------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedRun:
+    """What :func:`quantize_run` produced in the run folder; :meth:`report` renders it."""
+
+    pruned: QuantizeResult
+    dense: QuantizeResult
+    gate: Int8Gate
+    accuracy: dict[str, float | None]  # ORT accuracy per variant
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)
+
+    @property
+    def models(self) -> dict[str, Path]:
+        """The INT8 variants to time alongside dense and pruned FP32."""
+        return {"pruned_int8": self.pruned.path, "dense_int8": self.dense.path}
+
+    def report(self, run_dir: Path, latency, macs: int) -> dict[str, Any]:
+        """report.json's ``quantized``, ``latency_variants`` and ``file_sizes``."""
+        files = ["dense.onnx", "pruned.onnx", self.pruned.path.name, self.dense.path.name]
+        rows = []
+        index = {(e.provider, e.batch, e.name): e for e in latency.entries}
+        for provider, batch in dict.fromkeys((e.provider, e.batch) for e in latency.entries):
+            base = index[(provider, batch, "dense")]
+            for name, label in VARIANTS.items():
+                entry = index.get((provider, batch, name))
+                if entry is not None:
+                    rows.append({"provider": provider, "batch": batch, "variant": label, "threads": entry.threads,
+                                 "median_ms": entry.median_ms, "p90_ms": entry.p90_ms,
+                                 "speedup": base.median_ms / entry.median_ms})
+        quantized = {
+            "accuracy": self.accuracy["pruned INT8"], "macs": macs, "onnx": self.pruned.path.name,
+            "bytes": self.pruned.bytes, "mode": self.pruned.mode, "calibration_method": self.pruned.method,
+            "calibration_samples": self.pruned.calibration_samples, "per_channel": self.pruned.per_channel,
+            "excluded": list(self.pruned.excluded), "quantized_nodes": self.pruned.quantized_nodes,
+            "gate": {**asdict(self.gate), "reasons": list(self.gate.reasons)},
+            "ort_accuracy": self.accuracy,
+            "dense_int8": {"onnx": self.dense.path.name, "bytes": self.dense.bytes,
+                           "accuracy": self.accuracy["dense INT8"]},
+            "sensitivity": [asdict(s) for s in self.sensitivity],
+        }
+        return {"quantized": quantized, "latency_variants": rows,
+                "file_sizes": {name: (run_dir / name).stat().st_size for name in files}}
+
+
+VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "pruned INT8", "dense_int8": "dense INT8"}
+PRUNED_INT8, DENSE_INT8, REJECTED = "pruned-int8.onnx", "dense-int8.onnx", "pruned-int8.rejected.onnx"
+
+
+def quantize_run(run_dir: str | Path, config, train, val) -> QuantizedRun:
+    """The ``--quantize int8`` stage: quantize pruned.onnx and dense.onnx in ``run_dir`` with the
+    same calibration (the first ``calibration_batches`` batches of ``train``), evaluate all four
+    variants on ``val`` with ONNX Runtime, gate pruned INT8 against pruned FP32, and score
+    per-layer sensitivity. A pruned INT8 model that fails the gate is written as
+    ``pruned-int8.rejected.onnx``, never as ``pruned-int8.onnx``."""
+    from structadmm.bench.accuracy import onnx_outputs
+
+    run_dir = Path(run_dir)
+    source = train.dataset if hasattr(train, "dataset") else train
+    common = dict(mode=config.quantize_mode, method=config.calibration_method, batches=config.calibration_batches,
+                  batch_size=config.batch_size, per_channel=config.quantize_per_channel, seed=config.seed)
+    pruned = quantize_onnx(run_dir / "pruned.onnx", run_dir / PRUNED_INT8, source,
+                           exclude=config.quantize_exclude, **common)
+    # the dense reference: exclusions name pruned.onnx's nodes, which dense.onnx shares
+    dense_graph = {n.name for n in load_onnx(run_dir / "dense.onnx").graph.node}
+    dense = quantize_onnx(run_dir / "dense.onnx", run_dir / DENSE_INT8, source,
+                          exclude=[n for n in config.quantize_exclude if n in dense_graph], **common)
+    data = val if val is not None else source
+    outputs = {label: onnx_outputs(run_dir / file, data, threads=config.bench_threads)
+               for label, file in (("dense FP32", "dense.onnx"), ("pruned FP32", "pruned.onnx"),
+                                   ("pruned INT8", PRUNED_INT8), ("dense INT8", DENSE_INT8))}
+    gate = check_int8(outputs["pruned FP32"], outputs["pruned INT8"], min_agreement=config.int8_min_agreement,
+                      max_accuracy_drop=config.int8_max_accuracy_drop)
+    sensitivity = []
+    if pruned.mode == "static":
+        probe = calibration_batches(data, 1, 256, config.seed)[0] if val is not None else None
+        if probe is not None:
+            sensitivity = layer_sensitivity(run_dir / "pruned.onnx", source, probe, method=config.calibration_method,
+                                            batches=config.calibration_batches, batch_size=config.batch_size,
+                                            per_channel=config.quantize_per_channel, seed=config.seed,
+                                            threads=config.bench_threads)
+    if not gate.ok:
+        os.replace(pruned.path, run_dir / REJECTED)
+        pruned = QuantizeResult(**{**asdict(pruned), "path": run_dir / REJECTED})
+    return QuantizedRun(pruned, dense, gate, {k: v.accuracy for k, v in outputs.items()}, sensitivity)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _graph_inputs(graph: onnx.GraphProto) -> list[str]:
+    initializers = {init.name for init in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers]
+
+
+def _check_node_names(graph: onnx.GraphProto, names: Sequence[str], what: str) -> None:
+    known = {n.name for n in graph.node}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        matrix = [n.name for n in graph.node if n.op_type in _MATRIX_OPS][:6]
+        raise StructADMMError(f"quantization {what}: no node named {unknown[0]!r} in the model; its Conv/Gemm/MatMul "
+                              f"nodes are named like {', '.join(matrix) or '(none)'}")
+
+
+def _matrix_share(proto: onnx.ModelProto) -> float:
+    """Fraction of the model's MACs in Gemm/MatMul (the Linear layers)."""
+    from structadmm.exporters.counting import count_onnx
+
+    cost = count_onnx(proto)
+    linear = sum(layer.macs for layer in cost.layers if layer.op_type in ("Gemm", "MatMul"))
+    return linear / cost.macs if cost.macs else 0.0
+
+
+def _quantized_matrix_nodes(proto: onnx.ModelProto) -> int:
+    """Matrix nodes computing in int8: QDQ (weight from a DequantizeLinear) or integer ops."""
+    produced_by = {out: node for node in proto.graph.node for out in node.output}
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul"):
+            count += 1
+        elif node.op_type in _MATRIX_OPS and len(node.input) > 1:
+            weight = produced_by.get(node.input[1])
+            count += weight is not None and weight.op_type == "DequantizeLinear"
+    return count
+
+
+def _write_atomic(source: Path, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizer logs advice at WARNING through the root logger; keep the console clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+

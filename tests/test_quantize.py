@@ -1,0 +1,280 @@
+"""INT8 with ONNX Runtime: QDQ structure on the pruned model, calibration on the data given only,
+the INT8 gate, ORT-side accuracy, and ``structadmm run --quantize int8`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from typer.testing import CliRunner
+
+import structadmm as sa
+from structadmm.bench.accuracy import onnx_outputs, top1_agreement
+from structadmm.cli import app
+from structadmm.errors import StructADMMError
+from structadmm.exporters import quantize as quantize_module
+from structadmm.exporters.quantize import (PRUNED_INT8, REJECTED, calibration_batches, check_int8, layer_sensitivity,
+                                           quantize_onnx, quantize_run)
+from structadmm.models import get_spec
+from structadmm.pipeline import CompressConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, digits) -> Path:
+    """dense.onnx and pruned.onnx (filter 0.5, exact channel counts) of a briefly trained digits CNN."""
+    from structadmm.pipeline.train import train_epochs
+
+    torch.manual_seed(0)
+    train, _ = digits
+    model = get_spec("digits-cnn").build()
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train_epochs(model, loader, 1, lr=0.05)
+    example = train.tensors[0][:8]
+    out = tmp_path_factory.mktemp("run")
+    sa.export_onnx(model, example, out / "dense.onnx")
+    plan = sa.PruningPlan.uniform(model, example, "filter", 0.5, multiple=1)
+    sa.apply_masks(model, sa.ADMM(model, plan).hard_prune()).remove()
+    small = sa.compact(model, example)
+    train_epochs(small, loader, 1, lr=0.02)  # the physically smaller model retrains like any other
+    sa.export_onnx(small, example, out / "pruned.onnx")
+    return out
+
+
+def _conv_weights(path: Path) -> dict[str, np.ndarray]:
+    proto = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"}
+
+
+def test_qdq_per_channel_scales_follow_the_pruned_channel_counts(folder: Path, digits, tmp_path: Path) -> None:
+    result = quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", digits[0], batches=2)
+    assert result.mode == "static" and result.per_channel and result.bytes == (tmp_path / "q.onnx").stat().st_size
+    dense, pruned = _conv_weights(folder / "dense.onnx"), _conv_weights(folder / "pruned.onnx")
+    assert all(pruned[n].shape[0] < dense[n].shape[0] for n in pruned)  # really pruned
+    proto = onnx.load(tmp_path / "q.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    produced_by = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert {n.name for n in convs} == set(pruned)
+    for conv in convs:
+        dq = produced_by[conv.input[1]]  # the weight comes through a DequantizeLinear
+        assert dq.op_type == "DequantizeLinear"
+        weight, scale = inits[dq.input[0]], inits[dq.input[1]]
+        assert weight.dtype == np.int8
+        assert scale.shape == (pruned[conv.name].shape[0],)  # one scale per kept output channel
+        assert {a.name: a.i for a in dq.attribute}.get("axis", 1) == 0
+        assert produced_by[conv.input[0]].op_type == "DequantizeLinear"  # activations quantized too
+    assert result.quantized_nodes == len(convs) + 2  # and the two Gemms
+
+
+class _Recording(Dataset):
+    def __init__(self, data: TensorDataset):
+        self.data, self.read = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.read.append(index)
+        return self.data[index]
+
+
+def test_calibration_reads_only_the_data_given(folder: Path, digits, tmp_path: Path) -> None:
+    recording = _Recording(digits[0])
+    loader = DataLoader(recording, batch_size=4, shuffle=False)
+    quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", loader, batches=3)
+    assert sorted(recording.read) == list(range(12))  # three batches of four, nothing more
+    # the input's activation range is the range of exactly those 12 samples (MinMax, uint8 asymmetric)
+    x = digits[0].tensors[0][:12].numpy()
+    proto = onnx.load(tmp_path / "q.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    quant_input = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    expected = (max(x.max(), 0) - min(x.min(), 0)) / 255
+    assert float(inits[quant_input.input[1]]) == pytest.approx(expected, rel=1e-5)
+    # other data, another scale: the given batches really decide it
+    quantize_onnx(folder / "pruned.onnx", tmp_path / "q2.onnx", digits[0].tensors[0][:4] * 3, batches=1)
+    other = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q2.onnx").graph.initializer}
+    assert float(other[quant_input.input[1]]) != pytest.approx(expected, rel=1e-3)
+
+
+def test_calibration_batches_takes_the_first_n() -> None:
+    x = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    batches = calibration_batches(iter([x[:3], x[3:6], x[6:]]), 2)
+    assert [b.shape[0] for b in batches] == [3, 3] and np.array_equal(batches[1], x[3:6].numpy())
+    with pytest.raises(StructADMMError, match="at least 1 batch"):
+        calibration_batches(x, 0)
+
+
+def _break(path: Path) -> None:
+    """A deliberately broken INT8 model: every Conv weight's scales negated (weights sign-flipped)."""
+    proto = onnx.load(path)
+    produced_by = {o: n for n in proto.graph.node for o in n.output}
+    weights = [produced_by.get(n.input[1]) for n in proto.graph.node if n.op_type == "Conv"]
+    scales = {dq.input[1] for dq in weights if dq is not None and dq.op_type == "DequantizeLinear"}
+    for init in proto.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(proto, path)
+
+
+def test_gate_passes_a_good_int8_model_and_fails_a_broken_one(folder: Path, digits, tmp_path: Path) -> None:
+    train, test = digits
+    quantize_onnx(folder / "pruned.onnx", tmp_path / "good.onnx", train, batches=4)
+    quantize_onnx(folder / "pruned.onnx", tmp_path / "bad.onnx", train, batches=4)
+    _break(tmp_path / "bad.onnx")
+    fp32 = onnx_outputs(folder / "pruned.onnx", test)
+    good, bad = onnx_outputs(tmp_path / "good.onnx", test), onnx_outputs(tmp_path / "bad.onnx", test)
+    assert fp32.accuracy > 0.8  # a trained model, so the gate has something to lose
+    passed = check_int8(fp32, good, min_agreement=0.95, max_accuracy_drop=0.02)
+    assert passed.ok and passed.agreement == top1_agreement(fp32, good) and not passed.reasons
+    failed = check_int8(fp32, bad, min_agreement=0.95, max_accuracy_drop=0.02)
+    assert not failed.ok and failed.agreement < 0.95 and failed.accuracy_drop > 0.02
+    assert any("agreement" in r for r in failed.reasons) and any("accuracy drop" in r for r in failed.reasons)
+
+
+def _config(**changes) -> CompressConfig:
+    return CompressConfig(quantize="int8", calibration_batches=2, bench_threads=1, **changes)
+
+
+def test_quantize_run_rejects_a_failing_int8_model(folder: Path, digits, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    for name in ("dense.onnx", "pruned.onnx"):
+        shutil.copy(folder / name, tmp_path / name)
+    real = quantize_module.quantize_onnx
+
+    def broken(model, path, *args, **kwargs):
+        result = real(model, path, *args, **kwargs)
+        _break(Path(path))
+        return result
+
+    monkeypatch.setattr(quantize_module, "quantize_onnx", broken)
+    train, test = digits
+    run = quantize_run(tmp_path, _config(), DataLoader(train, batch_size=64), DataLoader(test, batch_size=256))
+    assert not run.gate.ok
+    assert (tmp_path / REJECTED).exists() and not (tmp_path / PRUNED_INT8).exists()
+    assert run.pruned.path.name == REJECTED
+
+
+def test_quantize_run_figures_and_exclusions(folder: Path, digits, tmp_path: Path) -> None:
+    import shutil
+
+    for name in ("dense.onnx", "pruned.onnx"):
+        shutil.copy(folder / name, tmp_path / name)
+    train, test = digits
+    excluded = "/classifier/classifier.3/Gemm"
+    run = quantize_run(tmp_path, _config(quantize_exclude=[excluded]), DataLoader(train, batch_size=64), test)
+    assert run.gate.ok and (tmp_path / PRUNED_INT8).exists()
+    assert run.accuracy["pruned FP32"] == onnx_outputs(tmp_path / "pruned.onnx", test).accuracy
+    assert run.pruned.excluded == (excluded,)
+    gemm = next(n for n in onnx.load(tmp_path / PRUNED_INT8).graph.node if n.name == excluded)
+    weight = next(i for i in onnx.load(tmp_path / PRUNED_INT8).graph.initializer if i.name == gemm.input[1])
+    assert weight.data_type == onnx.TensorProto.FLOAT  # left in FP32
+    assert {s.node for s in run.sensitivity} == {n.name for n in onnx.load(tmp_path / "pruned.onnx").graph.node
+                                                  if n.op_type in ("Conv", "Gemm")}
+    assert all(0 <= s.agreement <= 1 and s.sqnr_db > 10 for s in run.sensitivity)
+
+
+def test_layer_sensitivity_ranks_a_damaged_layer_first(folder: Path, digits, tmp_path: Path) -> None:
+    # one channel between two Convs made huge (bias +1000 upstream) but unused (its weights zeroed downstream):
+    # the FP32 function is unchanged, yet the per-tensor INT8 range of that activation, quantized with either
+    # Conv, now rounds every other channel to 0; the other layers are unaffected
+    proto = onnx.load(folder / "pruned.onnx")
+    inits = {i.name: i for i in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    upstream, target = convs[1], convs[2]
+    bias = numpy_helper.to_array(inits[upstream.input[2]]).copy()
+    bias[0] += 1000.0
+    inits[upstream.input[2]].CopyFrom(numpy_helper.from_array(bias, upstream.input[2]))
+    weight = numpy_helper.to_array(inits[target.input[1]]).copy()
+    weight[:, 0] = 0.0
+    inits[target.input[1]].CopyFrom(numpy_helper.from_array(weight, target.input[1]))
+    onnx.save(proto, tmp_path / "odd.onnx")
+    rows = layer_sensitivity(tmp_path / "odd.onnx", digits[0], digits[1].tensors[0][:128], batches=2)
+    assert len(rows) == len(convs) + 2
+    assert {rows[0].node, rows[1].node} == {upstream.name, target.name}
+    assert rows[1].sqnr_db < rows[2].sqnr_db - 10 and rows[1].agreement < 0.9 <= rows[2].agreement
+
+
+def test_dynamic_quantization_of_a_linear_model(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    x = torch.randn(16, 32)
+    sa.export_onnx(model, x, tmp_path / "mlp.onnx")
+    result = quantize_onnx(tmp_path / "mlp.onnx", tmp_path / "mlp8.onnx")  # auto: Linear-heavy → dynamic
+    assert result.mode == "dynamic" and result.calibration_samples == 0 and result.quantized_nodes == 2
+    ops = [n.op_type for n in onnx.load(tmp_path / "mlp8.onnx").graph.node]
+    assert "MatMulInteger" in ops and "Gemm" not in ops
+    got = onnx_outputs(tmp_path / "mlp8.onnx", (x, torch.zeros(16, dtype=torch.long))).logits
+    assert np.abs(got - model(x).detach().numpy()).max() < 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="kl"), "calibration method must be one of"),
+    (dict(mode="int4"), "quantization mode must be one of"),
+    (dict(exclude=["conv9"]), "no node named 'conv9'"),
+    (dict(mode="static"), "needs calibration data"),
+])
+def test_bad_quantize_arguments(folder: Path, tmp_path: Path, kwargs, message: str) -> None:
+    with pytest.raises(StructADMMError, match=message):
+        quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", **kwargs)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(quantize="int4"), "quantize must be int8"),
+    (dict(calibration_method="kl"), "calibration_method must be"),
+    (dict(int8_min_agreement=1.5), "int8_min_agreement must be in"),
+    (dict(quantize_exclude="conv1"), "quantize_exclude must be a list"),
+])
+def test_bad_quantize_config(changes, message: str) -> None:
+    with pytest.raises(StructADMMError, match=message):
+        CompressConfig(**changes)
+
+
+def test_cli_prints_a_warning_for_a_failing_int8_model(monkeypatch, tmp_path: Path) -> None:
+    import structadmm.pipeline as pipeline
+
+    report = {"model": "m", "quantized": {"onnx": REJECTED, "gate": {"ok": False, "reasons": ["top-1 agreement 50%"]}}}
+    fake = SimpleNamespace(rank=0, report=report, run_dir=tmp_path)
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: fake)
+    result = runner.invoke(app, ["run", "--quantize", "int8", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "warning: the pruned INT8 model failed its gate (top-1 agreement 50%)" in result.output
+    assert REJECTED in result.output
+
+
+FAST = dict(dense_epochs=3, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
+            bench_batches=[1, 8], bench_min_runs=3, bench_min_seconds=0.0, calibration_batches=2)
+
+
+def test_cli_run_quantize_int8_end_to_end(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in FAST.items()))
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["run", "--config", str(config), "--out", str(out), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert "INT8 accuracy" in result.output
+    report = json.loads((out / "report.json").read_text())
+    quantized = report["quantized"]
+    assert quantized["gate"]["ok"] and quantized["onnx"] == PRUNED_INT8
+    assert quantized["macs"] == report["pruned"]["macs"] and quantized["bytes"] == (out / PRUNED_INT8).stat().st_size
+    assert quantized["calibration_samples"] == 2 * 64  # calibration_batches of batch_size training samples
+    accuracy = quantized["ort_accuracy"]
+    assert accuracy["pruned FP32"] > 0.8 and abs(accuracy["pruned INT8"] - accuracy["pruned FP32"]) <= 0.005
+    sizes = report["file_sizes"]
+    assert sizes["pruned-int8.onnx"] < sizes["pruned.onnx"] / 2 and sizes["dense-int8.onnx"] < sizes["dense.onnx"] / 2
+    rows = {(r["batch"], r["variant"]) for r in report["latency_variants"]}
+    assert rows == {(b, v) for b in (1, 8) for v in ("dense FP32", "pruned FP32", "pruned INT8", "dense INT8")}
+    assert report["parity"]["ok"] and report["config"]["quantize"] == "int8"
+    md = (out / "report.md").read_text()
+    assert "| | dense FP32 | pruned FP32 | pruned INT8 | dense INT8 |" in md and "INT8 gate" in md
+    assert "Per-layer sensitivity" in md
