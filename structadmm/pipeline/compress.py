@@ -263,11 +263,9 @@ class _Pipeline:
     def _retrain(self, masks: Masks) -> None:
         config = self.config
         self.state.masks = masks
-        guard = apply_masks(self.model, masks)
+        guard = apply_masks(self.model, masks)  # re-applied after every optimizer step
         offset = config.dense_epochs + config.admm_rounds * config.admm_epochs
-        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
-                    description="masked retraining")
-        guard.enforce()
+        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, description="masked retraining")
         guard.remove()
         self.model.eval()
 
