@@ -144,20 +144,22 @@ def test_the_guard_leaves_other_optimizers_alone() -> None:
 
 
 def test_a_dropped_model_is_freed_and_its_hook_swept() -> None:
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
     net = _net()
     x = torch.randn(2, 3, 8, 8)
-    masks = PruningPlan.uniform(net, x, "filter", 0.5).project(net)
-    apply_masks(net, masks)
+    apply_masks(net, PruningPlan.uniform(net, x, "filter", 0.5).project(net))
+    entry = masks_module._registered[-1]
     ref = weakref.ref(next(net.parameters()))
-    before = len(masks_module._registered)
     del net
     gc.collect()
-    assert ref() is None  # the global optimizer hook does not keep the model alive
+    assert ref() is None and not entry.alive()  # the global optimizer hook does not keep the model alive
     other = _net()
     guard = apply_masks(other, PruningPlan.uniform(other, x, "filter", 0.5).project(other))
-    assert len(masks_module._registered) == before  # the dead entry went, the new one came
+    assert entry not in masks_module._registered and entry.handle.id not in _global_optimizer_post_hooks
     guard.remove()
-    assert len(masks_module._registered) == before - 1
+    assert guard._masked not in masks_module._registered
+    assert guard._masked.handle.id not in _global_optimizer_post_hooks
 
 
 def test_masks_must_fit_the_model() -> None:

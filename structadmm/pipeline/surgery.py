@@ -148,6 +148,10 @@ def independent_copy(model: nn.Module) -> nn.Module:
             hooks = module.__dict__.get(attr)
             if hooks is not None:
                 memo[id(hooks)] = type(hooks)()  # deepcopy takes these empty dicts for the hook dicts
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _REPARAMETRIZATIONS):  # its computed weight is no leaf: not copied, refolded
+                derived = module.__dict__.get(getattr(hook, "_tensor_name", None) or hook.name)
+                memo[id(derived)] = None
     small = copy.deepcopy(model, memo)
     copies = dict(small.named_modules(remove_duplicate=False))
     for name, module in model.named_modules(remove_duplicate=False):
