@@ -111,6 +111,9 @@ def test_user_hooks_stay_on_the_model_and_do_not_travel(tmp_path: Path) -> None:
     _assert_same(model, before)
     model(x).sum().backward()
     assert (pre.calls, post.calls, kw.calls, back.calls) == tuple(c + 1 for c in calls)  # the model runs all
+    before = _snapshot(model)
+    sa.export_onnx(model, x, tmp_path / "dense.onnx")  # the guarded, hooked model itself exports too
+    _assert_same(model, before)
 
 
 def test_a_hook_that_changes_the_outputs_is_named_in_the_parity_error() -> None:
