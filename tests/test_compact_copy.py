@@ -125,6 +125,7 @@ def test_a_hook_that_changes_the_outputs_is_named_in_the_parity_error() -> None:
         sa.compact(model, x)
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
 def test_torch_prune_and_weight_norm_are_folded_into_the_copy() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
