@@ -1,11 +1,12 @@
 """structadmm: structured weight pruning with ADMM, structural surgery, ONNX export and benchmarking.
 
     import structadmm as sa
+    sa.export_onnx(model, example_inputs, "dense.onnx")
     plan = sa.PruningPlan.uniform(model, example_inputs, sparsity="filter", ratio=0.5)
     admm = sa.ADMM(model, plan)
     ...                                   # loss = task_loss + admm.penalty(); admm.update()
     masks = admm.hard_prune()
-    sa.apply_masks(model, masks)          # retrain with pruned weights held at zero
+    guard = sa.apply_masks(model, masks)  # retrain with pruned weights held at zero
     small = sa.compact(model, example_inputs)
     sa.export_onnx(small, example_inputs, "pruned.onnx")
     sa.quantize_onnx("pruned.onnx", "pruned-int8.onnx", train_dataset)   # ONNX Runtime static INT8

@@ -149,6 +149,42 @@ def run(
     out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png, accuracy.png)")
 
 
+@app.command()
+@_friendly
+def compact(
+    model: str = ModelOpt,
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=(
+        "The pruned weights (zeros where pruned): .safetensors or a torch state_dict (loaded with weights_only=True).")),
+    input_shape: Optional[str] = InputShapeOpt,
+    data: Optional[str] = typer.Option(None, "--data", help=(
+        "Labelled data for both accuracies and the parity check (as for `run`); default: random inputs, no accuracy.")),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file; its bench_* settings and seed are used."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new folder under ./runs)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random example inputs."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Compact a model pruned in your own loop: surgery, export, parity, benchmark, report."""
+    from .bench import render_table
+    from .models.data import check_compatible, load_data
+    from .pipeline import CompressConfig, compact_run
+    from .pipeline.train import first_batch, make_loader
+
+    overrides = {"seed": seed} if seed is not None else {}
+    cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
+    loaded = _load_model(model, checkpoint, input_shape)
+    held_out = None
+    if data is not None:
+        dataset = load_data(data, input_shape=loaded.input_shape, seed=cfg.seed)
+        check_compatible(loaded.input_shape, dataset.input_shape, loaded.name, dataset.name)
+        held_out = dataset.val if dataset.val is not None else dataset.train
+        example = first_batch(make_loader(held_out, 8, shuffle=False))
+    else:
+        example = loaded.example_input(8, seed=cfg.seed)
+    result = compact_run(loaded.module, example, cfg, val_data=held_out, out_dir=out_dir, model_name=loaded.name)
+    out.print(render_table(result.report))
+    out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png, accuracy.png)")
+
+
 def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[str]):
     from .models.data import parse_shape
     from .models.loading import load_model

@@ -1,5 +1,6 @@
 """The whole pipeline in one call: train → ADMM → hard prune → masked retrain → surgery →
-ONNX export → ONNX Runtime benchmark → report.
+ONNX export → ONNX Runtime benchmark → report. :func:`compact_run` is the conversion stage
+alone (surgery → export → benchmark → report) for a model pruned in the caller's own loop.
 
 Each stage is a library call of its own (plan.py, admm.py, masks.py, surgery.py,
 exporters, bench); this module only wires them together and owns the run folder, which is
@@ -268,15 +269,29 @@ class _Pipeline:
     def _retrain(self, masks: Masks) -> None:
         config = self.config
         self.state.masks = masks
-        guard = apply_masks(self.model, masks)
+        guard = apply_masks(self.model, masks)  # re-applied after every optimizer step
         offset = config.dense_epochs + config.admm_rounds * config.admm_epochs
-        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
-                    description="masked retraining")
-        guard.enforce()
+        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, description="masked retraining")
         guard.remove()
         self.model.eval()
 
-    def _publish(self, plan: PruningPlan, admm: ADMM, masks: Masks, dense_acc: float | None) -> dict[str, Any]:
+    def convert(self, example_inputs: Any, val_data: Data | None) -> CompressResult:
+        """The conversion stage alone (:func:`compact_run`): dense.onnx of the model as given, then publish."""
+        model = self.model
+        self.example = example_inputs
+        self.val = make_loader(val_data, 256, shuffle=False) if val_data is not None else None
+        self.state = RunState(self.folder, self.identity, model, None, None)  # facts only: nothing to resume
+        started = time.perf_counter()
+        # the pruning the weights hold: zeros in every Conv/Linear weight (for the report's weight_sparsity)
+        masks = {name: p.detach().ne(0).float() for name, p in model.named_parameters() if p.dim() > 1}
+        dense_acc = evaluate(model, self.val) if self.val is not None else None
+        self._export(model, "dense.onnx")  # the masked model at full size: the dense architecture's cost
+        self.state.facts["timings"]["dense_export_s"] = time.perf_counter() - started
+        report = self._publish(None, None, masks, dense_acc)
+        return CompressResult(self.small, masks, self.run_dir, report)
+
+    def _publish(self, plan: PruningPlan | None, admm: ADMM | None, masks: Masks,
+                 dense_acc: float | None) -> dict[str, Any]:
         """Rank 0: surgery, export, parity, benchmark and report; then the folder is renamed into place."""
         from ..bench import benchmark, write_report
         from ..bench.profile import layer_table
@@ -310,7 +325,7 @@ class _Pipeline:
             "dense": {"accuracy": dense_acc, "macs": dense_cost.macs, "params": dense_cost.params,
                       "onnx": "dense.onnx"},
             "pruned": {"accuracy": pruned_acc, "macs": pruned_cost.macs, "params": pruned_cost.params,
-                       "onnx": "pruned.onnx", "hard_pruned_accuracy": self.state.facts["hard_pruned_accuracy"],
+                       "onnx": "pruned.onnx", "hard_pruned_accuracy": self.state.facts.get("hard_pruned_accuracy"),
                        "weight_sparsity": sparsity_of(masks)},
             "mac_ratio": mac_ratio,
             "sparse_storage": {"weights": storage.weights, "zeros": storage.zeros, "sparsity": storage.sparsity,
@@ -320,9 +335,9 @@ class _Pipeline:
             "parity": {"max_abs_diff": parity, "ok": True},
             "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios),
             "skipped_providers": [{"provider": p, "reason": r} for p, r in latency.skipped],
-            "admm": [r.__dict__ for r in admm.history],
+            "admm": [r.__dict__ for r in admm.history] if admm is not None else [],
             "groups": [cut.__dict__ for cut in cuts],
-            "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped],
+            "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped] if plan is not None else [],
             "budget": self.state.facts.get("budget"),
             "lowered": [name for name, m in small.named_modules() if isinstance(m, LoweredConv)],
             "layers": [row.__dict__ for row in layer_table(out / "dense.onnx", out / "pruned.onnx",
@@ -351,6 +366,35 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "onnxruntime_package": "+".join(installed_ort()) or "unknown",
             "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": str(os.cpu_count())}
+
+
+def compact_run(model: nn.Module, example_inputs: Any, config: CompressConfig | None = None, *,
+                val_data: Data | None = None, out_dir: str | Path | None = None,
+                model_name: str | None = None) -> CompressResult:
+    """The conversion stage alone, for a model pruned in your own loop (zeros in its weights).
+
+    Exports ``model`` as given to dense.onnx (the dense architecture's cost), compacts it
+    (:func:`~structadmm.pipeline.surgery.compact_with_report`), exports pruned.onnx, checks it
+    against ``model`` (on ``val_data`` when given, else ``example_inputs``), counts, benchmarks
+    and writes the same run folder and report.json as :func:`compress`, renamed into place
+    only when everything has passed. ``val_data`` (a Dataset, DataLoader or ``(x, y)`` pair)
+    also gives both accuracies; without it they are null. Of ``config`` only the bench_*
+    settings and the seed are used. ``model`` is not modified.
+    """
+    config = config or CompressConfig()
+    name = model_name or type(model).__name__
+    run_dir = _new_run_dir(out_dir, name)
+    folder = RunFolder(run_dir)
+    folder.create()
+    try:
+        pipeline = _Pipeline(model, config, name, distributed.DistContext(), run_dir, folder, {}, None, None)
+        return pipeline.convert(example_inputs, val_data)
+    except OSError as exc:  # a full disk, a folder that vanished: the user's to fix
+        folder.discard()
+        raise StructADMMError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}") from exc
+    except BaseException:
+        folder.discard()
+        raise
 
 
 def compress_default(config: CompressConfig | None = None, *, out_dir: str | Path | None = None,

@@ -5,6 +5,10 @@ for it: whatever the channel carries is then ignored, so dropping it (the produc
 and bias, the normalisation entries, the consumers' input columns) leaves the model's
 function unchanged. :func:`compact` builds the smaller model and checks exactly that on
 the example inputs; it never trusts itself.
+
+Surgery works on an :func:`independent_copy` of the model: it shares no tensor with the
+caller's model and carries none of its hooks, so the caller's model (its weights, its
+``MaskGuard``, its own hooks) is never touched and the result exports on its own.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from torch.nn.parameter import is_lazy
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ParityError, StructADMMError
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
@@ -74,7 +83,11 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
     is rewritten as a :class:`~structadmm.pipeline.lowering.LoweredConv` that does only its
     kept columns' work. The result computes the same function as ``model`` (checked on
     ``example_inputs`` in eval mode when ``verify``; :class:`ParityError` otherwise).
-    ``model`` is not modified.
+
+    ``model`` is not modified, and the result is independent of it (:func:`independent_copy`):
+    it shares no tensors with ``model`` and has no hooks. A ``MaskGuard`` or hooks of your own
+    on ``model`` stay there and keep working; they are not carried over to the result, whose
+    channel counts they were not written for (register them again on it if you need them).
     """
     small, _ = compact_with_report(model, example_inputs, lower=lower, min_gain=min_gain, verify=verify,
                                    atol=atol, rtol=rtol)
@@ -84,7 +97,7 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
 def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
                         verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> tuple[nn.Module, list[GroupCut]]:
     """:func:`compact`, also returning the channels kept per group."""
-    small, cuts = _remove_channels(copy.deepcopy(model), example_inputs)
+    small, cuts = _remove_channels(independent_copy(model), example_inputs)
     # removing a layer's outputs can leave channels it alone read with no reader: repeat to a fixed point
     while cuts:
         small, more = _remove_channels(small, example_inputs)
@@ -96,8 +109,62 @@ def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = 
     if lower:
         small, _ = lower_convs(small, min_gain=min_gain)
     if verify:
-        check_same_function(model, small, example_inputs, atol=atol, rtol=rtol, what="surgery")
+        try:
+            check_same_function(model, small, example_inputs, atol=atol, rtol=rtol, what="surgery")
+        except ParityError as exc:
+            hooked = _hooked_modules(model)
+            if hooked:  # the likelier cause: a hook that changes outputs, which the copy does not have
+                raise ParityError(f"{exc}; forward hooks on {', '.join(hooked[:3])} may change the model's outputs, "
+                                  "and the compacted model has no hooks: remove them before compacting") from None
+            raise
     return small, cuts
+
+
+# a module's hooks, by the attribute torch keeps them in (forward, backward and state-dict hooks)
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+# hooks that are torch's own reparametrizations of a weight: folded into a plain weight in the copy
+_REPARAMETRIZATIONS = (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def independent_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares no tensor with it and carries no hooks.
+
+    The hooks of every module (forward, backward, state-dict, and the gradient hooks of
+    parameters) are neither copied nor run: copying them would copy closures that still point
+    at ``model`` (a ``MaskGuard``'s, or the user's own). torch's hook-based reparametrizations
+    (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) are folded into plain
+    weights of the value the model computes, as ``prune.remove`` and friends do. ``model`` is
+    not modified.
+    """
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise StructADMMError(f"{lazy[0]} is not initialised yet (a lazy module); run the model once on an "
+                              "example input before compacting it")
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = module.__dict__.get(attr)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()  # deepcopy takes these empty dicts for the hook dicts
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _REPARAMETRIZATIONS):  # its computed weight is no leaf: not copied, refolded
+                derived = module.__dict__.get(getattr(hook, "_tensor_name", None) or hook.name)
+                memo[id(derived)] = None
+    small = copy.deepcopy(model, memo)
+    copies = dict(small.named_modules(remove_duplicate=False))
+    for name, module in model.named_modules(remove_duplicate=False):
+        copies[name]._is_full_backward_hook = None
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _REPARAMETRIZATIONS):
+                hook.remove(copies[name])  # reads the hook's settings only; writes the copy
+    return small
+
+
+def _hooked_modules(model: nn.Module) -> list[str]:
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if module._forward_pre_hooks or module._forward_hooks]
 
 
 def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, list[GroupCut]]:
