@@ -54,7 +54,8 @@ class ADMM:
         named = dict(model.named_parameters())
         self.params = {name: named[name] for name in plan.param_names()}
         if not self.params:
-            why = f" (first reason: {plan.skipped[0][0]}: {plan.skipped[0][1]})" if plan.skipped else ""
+            reasons = [why for _, why in plan.skipped if why != "model output"] or [why for _, why in plan.skipped]
+            why = f" (most often: {max(set(reasons), key=reasons.count)})" if reasons else ""
             raise StructADMMError(f"the plan prunes nothing in this model{why}; `structadmm inspect` lists every reason")
         self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
         self.round = 0

@@ -233,7 +233,7 @@ def _fixed_size_groups(model: nn.Module, example_inputs: Any, graph: ChannelGrap
         plans = None if keep[group.id] is None else _selections(graph, keep)
         if plans is None:
             continue
-        trial = copy.deepcopy(model)
+        trial = independent_copy(model)
         _cut(dict(trial.named_modules()), plans)
         try:
             shapes = [tuple(t.shape) for t in _eval_outputs(trial, inputs)]
