@@ -64,7 +64,7 @@ def _progress() -> Progress:
 
 ModelOpt = typer.Option("digits-cnn", "--model", "-m", help=(
     "A zoo name (see `structadmm models`), module:function or file.py:function returning an nn.Module "
-    "(this runs that code), or a torch.export .pt2 file."))
+    "(this runs that code), a torch.export .pt2 file, or an .onnx file (converted with onnx2torch)."))
 CheckpointOpt = typer.Option(None, "--checkpoint", help="Weights for the model: .safetensors or a torch state_dict "
                                                       "(loaded with weights_only=True).")
 InputShapeOpt = typer.Option(None, "--input-shape", help="Shape of one sample, e.g. 3x32x32, when the model does not say.")
@@ -126,9 +126,10 @@ def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[st
     from .models.data import parse_shape
     from .models.loading import load_model
 
-    loaded = load_model(model, checkpoint=checkpoint)
-    if input_shape:
-        loaded.input_shape = parse_shape(input_shape)
+    shape = parse_shape(input_shape) if input_shape else None
+    loaded = load_model(model, checkpoint=checkpoint, input_shape=shape)
+    if shape:
+        loaded.input_shape = shape
     return loaded
 
 
