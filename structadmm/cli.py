@@ -113,9 +113,14 @@ def run(
     loaded = _load_model(model, checkpoint, input_shape)
     dataset = load_data(data, input_shape=loaded.input_shape, seed=cfg.seed)
     check_compatible(loaded.input_shape, dataset.input_shape, loaded.name, dataset.name)
+    if loaded.onnx_file is not None:
+        from .models.onnx_input import check_data_feeds
+
+        check_data_feeds(loaded.onnx_file, dataset.train, dataset.name)
     with _progress() as progress:
         result = compress(loaded.module, dataset.train, dataset.val, cfg, out_dir=resume or out_dir,
-                          model_name=loaded.name, progress=progress, resume=resume is not None)
+                          model_name=loaded.name, progress=progress, resume=resume is not None,
+                          dense_onnx=loaded.onnx_file)
     if result.rank != 0:  # under torchrun, rank 0 speaks for the job
         return
     out.print(render_table(result.report))

@@ -31,6 +31,7 @@ import onnx
 import torch
 from google.protobuf.message import DecodeError
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import ParityError, StructADMMError
 from ..exporters import OnnxSignature, load_onnx, onnx_signature, verify_onnx
@@ -84,6 +85,21 @@ def example_inputs(path: str | Path, batch: int, *, input_shape: Sequence[int] |
     """Seeded example inputs for the ONNX file at ``path``, one per graph input, at ``batch``."""
     signature = onnx_signature(onnx.load(Path(path), load_external_data=False))
     return _example_inputs(signature, _sample_shapes(signature, input_shape, Path(path)), batch, seed)
+
+
+def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: str) -> None:
+    """One line unless the data's samples give as many inputs as the ONNX file takes."""
+    names = [t.name for t in onnx_signature(onnx.load(Path(path), load_external_data=False)).inputs]
+    first = next(iter(data)) if isinstance(data, (DataLoader, IterableDataset)) else data[0]
+    x = first[0] if isinstance(first, (tuple, list)) else first
+    given = len(x) if isinstance(x, (tuple, list)) else 1
+    if given != len(names):
+        raise StructADMMError(
+            f"{Path(path).name} takes {len(names)} input{'s' if len(names) > 1 else ''} ({', '.join(names)}) but the "
+            f"samples of {data_name} give {given}; give data whose samples are (({', '.join(names)}), label) "
+            "(module:function data)" if len(names) > 1 else
+            f"{Path(path).name} takes one input ({names[0]}) but the samples of {data_name} give {given}"
+        )
 
 
 # --- reading the file as data ----------------------------------------------------------------------
