@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 import torch
+import torch.fx
 from google.protobuf.message import DecodeError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -289,9 +290,36 @@ def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto
     )
 
 
+#: ONNX op versions newer than onnx2torch's that only widened the element types accepted
+#: (float8 in 19, int4 in 21; Cast-19's saturate applies to float8 alone): the older
+#: version's converter is exact for every type it converts. The ONNX Runtime check is the backstop.
+_TYPE_ONLY_VERSIONS = {
+    "Cast": (19, 21), "Constant": (19, 21), "Identity": (19, 21), "Reshape": (19, 21), "Shape": (19, 21),
+    "Size": (19, 21), "Flatten": (21,), "Transpose": (21,), "Squeeze": (21,), "Unsqueeze": (21,),
+}
+
+
+def _register_type_only_versions() -> None:
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    for op, versions in _TYPE_ONLY_VERSIONS.items():
+        for version in versions:
+            try:
+                get_converter(operation_type=op, version=version)
+                continue  # onnx2torch has it (a newer onnx2torch)
+            except NotImplementedError:
+                pass
+            try:
+                older = get_converter(operation_type=op, version=version - 1)
+            except NotImplementedError:
+                continue
+            add_converter(operation_type=op, version=version)(older)
+
+
 def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
     from onnx2torch.node_converters.registry import get_converter
 
+    _register_type_only_versions()
     missing: dict[str, int] = {}
     for node in _all_nodes(proto.graph):
         try:
@@ -332,9 +360,14 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     """Swap onnx2torch wrapper modules for the equivalent ``torch.nn`` layers, in place.
 
     Global average pooling becomes ``nn.AdaptiveAvgPool{1,2,3}d(1)``, which the channel
-    tracer treats as spatial. Each swap is kept only where the module's outputs on
-    ``example`` are unchanged.
+    tracer treats as spatial. A functional ``OnnxBatchNorm`` (emitted where the file shares
+    or copies its statistics through Identity nodes, as the legacy exporter does at old
+    opsets) whose statistics are constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own
+    copy of them, which surgery can slice. Each swap is kept only where the module's outputs
+    on ``example`` are unchanged.
     """
+    if isinstance(module, torch.fx.GraphModule):
+        _own_batchnorms(module, example)
     from onnx2torch.node_converters.global_average_pool import (
         OnnxGlobalAveragePool,
         OnnxGlobalAveragePoolWithKnownInputShape,
@@ -353,6 +386,58 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
             if not _same(reference, module(*example)):
                 _set_submodule(module, name, old)
     return module
+
+
+def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
+
+    norms = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    ranks = _input_ranks(module, example, (OnnxBatchNorm,))
+    with torch.no_grad():
+        reference = module(*example)
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in ranks or len(node.args) != 5 or node.kwargs:
+            continue
+        stats = [_constant(module, arg) for arg in node.args[1:]]
+        if any(t is None for t in stats) or ranks[node.target] not in norms:
+            continue
+        old = module.get_submodule(node.target)
+        weight, bias, mean, var = (t.detach().clone().float() for t in stats)
+        norm = norms[ranks[node.target]](len(weight), eps=old.epsilon, momentum=old.momentum).eval()
+        with torch.no_grad():
+            norm.weight.copy_(weight), norm.bias.copy_(bias)
+            norm.running_mean.copy_(mean), norm.running_var.copy_(var)
+        before = node.args
+        _set_submodule(module, node.target, norm)
+        node.args = (node.args[0],)
+        module.recompile()
+        with torch.no_grad():
+            same = _same(reference, module(*example))
+        if not same:
+            _set_submodule(module, node.target, old)
+            node.args = before
+            module.recompile()
+    graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+
+
+def _constant(module: torch.fx.GraphModule, arg: object) -> torch.Tensor | None:
+    """The tensor an fx argument always holds: an initializer, possibly through Identity copies."""
+    from onnx2torch.node_converters.identity import OnnxCopyIdentity
+
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    if arg.op == "get_attr":
+        value = module
+        for part in str(arg.target).split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+    if arg.op == "call_module" and len(arg.args) == 1 and isinstance(
+            module.get_submodule(str(arg.target)), (OnnxCopyIdentity, nn.Identity)):
+        return _constant(module, arg.args[0])
+    return None
 
 
 def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...]) -> dict[str, int]:
