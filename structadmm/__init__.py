@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from .bench import LatencyReport, benchmark, write_report
 from .errors import ParityError, StructADMMError
-from .exporters import count_onnx, export_onnx, load_onnx, verify_onnx
+from .exporters import count_onnx, export_onnx, load_onnx, onnx_signature, verify_onnx
 from .models.onnx_input import load_onnx_model
 from .pipeline import (
     ADMM,
@@ -33,5 +33,5 @@ from .pipeline import (
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",
     "Sparsity", "StructADMMError", "apply_masks", "benchmark", "compact", "compress", "count_onnx",
-    "export_onnx", "load_onnx", "load_onnx_model", "trace", "verify_onnx", "write_report",
+    "export_onnx", "load_onnx", "load_onnx_model", "onnx_signature", "trace", "verify_onnx", "write_report",
 ]
