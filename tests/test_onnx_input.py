@@ -33,7 +33,7 @@ runner = CliRunner()
 
 
 def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: str | None = None,
-                  spatial: tuple = (16, 16)) -> Path:
+                  spatial: tuple = (16, 16), reduce_mean: bool = False) -> Path:
     """Conv-BN-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm written node by node with onnx.helper,
     with the input named 'pixels' (batch axis 'N') and the output 'logits'."""
     rng = np.random.default_rng(0)
@@ -45,12 +45,15 @@ def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: st
              numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_s"), init("bn_b", 16),
              init("bn_m", 16, scale=0.1), numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_v"),
              init("w2", 24, 16, 3, 3), init("b2", 24), init("fc_w", 10, 24), init("fc_b", 10)]
+    if reduce_mean:  # axes as an input: ReduceMean-18, newer than onnx2torch's
+        inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     nodes = [
         helper.make_node("Conv", ["pixels", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["n1"], epsilon=1e-5),
         helper.make_node("Relu", ["n1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node(op or "Relu", ["c2"], ["r2"]),
+        helper.make_node("ReduceMean", ["r2", "axes"], ["g"], keepdims=1) if reduce_mean else
         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
@@ -162,10 +165,18 @@ def test_handmade_onnx_helper_model_round_trips(tmp_path: Path) -> None:
     assert dims[0] == "N"
 
 
+def test_opset_newer_than_onnx2torch_is_moved_to_one_it_converts(tmp_path: Path) -> None:
+    path = _helper_model(tmp_path / "m18.onnx", opset=18, reduce_mean=True)
+    ratio, _ = _round_trip(path, torch.randn(4, 1, 16, 16), tmp_path)
+    assert ratio > 2.0
+
+
 @pytest.mark.parametrize("opset", [9, 11])
 def test_legacy_exporter_at_an_older_opset_round_trips(opset: int, tmp_path: Path) -> None:
     path = _legacy_model(tmp_path / "legacy.onnx", opset=opset)
     assert "BatchNormalization" in {n.op_type for n in load_onnx(path).graph.node}
+    kinds = {type(m).__name__ for m in load_onnx_model(path).module.modules()}
+    assert "BatchNorm2d" in kinds and "OnnxBatchNorm" not in kinds  # sliceable by surgery
     ratio, out = _round_trip(path, torch.randn(4, 1, 16, 16), tmp_path)
     assert ratio > 2.0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

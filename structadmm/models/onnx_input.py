@@ -391,12 +391,14 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
 def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
     from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
 
-    norms = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    norms = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
     ranks = _input_ranks(module, example, (OnnxBatchNorm,))
+    if not ranks:
+        return
     with torch.no_grad():
         reference = module(*example)
-    graph = module.graph
-    for node in list(graph.nodes):
+    undo = []
+    for node in module.graph.nodes:
         if node.op != "call_module" or node.target not in ranks or len(node.args) != 5 or node.kwargs:
             continue
         stats = [_constant(module, arg) for arg in node.args[1:]]
@@ -408,17 +410,21 @@ def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, .
         with torch.no_grad():
             norm.weight.copy_(weight), norm.bias.copy_(bias)
             norm.running_mean.copy_(mean), norm.running_var.copy_(var)
-        before = node.args
+        undo.append((node, node.args, old))
         _set_submodule(module, node.target, norm)
         node.args = (node.args[0],)
-        module.recompile()
-        with torch.no_grad():
-            same = _same(reference, module(*example))
-        if not same:
+    if not undo:
+        return
+    module.recompile()
+    with torch.no_grad():
+        same = _same(reference, module(*example))
+    if not same:  # keep onnx2torch's modules: exact, if not prunable
+        for node, args, old in undo:
             _set_submodule(module, node.target, old)
-            node.args = before
-            module.recompile()
-    graph.eliminate_dead_code()
+            node.args = args
+        module.recompile()
+        return
+    module.graph.eliminate_dead_code()
     module.delete_all_unused_submodules()
     module.recompile()
 
