@@ -278,6 +278,10 @@ def _fails(path: Path, pattern: str, **kwargs) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    _fails(tmp_path / "nope.onnx", r"ONNX file .*nope.onnx does not exist")
+
+
 def test_too_big_a_file_is_refused_before_parsing(tmp_path: Path) -> None:
     path = _helper_model(tmp_path / "m.onnx")
     _fails(path, r"over the 0 MB limit", max_bytes=100)
