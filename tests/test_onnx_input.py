@@ -261,6 +261,9 @@ def test_cli_runs_end_to_end_on_a_legacy_export(digits, tmp_path: Path) -> None:
     report = json.loads((run / "report.json").read_text())
     assert report["parity"]["ok"] and report["mac_ratio"] > 2.0
     assert report["dense"]["source"] == str(path)
+    # the user's node names differ from ours: per-layer rows pair in graph order
+    assert all(row["pruned_macs"] is not None for row in report["layers"])
+    assert sum(row["pruned_macs"] for row in report["layers"]) == report["pruned"]["macs"]
     # the dense baseline is the user's own file; the pruned file replaces it
     assert load_onnx(run / "dense.onnx").graph == load_onnx(path).graph
     assert onnx_signature(load_onnx(run / "pruned.onnx")) == onnx_signature(load_onnx(path))
@@ -405,3 +408,13 @@ def test_cli_bad_file_one_line_and_nothing_written(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "op Cosh" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_layer_pairing_by_name_else_by_graph_order() -> None:
+    from structadmm.bench.profile import pair_layers
+
+    ours = [("/a/Conv", "Conv"), ("/b/Gemm", "Gemm")]
+    assert pair_layers(ours, [("/b/Gemm", "Gemm")]) == {"/b/Gemm": "/b/Gemm"}
+    theirs = [("conv_0", "Conv"), ("fc", "Gemm")]
+    assert pair_layers(theirs, ours) == {"conv_0": "/a/Conv", "fc": "/b/Gemm"}
+    assert pair_layers(theirs, ours[::-1]) == {}  # different sequences: nothing paired
