@@ -14,7 +14,9 @@ weights) and opset:
   Its dense baseline is ``user.onnx`` itself, timed as given.
 
 All four files are timed in one interleaved ONNX Runtime run (medians). ``ratio`` is the ONNX
-path's speedup over the torch path's; the goal is within 5 % (0.95..1.05). A model that fails
+path's speedup over the torch path's; the goal is within 5 % (0.95..1.05). "same pruned layers"
+compares the two pruned files structurally: the shapes of every weight matrix and kernel, and the
+op counts (listed where they differ, torch / ONNX), which decide latency independently of timing noise. A model that fails
 on either path is recorded with its one-line reason (coverage). ImageNet models run at
 ``--imagenet-size`` (default 128) to keep the run short on a 2-core machine.
 Writes benchmarks/results/onnx_input.json and .md.
@@ -40,8 +42,8 @@ from structadmm.models.onnx_input import load_onnx_model
 from structadmm.pipeline import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
-ZOO = ["lenet5", "alexnet-cifar", "resnet20", "resnet56", "mobilenetv2", "resnet18", "vgg16", "resnet50", "alexnet",
-       "c3d-small"]
+ZOO = ["resnet20", "mobilenetv2", "resnet18", "alexnet", "vgg16", "resnet56", "resnet50", "c3d-small", "lenet5",
+       "alexnet-cifar"]
 TORCHVISION = ["tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1", "tv:efficientnet_b0",
                "tv:regnet_y_400mf", "tv:densenet121"]
 
@@ -85,6 +87,11 @@ def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:
         except StructADMMError as exc:
             return result | {"ok": False, "stage": "prune", "reason": str(exc)}
         macs = {k: count_onnx(p).macs for k, p in files.items()}
+        structure = {k: _structure(files[k]) for k in ("torch_pruned", "onnx_pruned")}
+        ops = {k: v[0] for k, v in structure.items()}
+        op_diff = {op: [ops["torch_pruned"].get(op, 0), ops["onnx_pruned"].get(op, 0)]
+                   for op in sorted(set(ops["torch_pruned"]) | set(ops["onnx_pruned"]))
+                   if ops["torch_pruned"].get(op, 0) != ops["onnx_pruned"].get(op, 0)}
         report = benchmark(files, batch_sizes=args.batches, threads=args.threads, min_seconds=args.seconds,
                            min_runs=args.runs)
         rows = []
@@ -97,8 +104,19 @@ def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:
     return result | {
         "ok": True, "parity": parity, "torch_mac_ratio": macs["torch_dense"] / macs["torch_pruned"],
         "onnx_mac_ratio": macs["user"] / macs["onnx_pruned"], "latency": rows,
+        "same_weight_shapes": structure["torch_pruned"][1] == structure["onnx_pruned"][1],
+        "op_count_diff": op_diff,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _structure(path: Path) -> tuple[dict[str, int], list[tuple[int, ...]]]:
+    """Op counts and the sorted shapes of the weight matrices and kernels (rank >= 2) of a file."""
+    from collections import Counter
+
+    proto = load_onnx(path)
+    ops = dict(Counter(node.op_type for node in proto.graph.node))
+    return ops, sorted(tuple(t.dims) for t in proto.graph.initializer if len(t.dims) >= 2)
 
 
 def _row(report, dense: str, pruned: str, batch: int, macs: dict) -> dict:
@@ -107,9 +125,9 @@ def _row(report, dense: str, pruned: str, batch: int, macs: dict) -> dict:
 
 
 def _table(results: list[dict], batches: list[int]) -> str:
-    head = "| model | opset | input | MAC ratio torch / ONNX | " + " | ".join(
+    head = "| model | opset | input | MAC ratio torch / ONNX | same pruned layers | " + " | ".join(
         f"speedup b={b} torch / ONNX (ratio)" for b in batches) + " |"
-    lines = [head, "|---" * (4 + len(batches)) + "|"]
+    lines = [head, "|---" * (5 + len(batches)) + "|"]
     for r in results:
         shape = "x".join(map(str, r["input"]))
         if not r["ok"]:
@@ -119,8 +137,11 @@ def _table(results: list[dict], batches: list[int]) -> str:
         lat = {row["batch"]: row for row in r["latency"]}
         cells = " | ".join(f"{lat[b]['torch_speedup']:.2f}x / {lat[b]['onnx_speedup']:.2f}x ({lat[b]['ratio']:.3f})"
                            for b in batches)
+        same = "yes" if r["same_weight_shapes"] else "no"
+        if r["op_count_diff"]:
+            same += " (ops: " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in r["op_count_diff"].items()) + ")"
         lines.append(f"| {r['model']} | {r['opset']} | {shape} | {r['torch_mac_ratio']:.2f}x / "
-                     f"{r['onnx_mac_ratio']:.2f}x | {cells} |")
+                     f"{r['onnx_mac_ratio']:.2f}x | {same} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
