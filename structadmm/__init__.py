@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 from .bench import LatencyReport, benchmark, write_report
 from .errors import ParityError, StructADMMError, StructADMMWarning
-from .exporters import count_onnx, export_onnx, load_onnx, quantize_onnx, verify_onnx
+from .exporters import count_onnx, export_onnx, load_onnx, onnx_signature, quantize_onnx, verify_onnx
+from .models.onnx_input import load_onnx_model
 from .pipeline import (
     ADMM,
     CompressConfig,
@@ -34,5 +35,6 @@ from .pipeline import (
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",
     "Sparsity", "StructADMMError", "StructADMMWarning", "apply_masks", "benchmark", "compact", "compress",
-    "count_onnx", "export_onnx", "load_onnx", "quantize_onnx", "trace", "verify_onnx", "write_report",
+    "count_onnx", "export_onnx", "load_onnx", "load_onnx_model", "onnx_signature", "quantize_onnx", "trace",
+    "verify_onnx", "write_report",
 ]

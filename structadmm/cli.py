@@ -83,7 +83,7 @@ def _progress() -> Progress:
 
 ModelOpt = typer.Option("digits-cnn", "--model", "-m", help=(
     "A zoo name (see `structadmm models`), module:function or file.py:function returning an nn.Module "
-    "(this runs that code), or a torch.export .pt2 file."))
+    "(this runs that code), a torch.export .pt2 file, or an .onnx file (converted with onnx2torch)."))
 CheckpointOpt = typer.Option(None, "--checkpoint", help="Weights for the model: .safetensors or a torch state_dict "
                                                       "(loaded with weights_only=True).")
 InputShapeOpt = typer.Option(None, "--input-shape", help="Shape of one sample, e.g. 3x32x32, when the model does not say.")
@@ -135,9 +135,14 @@ def run(
     loaded = _load_model(model, checkpoint, input_shape)
     dataset = load_data(data, input_shape=loaded.input_shape, seed=cfg.seed)
     check_compatible(loaded.input_shape, dataset.input_shape, loaded.name, dataset.name)
+    if loaded.onnx_file is not None:
+        from .models.onnx_input import check_data_feeds
+
+        check_data_feeds(loaded.onnx_file, dataset.train, dataset.name)
     with _progress() as progress, _warnings_as_lines():
         result = compress(loaded.module, dataset.train, dataset.val, cfg, out_dir=resume or out_dir,
-                          model_name=loaded.name, progress=progress, resume=resume is not None)
+                          model_name=loaded.name, progress=progress, resume=resume is not None,
+                          dense_onnx=loaded.onnx_file)
     if result.rank != 0:  # under torchrun, rank 0 speaks for the job
         return
     out.print(render_table(result.report))
@@ -189,9 +194,10 @@ def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[st
     from .models.data import parse_shape
     from .models.loading import load_model
 
-    loaded = load_model(model, checkpoint=checkpoint)
-    if input_shape:
-        loaded.input_shape = parse_shape(input_shape)
+    shape = parse_shape(input_shape) if input_shape else None
+    loaded = load_model(model, checkpoint=checkpoint, input_shape=shape)
+    if shape:
+        loaded.input_shape = shape
     return loaded
 
 

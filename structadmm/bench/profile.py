@@ -2,7 +2,8 @@
 
 ONNX Runtime's profiler records every kernel's duration. Node names from the exporter carry
 the torch module path (``/features/features.3/Conv``), and surgery keeps module names, so
-the dense and pruned graphs line up layer by layer: for every Conv / Gemm / MatMul the
+the dense and pruned graphs line up layer by layer (a dense file from elsewhere lines up in
+graph order: :func:`pair_layers`): for every Conv / Gemm / MatMul the
 table has its output channels, MACs, bytes moved (the roofline's memory side: activations read
 and written at the profiled batch plus the weights, from :func:`~structadmm.exporters.count_onnx`)
 and measured time in both models. Fused kernels (a Conv that absorbed its ReLU) carry the time of
@@ -127,15 +128,33 @@ def layer_table(dense: str | Path, pruned: str | Path, *, batch: int = 8, thread
         costs[key] = {layer.name: layer for layer in count_onnx(path).layers if layer.op_type in _MATRIX_OPS}
         times[key] = node_times(path, batch=batch, threads=threads, runs=runs, spinning=spinning)
         channels[key] = _out_channels(load_onnx(path))
+    match = pair_layers([(n, c.op_type) for n, c in costs["dense"].items()],
+                        [(n, c.op_type) for n, c in costs["pruned"].items()])
     rows = []
     for name, layer in costs["dense"].items():
-        small = costs["pruned"].get(name)
+        other = match.get(name)
+        small = costs["pruned"].get(other) if other else None
         rows.append(LayerRow(
             name=name, op_type=layer.op_type,
-            dense_channels=channels["dense"].get(name), pruned_channels=channels["pruned"].get(name),
+            dense_channels=channels["dense"].get(name), pruned_channels=channels["pruned"].get(other),
             dense_macs=layer.macs, pruned_macs=small.macs if small else None,
             dense_ms=times["dense"].get(name, 0.0),
-            pruned_ms=times["pruned"].get(name, 0.0) if small else None,
+            pruned_ms=times["pruned"].get(other, 0.0) if small else None,
             dense_bytes=layer.bytes_at(batch), pruned_bytes=small.bytes_at(batch) if small else None,
         ))
     return rows
+
+
+def pair_layers(dense: list[tuple[str, str]], pruned: list[tuple[str, str]]) -> dict[str, str]:
+    """Dense matrix layer name → pruned layer name, from (name, op type) lists in graph order.
+
+    By name where the names line up (both files exported by structadmm). A dense file from
+    elsewhere (a user's ONNX file) names its nodes its own way: then layers pair in graph
+    order, where both files have the same sequence of matrix op types.
+    """
+    pruned_names = {name for name, _ in pruned}
+    if any(name in pruned_names for name, _ in dense):
+        return {name: name for name, _ in dense if name in pruned_names}
+    if [op for _, op in dense] == [op for _, op in pruned]:
+        return {d: p for (d, _), (p, _) in zip(dense, pruned)}
+    return {}

@@ -1,7 +1,15 @@
 """ONNX export with parity verification, safe loading, MAC/parameter counting and INT8 quantization."""
 
 from structadmm.exporters.counting import LayerCost, OnnxCost, count_onnx
-from structadmm.exporters.onnx_export import ExportResult, export_onnx, load_onnx, verify_onnx
+from structadmm.exporters.onnx_export import (
+    ExportResult,
+    OnnxSignature,
+    TensorSpec,
+    export_onnx,
+    load_onnx,
+    onnx_signature,
+    verify_onnx,
+)
 from structadmm.exporters.quantize import QuantizeResult, quantize_onnx
 from structadmm.exporters.sparse import SparseStorage, sparse_storage
 
@@ -9,11 +17,14 @@ __all__ = [
     "ExportResult",
     "LayerCost",
     "OnnxCost",
+    "OnnxSignature",
     "QuantizeResult",
     "SparseStorage",
+    "TensorSpec",
     "count_onnx",
     "export_onnx",
     "load_onnx",
+    "onnx_signature",
     "quantize_onnx",
     "sparse_storage",
     "verify_onnx",

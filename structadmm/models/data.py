@@ -13,6 +13,7 @@ A data reference is one of
 * ``module:function`` or ``path/to/file.py:function``, called with no arguments (this runs the
   user's code): it returns ``(train, val)`` datasets or DataLoaders (``val`` may be None), a
   single dataset or DataLoader, or an ``(x, y)`` tensor pair. DataLoaders are kept as given.
+  For a model with several inputs, samples are ``((a, b), label)``.
 
 Where no held-out part is given, ``test_fraction`` of the samples are held out with a seeded
 split, stratified by label where the labels are known and every class is big enough; the two
@@ -368,6 +369,8 @@ def _sample_shape(data: Dataset | DataLoader, ref: str) -> tuple[int, ...]:
     except (IndexError, StopIteration):
         raise StructADMMError(f"the training data from {ref} is empty; return data with samples in it") from None
     inputs = first[0] if isinstance(first, (tuple, list)) else first
+    if isinstance(inputs, (tuple, list)) and inputs:  # several inputs, ((a, b), label): a's shape
+        inputs = inputs[0]
     if not isinstance(inputs, (torch.Tensor, np.ndarray)):
         raise StructADMMError(
             f"the samples from {ref} are {type(inputs).__name__}, not tensors; convert them "

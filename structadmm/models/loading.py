@@ -8,7 +8,8 @@ A model reference is one of
   shape of one sample (no batch dimension). **This runs the user's code**, with the current
   folder (or the file's folder) on ``sys.path`` while it is imported and called,
 * a ``.pt2`` file written by ``torch.export.save``. ``torch.export.load`` unpickles parts of the
-  file, so a ``.pt2`` file is trusted like code: load only files you made or trust.
+  file, so a ``.pt2`` file is trusted like code: load only files you made or trust,
+* an ``.onnx`` file, loaded as data and converted (see :mod:`.onnx_input`).
 
 Weights come separately, from a checkpoint that is always loaded safely: ``.safetensors``
 files with safetensors, anything else with ``torch.load(weights_only=True)``, which refuses
@@ -53,6 +54,7 @@ class LoadedModel:
     name: str
     input_shape: tuple[int, ...] | None  # one sample, no batch dimension; None when the source does not say
     num_classes: int | None
+    onnx_file: Path | None = None  # the user's .onnx file the module was converted from
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """A seeded random batch of the model's input shape."""
@@ -65,9 +67,17 @@ class LoadedModel:
         return torch.randn((batch, *self.input_shape), generator=gen)
 
 
-def load_model(ref: str, *, checkpoint: str | Path | None = None) -> LoadedModel:
-    """The model named by ``ref`` (see the module docstring), with ``checkpoint``'s weights if given."""
-    if ref.lower().endswith(".pt2"):
+def load_model(ref: str, *, checkpoint: str | Path | None = None,
+               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """The model named by ``ref`` (see the module docstring), with ``checkpoint``'s weights if given.
+
+    ``input_shape`` (one sample) is needed to load an ONNX file that leaves axes besides the
+    batch dynamic; other sources ignore it."""
+    if ref.lower().endswith(".onnx"):
+        from .onnx_input import load_onnx_model
+
+        loaded = load_onnx_model(ref, input_shape=input_shape)
+    elif ref.lower().endswith(".pt2"):
         loaded = _load_exported(Path(ref))
     elif ":" in ref and not Path(ref).exists():
         loaded = _load_from_function(ref)
@@ -123,7 +133,7 @@ def _load_from_zoo(ref: str) -> LoadedModel:
     try:
         spec = get_spec(ref)
     except StructADMMError as exc:
-        raise StructADMMError(f"{exc}; or give module:function, or a .pt2 file saved by torch.export") from None
+        raise StructADMMError(f"{exc}; or give module:function, a .pt2 file saved by torch.export, or an .onnx file") from None
     return LoadedModel(spec.build(), spec.name, spec.input_shape, spec.num_classes)
 
 

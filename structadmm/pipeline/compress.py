@@ -34,7 +34,7 @@ from .config import CompressConfig
 from .masks import apply_masks, sparsity_of
 from .plan import Masks, PruningPlan
 from .surgery import compact_with_report
-from .train import Data, evaluate, first_batch, make_loader, train_epochs
+from .train import Data, evaluate, first_batch, make_loader, run_model, train_epochs
 
 
 @dataclass
@@ -67,6 +67,7 @@ def compress(
     model_name: str | None = None,
     progress: Progress | None = None,
     resume: bool = False,
+    dense_onnx: str | Path | None = None,
 ) -> CompressResult:
     """Run the whole pipeline on ``model`` and write the run folder (see module docstring).
 
@@ -74,6 +75,11 @@ def compress(
     trained in place (it ends masked, not compacted) and a pruned copy is returned in the result.
     The data is checked first (:func:`structadmm.models.validate.check_data`): data the model cannot learn
     from raises :class:`StructADMMError` before any training and before anything is written.
+
+    ``dense_onnx``: the user's own ONNX file ``model`` was converted from
+    (:func:`~structadmm.models.onnx_input.load_onnx_model`). It is the dense baseline, copied as
+    ``dense.onnx`` and timed as given, and ``pruned.onnx`` keeps its input and output names,
+    dtypes and dynamic axes (a drop-in replacement).
 
     ``resume=True`` continues the interrupted run whose folder is ``out_dir`` from its last
     checkpoint; model, data, config and process count must be the ones it was started with.
@@ -91,7 +97,8 @@ def compress(
         run_dir = distributed.on_main(lambda: _run_dir(out_dir, name, resume), ctx)
         folder = RunFolder(run_dir) if ctx.is_main else None  # only rank 0 touches the disk
         resumed = distributed.on_main(lambda: folder.resume(identity) if resume else folder.create(), ctx)
-        pipeline = _Pipeline(model, config, name, ctx, run_dir, folder, identity, resumed, progress)
+        pipeline = _Pipeline(model, config, name, ctx, run_dir, folder, identity, resumed, progress,
+                             Path(dense_onnx) if dense_onnx is not None else None)
         try:
             result = pipeline.run(train_data, val_data)
         except KeyboardInterrupt:
@@ -153,8 +160,9 @@ class _Pipeline:
 
     def __init__(self, model: nn.Module, config: CompressConfig, name: str, ctx: distributed.DistContext,
                  run_dir: Path, folder: RunFolder | None, identity: dict[str, Any], resumed: dict[str, Any] | None,
-                 progress: Progress | None):
+                 progress: Progress | None, dense_onnx: Path | None = None):
         self.model, self.config, self.name, self.ctx = model, config, name, ctx
+        self.dense_onnx = dense_onnx
         self.run_dir, self.folder, self.identity, self.resumed = run_dir, folder, identity, resumed
         self.out = staging_of(run_dir)  # written by rank 0 only
         self.fit = dict(momentum=config.momentum, weight_decay=config.weight_decay, device=config.device,
@@ -202,14 +210,27 @@ class _Pipeline:
             self._train("dense", config.dense_epochs, 0, lr=config.lr, description="dense training")
             self.model.eval()
             self.state.facts["dense_accuracy"] = self._evaluate()
-            distributed.on_main(lambda: self._export(self.model, "dense.onnx"), self.ctx)
+            distributed.on_main(self._write_dense, self.ctx)
         self.model.cpu().eval()
         return self.state.facts["dense_accuracy"]
 
-    def _export(self, model: nn.Module, filename: str) -> None:
-        from ..exporters import export_onnx
+    def _write_dense(self) -> None:
+        """dense.onnx: the user's own file as given, else the trained model exported."""
+        if self.dense_onnx is None:
+            self._export(self.model, "dense.onnx")
+            return
+        import onnx
 
-        export_onnx(model, self.example, self.out / filename)
+        from ..exporters import load_onnx
+
+        # one self-contained file (external data, if any, is read from beside the source)
+        onnx.save(load_onnx(self.dense_onnx), self.out / "dense.onnx")
+
+    def _export(self, model: nn.Module, filename: str) -> None:
+        from ..exporters import export_onnx, load_onnx, onnx_signature
+
+        signature = onnx_signature(load_onnx(self.dense_onnx)) if self.dense_onnx is not None else None
+        export_onnx(model, self.example, self.out / filename, signature=signature)
 
     def _plan(self) -> PruningPlan:
         config, model = self.config, self.model
@@ -232,11 +253,12 @@ class _Pipeline:
         config = self.config
         source = (self.val if self.val is not None else self.train).dataset
         x_probe, y_probe = next(iter(make_loader(source, 512, shuffle=False)))[:2]
+        x_probe = tuple(x_probe) if isinstance(x_probe, list) else x_probe
 
         def probe(net: nn.Module) -> float:
             net.eval()
             with torch.no_grad():
-                return float((net(x_probe).argmax(1) == y_probe).float().mean())
+                return float((run_model(net, x_probe).argmax(1) == y_probe).float().mean())
 
         common = dict(probe=probe, sparsity=config.sparsity, multiple=config.channel_multiple)
         if config.target_macs:
@@ -323,7 +345,8 @@ class _Pipeline:
         report = {
             "model": self.name,
             "dense": {"accuracy": dense_acc, "macs": dense_cost.macs, "params": dense_cost.params,
-                      "onnx": "dense.onnx"},
+                      "onnx": "dense.onnx",
+                      "source": str(self.dense_onnx) if self.dense_onnx is not None else None},
             "pruned": {"accuracy": pruned_acc, "macs": pruned_cost.macs, "params": pruned_cost.params,
                        "onnx": "pruned.onnx", "hard_pruned_accuracy": self.state.facts.get("hard_pruned_accuracy"),
                        "weight_sparsity": sparsity_of(masks)},

@@ -22,6 +22,7 @@ from ..errors import StructADMMError
 from . import distributed
 
 Data = Dataset | DataLoader | tuple
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one batch's model inputs
 # where a phase of train_epochs stopped: {"epoch": epochs finished, "optimizer": state_dict,
 # "schedule": state_dict}; optimizer and schedule are None before the first epoch
 TrainerState = dict[str, Any]
@@ -41,10 +42,24 @@ def make_loader(data: Data, batch_size: int, *, shuffle: bool, seed: int = 0) ->
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
     if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
+        return _inputs(batch[0]), (batch[1] if len(batch) > 1 else None)
     return batch, None
+
+
+def _inputs(x: Any) -> Inputs:
+    """A batch's inputs: one tensor, or a tuple of tensors for a model with several inputs
+    (samples given as ``((a, b), label)``)."""
+    return tuple(x) if isinstance(x, (tuple, list)) else x
+
+
+def run_model(model: nn.Module, x: Inputs, device: str | None = None) -> Any:
+    """``model`` called on one batch's inputs (a tensor or a tuple of tensors), moved to ``device``."""
+    items = x if isinstance(x, tuple) else (x,)
+    if device is not None:
+        items = tuple(t.to(device) for t in items)
+    return model(*items)
 
 
 def train_epochs(
@@ -136,7 +151,7 @@ class _Step:
         x, y = _split_batch(batch)
         if y is None:
             raise StructADMMError("training data has no labels: give (input, label) pairs")
-        loss = F.cross_entropy(self.net(x.to(self.device)), y.to(self.device))
+        loss = F.cross_entropy(run_model(self.net, x, self.device), y.to(self.device))
         if self.penalty is not None:
             # the same on every rank, so DDP's gradient average leaves its gradient exact
             loss = loss + self.penalty()
@@ -167,7 +182,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu") -> float
             x, y = _split_batch(batch)
             if y is None:
                 return None
-            pred = model(x.to(device)).argmax(dim=1)
+            pred = run_model(model, x, device).argmax(dim=1)
             correct += int((pred == y.to(device)).sum())
             seen += len(y)
     finally:
@@ -175,7 +190,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu") -> float
     return correct / seen if seen else None
 
 
-def first_batch(loader: DataLoader, n: int | None = None) -> torch.Tensor:
+def first_batch(loader: DataLoader, n: int | None = None) -> Inputs:
     """The inputs of the loader's first batch (at most ``n`` of them): real example inputs."""
     x, _ = _split_batch(next(iter(loader)))
+    if isinstance(x, tuple):
+        return tuple(t[:n] for t in x) if n is not None else x
     return x[:n] if n is not None else x

@@ -1,0 +1,507 @@
+"""Load a user's ``.onnx`` file as a PyTorch module to prune, treating the file as untrusted data.
+
+The graph is converted with onnx2torch (a maintained converter; structadmm has no ONNX
+interpreter of its own). Before anything is converted or run, the file is checked, and
+every way it can be bad is one line of :class:`~structadmm.errors.StructADMMError`:
+
+1. its size, external data included, is at most ``max_bytes``;
+2. it is parsed as data (a protobuf; no custom op library is ever loaded): ops outside the
+   standard ONNX domain are refused by name;
+3. external-data paths must stay inside the file's folder and name files that exist;
+4. ``onnx.checker`` (full check, with shape inference) must pass;
+5. shapes must be sane: no negative or huge dimensions, initializers whose stored data
+   matches their declared shape, inputs with a dynamic batch axis (dim 0);
+6. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
+   the file's opset, the graph is first moved to the newest opset it covers with
+   ``onnx.version_converter``; otherwise the error names the op.
+
+The converted module is then checked against ONNX Runtime running the file itself, at two
+batch sizes, and a few onnx2torch wrappers are swapped for the equivalent ``torch.nn``
+layers (checked numerically) so that the channel tracer and surgery see ordinary layers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+from google.protobuf.message import DecodeError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ..errors import ParityError, StructADMMError
+from ..exporters import OnnxSignature, load_onnx, onnx_signature, verify_onnx
+from .loading import LoadedModel
+
+#: Largest file (with its external data) that is loaded: protobuf's own limit is 2 GiB.
+MAX_BYTES = 2 * 1024**3
+#: Largest tensor (elements) an initializer may declare.
+MAX_TENSOR_ELEMENTS = 2**31
+#: Largest sample (elements, without the batch axis) an input may take.
+MAX_SAMPLE_ELEMENTS = 2**26
+MAX_RANK = 8
+#: Oldest opset tried when onnx2torch lags the file's opset.
+_OLDEST_OPSET = 9
+#: The two batch sizes the converted module is checked at against ONNX Runtime.
+CHECK_BATCHES = (2, 3)
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def load_onnx_model(
+    path: str | Path,
+    *,
+    input_shape: Sequence[int] | None = None,
+    max_bytes: int = MAX_BYTES,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> LoadedModel:
+    """The model in the ONNX file at ``path`` as a prunable ``nn.Module`` (see the module docstring).
+
+    ``input_shape`` is one sample's shape (no batch axis), needed only when the file leaves
+    axes other than the batch dynamic. The result's ``onnx_file`` is ``path``: the pipeline
+    times the file as given as the dense baseline and writes the pruned model with its input
+    and output names, dtypes and dynamic axes.
+    """
+    path = Path(path)
+    proto = _read_checked(path, max_bytes)
+    signature = onnx_signature(proto)
+    shapes = _sample_shapes(signature, input_shape, path)
+    converted = _convert(_at_convertible_opset(proto, path), path)
+    check = [_example_inputs(signature, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
+    for inputs in check:
+        _check_against_runtime(converted, path, inputs, atol, rtol)
+    module = replace_wrappers(converted, check[0])
+    output = signature.outputs[0].dims if len(signature.outputs) == 1 else ()
+    classes = output[1] if len(output) == 2 and isinstance(output[1], int) else None
+    return LoadedModel(module.eval(), path.stem, shapes[0] if len(shapes) == 1 else None, classes, onnx_file=path)
+
+
+def example_inputs(path: str | Path, batch: int, *, input_shape: Sequence[int] | None = None,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded example inputs for the ONNX file at ``path``, one per graph input, at ``batch``."""
+    signature = onnx_signature(onnx.load(Path(path), load_external_data=False))
+    return _example_inputs(signature, _sample_shapes(signature, input_shape, Path(path)), batch, seed)
+
+
+def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: str) -> None:
+    """One line unless the data's samples give as many inputs as the ONNX file takes."""
+    names = [t.name for t in onnx_signature(onnx.load(Path(path), load_external_data=False)).inputs]
+    first = next(iter(data)) if isinstance(data, (DataLoader, IterableDataset)) else data[0]
+    x = first[0] if isinstance(first, (tuple, list)) else first
+    given = len(x) if isinstance(x, (tuple, list)) else 1
+    if given != len(names):
+        raise StructADMMError(
+            f"{Path(path).name} takes {len(names)} input{'s' if len(names) > 1 else ''} ({', '.join(names)}) but the "
+            f"samples of {data_name} give {given}; give data whose samples are (({', '.join(names)}), label) "
+            "(module:function data)" if len(names) > 1 else
+            f"{Path(path).name} takes one input ({names[0]}) but the samples of {data_name} give {given}"
+        )
+
+
+# --- reading the file as data ----------------------------------------------------------------------
+
+
+def _read_checked(path: Path, max_bytes: int) -> onnx.ModelProto:
+    if not path.is_file():
+        raise StructADMMError(f"ONNX file {path} does not exist; check the path")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise StructADMMError(f"{path} is {size / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit for ONNX files")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {_one_line(exc)}") from exc
+    _check_domains(proto, path)
+    _check_external_data(proto, path, max_bytes - size)
+    proto = load_onnx(path)  # external data (from inside the folder) and onnx.checker's full check
+    _check_shapes(proto, path)
+    return proto
+
+
+def _check_domains(proto: onnx.ModelProto, path: Path) -> None:
+    if proto.functions:
+        raise StructADMMError(
+            f"{path} defines model-local functions ({proto.functions[0].name}); inline them first "
+            "(onnx.inliner.inline_local_functions)"
+        )
+    for node in _all_nodes(proto.graph):
+        if node.domain not in _STANDARD_DOMAINS:
+            raise StructADMMError(
+                f"{path}: op {node.op_type} of domain {node.domain!r} is a custom op; only standard ONNX ops "
+                "can be converted"
+            )
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path, budget: int) -> None:
+    folder = path.resolve().parent
+    total = 0
+    seen: set[Path] = set()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise StructADMMError(
+                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the "
+                "file's folder; external data must sit beside the model"
+            )
+        if not target.is_file():
+            raise StructADMMError(f"{path}: external data file {location!r} of tensor {tensor.name!r} does not exist")
+        if target not in seen:
+            seen.add(target)
+            total += target.stat().st_size
+    if total > budget:
+        raise StructADMMError(f"{path}: its external data is {total / 1e6:.0f} MB, over the limit for ONNX files")
+
+
+def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
+    for tensor in _all_tensors(proto):
+        dims = list(tensor.dims)
+        if any(d < 0 for d in dims) or len(dims) > MAX_RANK:
+            raise StructADMMError(f"{path}: initializer {tensor.name!r} has an invalid shape {dims}")
+        elements = math.prod(dims)
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise StructADMMError(
+                f"{path}: initializer {tensor.name!r} declares shape {dims} ({elements:.3g} elements), "
+                f"over the limit of {MAX_TENSOR_ELEMENTS:.3g}"
+            )
+        stored = _stored_elements(tensor)
+        if stored is not None and stored != elements:
+            raise StructADMMError(
+                f"{path}: initializer {tensor.name!r} declares shape {dims} but stores {stored} elements"
+            )
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        fixed = [d.dim_value for d in dims if d.HasField("dim_value")]
+        if len(dims) > MAX_RANK or any(d < 0 for d in fixed):
+            raise StructADMMError(f"{path}: {value.name!r} has an invalid shape {[_dim(d) for d in dims]}")
+        if math.prod(fixed[1:] if len(fixed) == len(dims) else fixed) > MAX_SAMPLE_ELEMENTS:
+            raise StructADMMError(
+                f"{path}: {value.name!r} has shape {[_dim(d) for d in dims]}, over the limit of "
+                f"{MAX_SAMPLE_ELEMENTS:.3g} elements per sample"
+            )
+
+
+def _stored_elements(tensor: onnx.TensorProto) -> int | None:
+    """Elements the tensor's stored data holds, where it can be told without reading external data."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    if tensor.HasField("raw_data"):
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+            return None
+        return len(tensor.raw_data) // itemsize
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        values = getattr(tensor, field)
+        if len(values):
+            complex_pairs = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+            return len(values) // 2 if complex_pairs else len(values)
+    return None
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def _sample_shapes(signature: OnnxSignature, input_shape: Sequence[int] | None,
+                   path: Path) -> list[tuple[int, ...]]:
+    """One sample's shape per input (without the batch axis)."""
+    if not signature.inputs:
+        raise StructADMMError(f"{path} takes no inputs; structadmm prunes models that take a batch of samples")
+    shapes = []
+    for spec in signature.inputs:
+        if not spec.dims:
+            raise StructADMMError(f"{path}: input {spec.name!r} is a scalar; inputs need a batch axis (dim 0)")
+        if isinstance(spec.dims[0], int):
+            raise StructADMMError(
+                f"{path} was exported for batch size {spec.dims[0]} only (input {spec.name!r}), but the pipeline "
+                "runs it at several batch sizes; export it with a dynamic batch axis (dynamic_axes={name: {0: 'batch'}})"
+            )
+        rest = spec.dims[1:]
+        if all(isinstance(d, int) for d in rest):
+            if input_shape is not None and len(signature.inputs) == 1 and tuple(input_shape) != tuple(rest):
+                raise StructADMMError(
+                    f"{path} takes {'x'.join(map(str, rest))} samples, not the given input shape "
+                    f"{'x'.join(map(str, input_shape))}"
+                )
+            shapes.append(tuple(rest))
+        elif input_shape is not None and len(signature.inputs) == 1 and len(input_shape) == len(rest) and all(
+                d == g for d, g in zip(rest, input_shape) if isinstance(d, int)):
+            shapes.append(tuple(int(d) for d in input_shape))
+        else:
+            raise StructADMMError(
+                f"{path}: input {spec.name!r} has dynamic axes {list(spec.dims)} besides the batch; give the shape "
+                "of one sample (--input-shape, e.g. 3x224x224)"
+            )
+    return shapes
+
+
+def _example_inputs(signature: OnnxSignature, shapes: list[tuple[int, ...]], batch: int,
+                    seed: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for spec, shape in zip(signature.inputs, shapes):
+        dtype = np.dtype(spec.dtype)
+        if np.issubdtype(dtype, np.floating):
+            inputs.append(torch.randn((batch, *shape), generator=generator).to(torch.from_numpy(np.zeros(0, dtype)).dtype))
+        elif dtype == np.bool_:
+            inputs.append(torch.randint(0, 2, (batch, *shape), generator=generator).bool())
+        elif np.issubdtype(dtype, np.integer):  # token ids, indices: the valid range is unknown; 0 and 1 are safe
+            inputs.append(torch.randint(0, 2, (batch, *shape), generator=generator).to(
+                torch.from_numpy(np.zeros(0, dtype)).dtype))
+        else:
+            raise StructADMMError(f"input {spec.name!r} is {spec.dtype}; structadmm feeds numeric inputs only")
+    return tuple(inputs)
+
+
+# --- conversion -----------------------------------------------------------------------------------
+
+
+def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
+    opset at which it does; one line naming the op when there is none."""
+    opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), None)
+    if opset is None:
+        raise StructADMMError(f"{path} imports no standard ONNX opset")
+    missing = _unconvertible(proto, opset)
+    if not missing:
+        return proto
+    from onnx import version_converter
+
+    for target in range(opset - 1, _OLDEST_OPSET - 1, -1):
+        if _unconvertible(proto, target):
+            continue
+        try:
+            moved = version_converter.convert_version(proto, target)
+        except Exception:  # noqa: BLE001 - the converter cannot move this graph: try an older opset
+            continue
+        if not _unconvertible(moved, target):
+            return moved
+    op, version = missing[0]
+    more = f" (and {', '.join(o for o, _ in missing[1:4])})" if len(missing) > 1 else ""
+    raise StructADMMError(
+        f"{path}: op {op} (opset {version}) cannot be converted to PyTorch: onnx2torch has no converter for it{more}"
+    )
+
+
+#: ONNX op versions newer than onnx2torch's that only widened the element types accepted
+#: (float8 in 19, int4 in 21; Cast-19's saturate applies to float8 alone): the older
+#: version's converter is exact for every type it converts. The ONNX Runtime check is the backstop.
+_TYPE_ONLY_VERSIONS = {
+    "Cast": (19, 21), "Constant": (19, 21), "Identity": (19, 21), "Reshape": (19, 21), "Shape": (19, 21),
+    "Size": (19, 21), "Flatten": (21,), "Transpose": (21,), "Squeeze": (21,), "Unsqueeze": (21,),
+}
+
+
+def _register_type_only_versions() -> None:
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    for op, versions in _TYPE_ONLY_VERSIONS.items():
+        for version in versions:
+            try:
+                get_converter(operation_type=op, version=version)
+                continue  # onnx2torch has it (a newer onnx2torch)
+            except NotImplementedError:
+                pass
+            try:
+                older = get_converter(operation_type=op, version=version - 1)
+            except NotImplementedError:
+                continue
+            add_converter(operation_type=op, version=version)(older)
+
+
+def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
+    from onnx2torch.node_converters.registry import get_converter
+
+    _register_type_only_versions()
+    missing: dict[str, int] = {}
+    for node in _all_nodes(proto.graph):
+        try:
+            get_converter(operation_type=node.op_type, version=opset, domain=node.domain)
+        except NotImplementedError:
+            missing.setdefault(node.op_type, opset)
+    return list(missing.items())
+
+
+def _convert(proto: onnx.ModelProto, path: Path) -> nn.Module:
+    import onnx2torch
+
+    try:
+        return onnx2torch.convert(proto).eval()
+    except Exception as exc:  # noqa: BLE001 - an attribute or case the converter does not cover
+        raise StructADMMError(f"{path}: onnx2torch cannot convert it: {_one_line(exc)}") from exc
+
+
+def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...],
+                           atol: float, rtol: float) -> None:
+    try:
+        verify_onnx(module, path, inputs, atol=atol, rtol=rtol)
+    except ParityError as exc:
+        raise ParityError(f"the PyTorch conversion of {path} does not compute what ONNX Runtime does: {exc}") from exc
+    except StructADMMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the converted module failed to run
+        raise StructADMMError(
+            f"the PyTorch conversion of {path} fails at batch {inputs[0].shape[0]}: {type(exc).__name__}: "
+            f"{_one_line(exc)}"
+        ) from exc
+
+
+# --- onnx2torch wrappers → torch.nn layers ---------------------------------------------------------
+
+
+def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module:
+    """Swap onnx2torch wrapper modules for the equivalent ``torch.nn`` layers, in place.
+
+    Global average pooling becomes ``nn.AdaptiveAvgPool{1,2,3}d(1)``, which the channel
+    tracer treats as spatial. A functional ``OnnxBatchNorm`` (emitted where the file shares
+    or copies its statistics through Identity nodes, as the legacy exporter does at old
+    opsets) whose statistics are constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own
+    copy of them, which surgery can slice. Each swap is kept only where the module's outputs
+    on ``example`` are unchanged.
+    """
+    if isinstance(module, torch.fx.GraphModule):
+        _own_batchnorms(module, example)
+    from onnx2torch.node_converters.global_average_pool import (
+        OnnxGlobalAveragePool,
+        OnnxGlobalAveragePoolWithKnownInputShape,
+    )
+
+    pools = {3: nn.AdaptiveAvgPool1d, 4: nn.AdaptiveAvgPool2d, 5: nn.AdaptiveAvgPool3d}
+    ranks = _input_ranks(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape))
+    with torch.no_grad():
+        reference = module(*example)
+    for name, rank in ranks.items():
+        if rank not in pools:
+            continue
+        old = module.get_submodule(name)
+        _set_submodule(module, name, pools[rank](1))
+        with torch.no_grad():
+            if not _same(reference, module(*example)):
+                _set_submodule(module, name, old)
+    return module
+
+
+def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
+
+    norms = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    ranks = _input_ranks(module, example, (OnnxBatchNorm,))
+    if not ranks:
+        return
+    with torch.no_grad():
+        reference = module(*example)
+    undo = []
+    for node in module.graph.nodes:
+        if node.op != "call_module" or node.target not in ranks or len(node.args) != 5 or node.kwargs:
+            continue
+        stats = [_constant(module, arg) for arg in node.args[1:]]
+        if any(t is None for t in stats) or ranks[node.target] not in norms:
+            continue
+        old = module.get_submodule(node.target)
+        weight, bias, mean, var = (t.detach().clone().float() for t in stats)
+        norm = norms[ranks[node.target]](len(weight), eps=old.epsilon, momentum=old.momentum).eval()
+        with torch.no_grad():
+            norm.weight.copy_(weight), norm.bias.copy_(bias)
+            norm.running_mean.copy_(mean), norm.running_var.copy_(var)
+        undo.append((node, node.args, old))
+        _set_submodule(module, node.target, norm)
+        node.args = (node.args[0],)
+    if not undo:
+        return
+    module.recompile()
+    with torch.no_grad():
+        same = _same(reference, module(*example))
+    if not same:  # keep onnx2torch's modules: exact, if not prunable
+        for node, args, old in undo:
+            _set_submodule(module, node.target, old)
+            node.args = args
+        module.recompile()
+        return
+    module.graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+
+
+def _constant(module: torch.fx.GraphModule, arg: object) -> torch.Tensor | None:
+    """The tensor an fx argument always holds: an initializer, possibly through Identity copies."""
+    from onnx2torch.node_converters.identity import OnnxCopyIdentity
+
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    if arg.op == "get_attr":
+        value = module
+        for part in str(arg.target).split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+    if arg.op == "call_module" and len(arg.args) == 1 and isinstance(
+            module.get_submodule(str(arg.target)), (OnnxCopyIdentity, nn.Identity)):
+        return _constant(module, arg.args[0])
+    return None
+
+
+def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...]) -> dict[str, int]:
+    ranks: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            ranks.setdefault(name, args[0].dim())
+        return hook
+
+    handles = [sub.register_forward_pre_hook(record(name))
+               for name, sub in module.named_modules() if isinstance(sub, types)]
+    try:
+        with torch.no_grad():
+            module(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranks
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _same(a: object, b: object) -> bool:
+    from ..pipeline.surgery import flat_outputs
+
+    xs, ys = flat_outputs(a), flat_outputs(b)
+    return len(xs) == len(ys) and all(x.shape == y.shape and torch.allclose(x, y, atol=1e-6) for x, y in zip(xs, ys))
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                yield from _all_nodes(sub)
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in _all_nodes(proto.graph):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
+    return d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
