@@ -71,9 +71,9 @@ def test_cli_run_prints_the_table_and_leaves_the_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--ratio", "1.5"], "ratio must be in (0, 1)"),
-    (["run", "--ratio", "0"], "ratio must be in (0, 1)"),
-    (["run", "--target-macs", "0.5"], "target_macs is a reduction factor and must be > 1"),
+    (["run", "--ratio", "1.5"], "flags: ratio = 1.5: must be less than 1"),
+    (["run", "--ratio", "0"], "flags: ratio = 0.0: must be greater than 0"),
+    (["run", "--target-macs", "0.5"], "target_macs = 0.5: must be greater than 1 (a reduction factor"),
     (["run", "--model", "resnet1000"], "unknown model 'resnet1000'"),
     (["run", "--sparsity", "rows"], "unknown sparsity type 'rows'"),
     (["run", "--config", "/nonexistent/cfg.toml"], "cannot read config file"),
