@@ -41,7 +41,11 @@ except ImportError:  # Windows: no advisory locks, so two processes on one run g
     fcntl = None
 
 PHASES = ("dense", "admm", "retrain")
-FORMAT = 1
+FORMAT = 2  # 2: the pruning plan is saved (facts["plan"]) once fixed, and a resume uses it
+
+
+class ResumeMismatch(StructADMMError):
+    """A resume whose inputs do not match the interrupted run; the interrupted run is left as it was."""
 
 
 def staging_of(final: Path) -> Path:
@@ -219,7 +223,8 @@ class RunState:
         self.model = model
         self.generator = generator  # the training loader's, whose state decides the shuffle
         self.resumed = resumed
-        # results of finished phases: dense_accuracy, hard_pruned_accuracy, timings
+        # results of finished phases: dense_accuracy, plan (PruningPlan.to_state), budget,
+        # hard_pruned_accuracy, timings
         self.facts: dict[str, Any] = dict(resumed["facts"]) if resumed else {"timings": {}}
         self.admm: ADMM | None = None
         self.masks: Masks | None = None
