@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 from structadmm.errors import ParityError, StructADMMError
-from structadmm.pipeline.surgery import flat_outputs
+from structadmm.layers import eval_mode, flat_outputs
 
 __all__ = ["ExportResult", "export_onnx", "load_onnx", "verify_onnx"]
 
@@ -81,7 +81,7 @@ def export_onnx(
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _eval_mode(model):
+        with eval_mode(model):
             n_outputs = len(flat_outputs(_run_torch(model, inputs)))
             input_names = _names("input", len(inputs))
             output_names = _names("output", n_outputs)
@@ -114,7 +114,7 @@ def verify_onnx(
     otherwise :class:`ParityError` is raised with the max abs diff, the tolerance and the path.
     """
     inputs = _as_tuple(inputs)
-    with _eval_mode(model):
+    with eval_mode(model):
         expected = [t.detach().cpu().numpy() for t in flat_outputs(_run_torch(model, inputs))]
     actual = _run_onnx(Path(path), inputs)
     batch = inputs[0].shape[0]
@@ -353,17 +353,6 @@ def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
 
 
 # --- torch helpers ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, restoring train mode after: callers export mid-training."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> object:

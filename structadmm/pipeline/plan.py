@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
+from ..layers import CONVS
 from .config import read_toml
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
 from .sparsity import (
@@ -45,7 +46,7 @@ from .sparsity import (
 Masks = dict[str, torch.Tensor]
 """Parameter name -> float mask of the parameter's shape (1 keeps a weight, 0 prunes it)."""
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_WEIGHTED = (*CONVS, nn.Linear)
 
 
 @dataclass
@@ -92,6 +93,11 @@ class ChannelUnit:
             keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
             keep_pos[pos] = keep[local]
             masks[s.name] = masks[s.name] * s.mask(values[s.name].shape, keep_pos)
+
+
+def slice_groups(graph: ChannelGraph, s: Slice) -> np.ndarray:
+    """The channel group id at every position of slice ``s``."""
+    return graph.group_of[graph.atom_of[s.entries]]
 
 
 def constrained_topk(scores: torch.Tensor, k: int, alive: torch.Tensor, blocks: list[list[torch.Tensor]]) -> torch.Tensor:
