@@ -13,3 +13,11 @@ class StructADMMError(Exception):
 
 class ParityError(StructADMMError):
     """Two models that must compute the same function do not (surgery or export went wrong)."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type's name if it has none),
+    cut to ``limit`` characters: what a one-line error quotes of a library's exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -38,9 +38,9 @@ from onnx import TensorProto
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from structadmm.errors import StructADMMError
+from structadmm.errors import StructADMMError, one_line
 from structadmm.layers import eval_mode
-from structadmm.exporters.onnx_export import _one_line, load_onnx
+from structadmm.exporters.onnx_export import load_onnx
 
 __all__ = ["LayerCost", "OnnxCost", "TorchCost", "count_onnx", "count_torch"]
 
@@ -162,7 +162,7 @@ def _infer_with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise StructADMMError(
-            f"cannot infer the shapes of the ONNX model: {_one_line(exc)}"
+            f"cannot infer the shapes of the ONNX model: {one_line(exc)}"
         ) from exc
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
+from ..files import atomic_path
 from .admm import ADMM
 from .plan import Masks
 from .train import TrainerState
@@ -112,12 +113,8 @@ class RunFolder:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must never expose a file whose data is not on disk
-        os.replace(tmp, self.checkpoint)
+        with atomic_path(self.checkpoint) as tmp:
+            torch.save(state, tmp)
 
     def finish(self) -> None:
         """Drop the checkpoint and rename the staging folder to the final one."""
