@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from structadmm.cli import app
+from structadmm.errors import StructADMMError
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig, compress
 
@@ -116,7 +117,8 @@ def test_existing_run_folder_is_never_overwritten(tmp_path: Path) -> None:
 
 def test_debug_shows_the_traceback() -> None:
     result = runner.invoke(app, ["run", "--ratio", "2", "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    assert result.exit_code != 0 and isinstance(result.exception, StructADMMError)
+    assert "ratio = 2.0" in str(result.exception)
 
 
 def test_inspect_lists_units_and_what_was_left_alone() -> None:
