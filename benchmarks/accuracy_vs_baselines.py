@@ -53,6 +53,7 @@ from peers import torch_pruning_magnitude
 from torch import nn
 
 from structadmm import ADMM, PruningPlan, apply_masks, compact, count_onnx, export_onnx
+from structadmm.files import atomic_path, write_atomic
 from structadmm.models import get_spec, load_digits_split
 from structadmm.pipeline.train import evaluate, make_loader, train_epochs
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.render:
         result = json.loads(Path(args.render).read_text())
         out_dir = Path(args.out)
-        _write_atomic(out_dir / "accuracy_vs_baselines.md", _markdown(result))
+        write_atomic(out_dir / "accuracy_vs_baselines.md", _markdown(result))
         _plot(result, out_dir / "accuracy_vs_macs.png")
         return result
     torch.set_num_threads(args.threads)
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "accuracy_vs_baselines.json", json.dumps(result, indent=2) + "\n")
-    _write_atomic(out_dir / "accuracy_vs_baselines.md", _markdown(result))
+    write_atomic(out_dir / "accuracy_vs_baselines.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out_dir / "accuracy_vs_baselines.md", _markdown(result))
     if not args.no_plot:
         _plot(result, out_dir / "accuracy_vs_macs.png")
     print(_markdown(result))
@@ -355,16 +356,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _versions() -> dict[str, str]:

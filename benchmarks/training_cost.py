@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from structadmm import ADMM, PruningPlan
+from structadmm.files import write_atomic
 from structadmm.models import get_spec, load_digits_split
 
 RESULTS = Path(__file__).parent / "results"
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "training_cost.json", json.dumps(result, indent=2) + "\n")
-    _write(out / "training_cost.md", _markdown(result))
+    write_atomic(out / "training_cost.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "training_cost.md", _markdown(result))
     print(_markdown(result))
     return result
 
@@ -194,12 +195,6 @@ def _markdown(result: dict[str, Any]) -> str:
                      f"| {b['penalty_forward_backward']:.3f} | {b['projection_masks_for']:.2f} | {b['update_total']:.2f} |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,11 @@ class ParityError(StructADMMError):
 
 class StructADMMWarning(UserWarning):
     """A user-facing warning: the input is usable but likely a mistake (e.g. a class with no samples)."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type's name if it has none),
+    cut to ``limit`` characters: what a one-line error quotes of a library's exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -86,3 +86,9 @@ def test_every_sparsity_type_projects_every_arch(sparsity: str) -> None:
         assert masks, name
         for pname, mask in masks.items():
             assert torch.all(params[pname][mask == 0] == 0), (name, pname)
+            if sparsity == "shape":  # exactly half of every weight's GEMM columns survive
+                columns = mask.flatten(1).any(0)
+                assert int(columns.sum()) == keep_count(columns.numel(), 0.5), (name, pname)
+            elif sparsity == "irregular":  # exactly half of every weight's entries survive
+                assert int(mask.sum()) == keep_count(mask.numel(), 0.5), (name, pname)
+        assert all(bool((mask == 0).any()) for mask in masks.values()), name  # nothing left unpruned

@@ -1,4 +1,5 @@
-"""MAC and parameter counts from ONNX graphs against hand-computed figures.
+"""MAC and parameter counts from ONNX graphs against hand-computed figures, and the forward-side
+counter (count_torch) against them and against the ONNX counter on the zoo and random graphs.
 
 Each expected MAC figure is worked out in the test from the layer's arithmetic:
 output elements × (C_in / groups) × prod(kernel) for convolutions, M·K·N for matrix products.
@@ -15,8 +16,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from random_nets import RandomNet
 from structadmm.errors import StructADMMError
-from structadmm.exporters import OnnxCost, count_onnx, export_onnx
+from structadmm.exporters import OnnxCost, count_onnx, count_torch, export_onnx
+from zoo_cases import zoo_case, zoo_params
 
 
 def _count_torch(tmp_path: Path, model: nn.Module, *sample_shape: int) -> OnnxCost:
@@ -229,3 +232,36 @@ def test_bytes_moved_per_node_for_the_roofline(tmp_path: Path) -> None:
     conv = next(layer for layer in cost.layers if layer.op_type == "Conv")
     assert conv.bytes_at(8) == 8 * conv.activation_bytes + conv.weight_bytes  # weights read once per run
     assert cost.bytes_at(8) == sum(layer.bytes_at(8) for layer in cost.layers)
+
+
+# --- the forward-side counter (count_torch) against the ONNX one ---------------------------
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_torch_counter_on_single_layers(name: str) -> None:
+    layer, shape, expected_macs = CONV_CASES[name]
+    assert count_torch(layer, torch.randn(2, *shape)).macs == expected_macs  # per sample, at batch 2
+
+
+def test_torch_counter_counts_functional_matmuls_outside_layers() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), Gram())
+    cost = count_torch(model, torch.randn(2, 2, 5, 5))
+    conv = 3 * 3 * 3 * 2 * 9
+    assert cost.layers == {"0": conv, "1": 3 * 3 * 3 * 3}  # Gram is a leaf module
+    assert cost.macs == conv + 3 * 3 * 3 * 3
+
+
+@pytest.mark.parametrize("name", zoo_params())
+def test_torch_counter_agrees_with_onnx_on_the_zoo(tmp_path: Path, name: str) -> None:
+    model, x = zoo_case(name)
+    path = export_onnx(model, x, tmp_path / "m.onnx", verify=False).path
+    assert count_torch(model, x).macs == count_onnx(path).macs > 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_torch_counter_agrees_with_onnx_on_random_graphs(tmp_path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = RandomNet(seed).eval()
+    x = model.example_input()
+    path = export_onnx(model, x, tmp_path / "m.onnx", verify=False).path
+    assert count_torch(model, x).macs == count_onnx(path).macs > 0

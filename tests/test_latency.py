@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
 import onnx
 import pytest
 import torch
@@ -213,9 +212,21 @@ def test_session_settings_reach_onnx_runtime(spinning: str, allow: str, stop: st
 
 
 def test_every_optimisation_level_gives_the_same_outputs_timed(pair: dict[str, Path]) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+    def outputs(path: Path, level: str) -> np.ndarray:
+        options = latency.SessionSettings(threads=1, optimization=level, spinning="off").options()
+        session = latency.ort.InferenceSession(str(path), options, providers=[CPU])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+    reference = {name: outputs(path, "disable") for name, path in pair.items()}  # the graph as exported
+    assert not np.allclose(reference["dense"], reference["pruned"])  # two functions, so the check can fail
     for level in latency.OPTIMIZATION_LEVELS:
+        for name, path in pair.items():
+            np.testing.assert_allclose(outputs(path, level), reference[name], rtol=1e-5, atol=1e-6, err_msg=level)
         result = benchmark(pair, batch_sizes=(2,), optimization=level, spinning="off", **FAST)
-        assert {e.name for e in result.entries} == {"dense", "pruned"}
+        assert [(e.name, e.batch) for e in result.entries] == [("dense", 2), ("pruned", 2)]
+        assert all(e.runs >= FAST["min_runs"] and e.median_ms > 0 for e in result.entries)
 
 
 # --- isolated mode, warm-up, gc, per-round ratios, the ORT conflict warning -----------------

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from structadmm.cli import app
+from structadmm.errors import StructADMMError
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig, compress
 
@@ -76,9 +77,9 @@ def test_cli_run_prints_the_table_and_leaves_the_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--ratio", "1.5"], "ratio must be in (0, 1)"),
-    (["run", "--ratio", "0"], "ratio must be in (0, 1)"),
-    (["run", "--target-macs", "0.5"], "target_macs is a reduction factor and must be > 1"),
+    (["run", "--ratio", "1.5"], "flags: ratio = 1.5: must be less than 1"),
+    (["run", "--ratio", "0"], "flags: ratio = 0.0: must be greater than 0"),
+    (["run", "--target-macs", "0.5"], "target_macs = 0.5: must be greater than 1 (a reduction factor"),
     (["run", "--model", "resnet1000"], "unknown model 'resnet1000'"),
     (["run", "--sparsity", "rows"], "unknown sparsity type 'rows'"),
     (["run", "--config", "/nonexistent/cfg.toml"], "cannot read config file"),
@@ -121,7 +122,8 @@ def test_existing_run_folder_is_never_overwritten(tmp_path: Path) -> None:
 
 def test_debug_shows_the_traceback() -> None:
     result = runner.invoke(app, ["run", "--ratio", "2", "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    assert result.exit_code != 0 and isinstance(result.exception, StructADMMError)
+    assert "ratio = 2.0" in str(result.exception)
 
 
 def test_inspect_lists_units_and_what_was_left_alone() -> None:

@@ -2,7 +2,8 @@
 
 Both runs are real ``structadmm run`` processes with one CPU thread each (deterministic
 kernels), so "the same result" is checked exactly: masks-derived figures, kept channels per
-group, the ADMM residual history and every weight of pruned.onnx.
+group, the ADMM residual history, the budget plan (for a --target-macs run) and every weight
+of pruned.onnx.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ bench_batches = [1, 8]
 bench_min_runs = 3
 bench_isolate = false
 bench_min_seconds = 0
+channel_multiple = 1
 """
 
 MODEL = """\
@@ -98,7 +100,10 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(inputs: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", [pytest.param([], id="uniform"),
+                                    pytest.param(["--target-macs", "2.5"], id="target-macs", marks=pytest.mark.slow)])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(inputs: list[str], tmp_path: Path, target: list[str]) -> None:
+    inputs = [*inputs, *target]
     full, killed = tmp_path / "full", tmp_path / "killed"
     uninterrupted = _start([*inputs, "--out", str(full)])  # alongside the one we kill, to save time
     victim = _start([*inputs, "--out", str(killed)])
@@ -123,6 +128,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(inputs: list[str], tmp
     assert not staging.exists()
 
     a, b = (json.loads((run / "report.json").read_text()) for run in (full, killed))
+    assert a["pruned"]["macs"] < a["dense"]["macs"]  # the run pruned something, so equal results mean something
+    assert a["budget"] == b["budget"] and (a["budget"] is not None) == bool(target)
+    if target:
+        assert a["mac_ratio"] >= 2.5 * 0.999
     for key in ("macs", "params", "weight_sparsity", "accuracy", "hard_pruned_accuracy"):
         assert a["pruned"][key] == b["pruned"][key], key
     assert a["dense"] == b["dense"] and a["groups"] == b["groups"] and a["admm"] == b["admm"]
@@ -199,3 +208,54 @@ def test_ctrl_c_keeps_the_checkpoint_and_a_failure_does_not(digits, tmp_path: Pa
     if kept:
         state = torch.load(checkpoint, weights_only=True)
         assert (state["phase"], state["epoch"]) == ("admm", 1)
+
+
+def _tiny_run(digits, tmp_path: Path, **settings) -> tuple:
+    from torch import nn
+
+    from structadmm.pipeline import CompressConfig
+
+    train, test = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(  # MODEL: its budget plan from trained weights differs from the untrained one's
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    config = CompressConfig(dense_epochs=1, admm_rounds=2, admm_epochs=1, retrain_epochs=1, batch_size=16,
+                            channel_multiple=1, bench_batches=[1], bench_min_runs=3, bench_min_seconds=0.0, **settings)
+    return model, tuple(t[:32] for t in train.tensors), tuple(t[:64] for t in test.tensors), config
+
+
+def test_a_resumed_budget_run_keeps_the_plan_it_started_with(digits, tmp_path: Path) -> None:
+    """The budget plan is chosen from the trained dense weights; a resume must not choose it again
+    (on the resumed, still untrained model) but run ADMM with the checkpoint's plan, exactly."""
+    from structadmm.pipeline import compress
+
+    model, train, val, config = _tiny_run(digits, tmp_path, target_macs=2.0)
+    with pytest.raises(KeyboardInterrupt):  # stops in the second ADMM epoch: two steps an epoch
+        compress(model, train, val, config, out_dir=tmp_path / "run", progress=_StopAt(6, KeyboardInterrupt()))
+    state = torch.load(tmp_path / ".run.partial" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["phase"] == "admm" and state["facts"]["budget"]["ratios"]
+
+    fresh, *_ = _tiny_run(digits, tmp_path)  # a newly built model, as a resuming process has
+    result = compress(fresh, train, val, config, out_dir=tmp_path / "run", resume=True)
+    assert result.report["budget"] == state["facts"]["budget"]
+    kept = {row["name"]: row["ratio"] for row in state["facts"]["plan"]["units"]}
+    assert kept == state["facts"]["budget"]["ratios"]
+
+
+def test_a_resume_with_a_changed_plan_file_is_refused_and_keeps_the_run(digits, tmp_path: Path) -> None:
+    from structadmm.pipeline import compress
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[layers."*"]\nsparsity = "filter"\nratio = 0.5\n')
+    model, train, val, config = _tiny_run(digits, tmp_path, plan=str(plan))
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, train, val, config, out_dir=tmp_path / "run", progress=_StopAt(6, KeyboardInterrupt()))
+    plan.write_text('[layers."*"]\nsparsity = "filter"\nratio = 0.75\n')
+    fresh, *_ = _tiny_run(digits, tmp_path)
+    with pytest.raises(StructADMMError, match="the pruning plan differs from the interrupted run's"):
+        compress(fresh, train, val, config, out_dir=tmp_path / "run", resume=True)
+    assert (tmp_path / ".run.partial" / "checkpoint" / "state.pt").exists()
+    with pytest.raises(StructADMMError, match="holds an interrupted run"):
+        RunFolder(tmp_path / "run").create()

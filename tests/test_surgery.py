@@ -8,30 +8,10 @@ from torch import nn
 
 from nets import NETS, randomize_bn
 from structadmm.errors import ParityError
+from structadmm.exporters.counting import count_torch
 from structadmm.pipeline.plan import ChannelUnit, PruningPlan
 from structadmm.pipeline.sparsity import keep_count
 from structadmm.pipeline.surgery import check_same_function, compact, compact_with_report
-
-
-def _macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Conv/Linear multiply-accumulates of one forward pass (per batch)."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        else:
-            k = module.weight[0].numel()  # (C_in / groups) * prod(kernel)
-            total += output.numel() * k
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in handles:
-        h.remove()
-    return total
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
@@ -44,7 +24,7 @@ def test_random_masks_compact_exactly(name: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     ratio = float(torch.empty(1).uniform_(0.2, 0.8, generator=gen))
     plan = PruningPlan.uniform(model, x, "filter", ratio)
-    dense_macs = _macs(model, x)
+    dense_macs = count_torch(model, x).macs
     plan.project(model)
     small, cuts = compact_with_report(model, x)
     with torch.no_grad():
@@ -54,7 +34,7 @@ def test_random_masks_compact_exactly(name: str, seed: int) -> None:
     kept = {c.group: c.kept for c in cuts}
     for unit in plan.units:
         assert kept[unit.name] == keep_count(unit.group.size, unit.ratio)
-    assert _macs(small, x) < dense_macs
+    assert count_torch(small, x).macs < dense_macs
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
@@ -65,7 +45,7 @@ def test_macs_shrink_by_the_expected_amount_on_a_chain() -> None:
     PruningPlan.uniform(model, x, "filter", 0.5).project(model)
     small = compact(model, x)
     assert [m.out_channels for m in small if isinstance(m, nn.Conv2d)] == [8, 8, 8]
-    assert _macs(small, x) == 36 * (8 * 4 * 9 + 8 * 8 * 9 + 8 * 8)
+    assert count_torch(small, x).macs == 36 * (8 * 4 * 9 + 8 * 8 * 9 + 8 * 8)
 
 
 def test_surgery_keeps_unpruned_model_intact() -> None:

@@ -1,4 +1,5 @@
-"""The model zoo: every model builds, runs, traces with torch.fx, and matches torchvision's size."""
+"""The model zoo: every model builds, runs, traces with torch.fx, matches torchvision's size, and prunes,
+compacts and exports to exactly the expected channel and column counts."""
 
 from __future__ import annotations
 
@@ -84,19 +85,36 @@ def test_only_standard_modules() -> None:
 FAST_ZOO = ["lenet5", "resnet20", "alexnet-cifar", "c3d-small"]
 
 
+def _nonzero(model: torch.nn.Module) -> int:
+    return sum(int(p.count_nonzero()) for p in model.parameters())
+
+
 def _prune_compact_export(name: str, sparsity: str, tmp_path) -> None:
     from structadmm.exporters import export_onnx
-    from structadmm.pipeline import PruningPlan, compact
+    from structadmm.pipeline import PruningPlan
+    from structadmm.pipeline.sparsity import keep_count
+    from structadmm.pipeline.surgery import compact_with_report
 
     spec = get_spec(name)
     torch.manual_seed(0)
     model = spec.build().eval()
     x = spec.example_input(2)
-    PruningPlan.uniform(model, x, sparsity, 0.5).project(model)
-    small = compact(model, x)  # parity with the masked model is checked inside
+    plan = PruningPlan.uniform(model, x, sparsity, 0.5)
+    masks = plan.project(model)
+    small, cuts = compact_with_report(model, x)  # parity with the masked model is checked inside
     result = export_onnx(small, x, tmp_path / f"{name}.onnx")  # and ONNX Runtime against torch
     assert result.max_abs_diff is not None
-    assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
+    assert plan.units
+    if sparsity == "filter":  # every channel group kept exactly what the plan asked for; the rest is gone
+        kept = {cut.group: cut.kept for cut in cuts}
+        assert {u.name: kept.get(u.name) for u in plan.units} == {
+            u.name: keep_count(u.group.size, 0.5) for u in plan.units}
+        assert _num_params(small) < _num_params(model)
+        assert _nonzero(small) == _nonzero(model)  # surgery removed zeros only: every non-zero weight is kept
+    else:  # every pruned weight kept exactly half of its GEMM columns (surgery may then drop outputs nobody reads)
+        for param, mask in masks.items():
+            columns = mask.flatten(1).any(0)
+            assert int(columns.sum()) == keep_count(columns.numel(), 0.5), param
 
 
 @pytest.mark.parametrize("sparsity", ["filter", "shape"])

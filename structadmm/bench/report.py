@@ -14,13 +14,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from ..files import write_atomic
 
 __all__ = ["render_table", "write_report"]
 
@@ -40,7 +40,7 @@ def write_report(run_dir: str | Path, report: Mapping[str, Any]) -> None:
         "report.md": _markdown(report).encode(),
     }
     for name, data in files.items():
-        _write_atomic(run_dir / name, data)
+        write_atomic(run_dir / name, data)
 
 
 def render_table(report: Mapping[str, Any]) -> Table:
@@ -425,12 +425,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """ONNX export with parity verification, safe loading, MAC/parameter counting and INT8 quantization."""
 
-from structadmm.exporters.counting import LayerCost, OnnxCost, count_onnx
+from structadmm.exporters.counting import LayerCost, OnnxCost, TorchCost, count_onnx, count_torch
 from structadmm.exporters.onnx_export import (
     ExportResult,
     OnnxSignature,
@@ -21,7 +21,9 @@ __all__ = [
     "QuantizeResult",
     "SparseStorage",
     "TensorSpec",
+    "TorchCost",
     "count_onnx",
+    "count_torch",
     "export_onnx",
     "load_onnx",
     "onnx_signature",

@@ -1,7 +1,11 @@
-"""MAC and parameter counts read from an ONNX graph.
+"""MAC and parameter counts: read from an ONNX graph (:func:`count_onnx`), and the one
+forward-side MAC counter for torch models (:func:`count_torch`).
 
-Dense and pruned models are counted by this one piece of code, from the files that are
-benchmarked, so the MAC ratio in the report compares like with like.
+Dense and pruned models are counted by :func:`count_onnx`, from the files that are
+benchmarked, so the MAC ratio in the report compares like with like. Before a file exists
+(the budget search), :func:`count_torch` counts the same MACs from one forward pass, with
+:mod:`torch.utils.flop_counter`; the tests hold the two to the same figure on every zoo model
+and on random graphs.
 
 Definitions:
 
@@ -21,8 +25,8 @@ Definitions:
   (:meth:`OnnxCost.bytes_at`). Every node is counted as if run alone, unfused (a Relu that ORT fuses
   into its Conv moves nothing of its own; reshapes, which ORT does in place, count 0), so the totals are an upper bound on the traffic; a node with
   a tensor of unknown shape counts 0.
-
-Nodes inside subgraphs (If/Loop bodies) are not counted.
+Nodes inside subgraphs (If/Loop bodies) are not counted. :func:`count_torch` counts the same
+operations as they reach torch's kernels (convolutions, matrix products, attention), per sample.
 """
 
 from __future__ import annotations
@@ -31,14 +35,20 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from structadmm.errors import StructADMMError
-from structadmm.exporters.onnx_export import _one_line, load_onnx
+from structadmm.errors import StructADMMError, one_line
+from structadmm.layers import eval_mode
+from structadmm.exporters.onnx_export import load_onnx
 
-__all__ = ["LayerCost", "OnnxCost", "count_onnx"]
+__all__ = ["LayerCost", "OnnxCost", "TorchCost", "count_onnx", "count_torch"]
 
 _FLOAT_TYPES = frozenset(
     {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -107,6 +117,42 @@ def count_onnx(model_or_path: onnx.ModelProto | str | Path) -> OnnxCost:
     )
 
 
+@dataclass(frozen=True)
+class TorchCost:
+    """Per-sample MACs of one forward pass of a torch model.
+
+    ``layers``: the MACs done inside each leaf module (by name), for the modules that do any;
+    ``macs - sum(layers.values())`` is what the model's own ``forward`` code does outside them
+    (a functional matmul, attention).
+    """
+
+    macs: int
+    layers: dict[str, int]
+
+
+def count_torch(model: nn.Module, example_inputs: Any) -> TorchCost:
+    """Count the per-sample MACs of ``model`` on ``example_inputs`` (a tensor or a tuple; dim 0 is
+    the batch) with one eval-mode forward pass; the model's train/eval mode is restored."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    batch = inputs[0].shape[0]
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(*inputs)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    layers = {}
+    for name, module in model.named_modules():
+        if name and not next(module.children(), None):  # a leaf
+            flops = sum(counts.get(f"{prefix}.{name}", {}).values())
+            if flops:
+                layers[name] = _per_sample(flops, batch)
+    return TorchCost(_per_sample(counter.get_total_flops(), batch), layers)
+
+
+def _per_sample(flops: int, batch: int) -> int:
+    return int(flops) // 2 // batch  # the flop counter counts a multiply-accumulate as two
+
+
 # --- shapes -------------------------------------------------------------------------------
 
 
@@ -134,7 +180,7 @@ def _infer_with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise StructADMMError(
-            f"cannot infer the shapes of the ONNX model: {_one_line(exc)}"
+            f"cannot infer the shapes of the ONNX model: {one_line(exc)}"
         ) from exc
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +29,9 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from structadmm.errors import ParityError, StructADMMError
-from structadmm.pipeline.surgery import flat_outputs
+from structadmm.errors import ParityError, StructADMMError, one_line
+from structadmm.files import atomic_path
+from structadmm.layers import eval_mode, flat_outputs
 
 __all__ = ["ExportResult", "OnnxSignature", "TensorSpec", "export_onnx", "load_onnx", "onnx_signature", "verify_onnx"]
 
@@ -147,11 +146,10 @@ def export_onnx(
     """
     inputs = _as_tuple(example_inputs)
     path = Path(path)
-    # Same folder so os.replace is an atomic rename; not mkstemp, whose 0600 mode would stick.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _eval_mode(model):
+        with atomic_path(path) as tmp, eval_mode(model):
             n_outputs = len(flat_outputs(_run_torch(model, inputs)))
             input_names = _names("input", len(inputs))
             output_names = _names("output", n_outputs)
@@ -168,14 +166,11 @@ def export_onnx(
                 _check_signature(signature, onnx_signature(proto))
             onnx.save(proto, tmp)
             max_abs_diff = _verify_two_batches(model, tmp, inputs, atol, rtol) if verify else None
-        os.replace(tmp, path)
     except StructADMMError as exc:
         # The checks ran on the temp file; the user knows the file by the name they asked for.
         raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
     except OSError as exc:
         raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportResult(path, max_abs_diff, simplified, _default_opset(proto), simplify_error)
 
 
@@ -192,7 +187,7 @@ def verify_onnx(
     otherwise :class:`ParityError` is raised with the max abs diff, the tolerance and the path.
     """
     inputs = _as_tuple(inputs)
-    with _eval_mode(model):
+    with eval_mode(model):
         expected = [t.detach().cpu().numpy() for t in flat_outputs(_run_torch(model, inputs))]
     actual = _run_onnx(Path(path), inputs)
     batch = inputs[0].shape[0]
@@ -232,12 +227,12 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
             onnx.load_external_data_for_model(proto, str(path.parent))
     except (DecodeError, ValueError, OSError, onnx.checker.ValidationError) as exc:
         raise StructADMMError(
-            f"{path}: not a readable ONNX file (truncated or corrupt?): {_one_line(exc)}"
+            f"{path}: not a readable ONNX file (truncated or corrupt?): {one_line(exc)}"
         ) from exc
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise StructADMMError(f"{path}: invalid ONNX model: {_one_line(exc)}") from exc
+        raise StructADMMError(f"{path}: invalid ONNX model: {one_line(exc)}") from exc
     return proto
 
 
@@ -284,8 +279,8 @@ def _export_raw(
         _export_dynamo(model, inputs, path, input_names, output_names, opset)
     except Exception as exc:  # noqa: BLE001 - the user needs one line, not an exporter traceback
         raise StructADMMError(
-            f"cannot export {type(model).__name__} to ONNX: {_one_line(exc)} "
-            f"(TorchScript exporter: {_one_line(legacy_error)})"
+            f"cannot export {type(model).__name__} to ONNX: {one_line(exc)} "
+            f"(TorchScript exporter: {one_line(legacy_error)})"
         ) from exc
 
 
@@ -365,13 +360,13 @@ def _maybe_simplify(
     try:
         simplified, ok = onnxsim.simplify(proto)
     except Exception as exc:  # noqa: BLE001 - onnxsim failing is recoverable: keep the original
-        return proto, False, f"onnxsim failed: {_one_line(exc)}"
+        return proto, False, f"onnxsim failed: {one_line(exc)}"
     if not ok:
         return proto, False, "onnxsim could not validate its result"
     try:
         onnx.checker.check_model(simplified, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        return proto, False, f"onnxsim result fails onnx.checker: {_one_line(exc)}"
+        return proto, False, f"onnxsim result fails onnx.checker: {one_line(exc)}"
     if not _batch_is_dynamic(simplified):
         return proto, False, "onnxsim made the batch axis static"
     return simplified, True, None
@@ -424,7 +419,7 @@ def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
-        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
+        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {one_line(exc)}") from exc
     arrays = [t.detach().cpu().numpy() for t in inputs]
     feed = _feed(path, [i.name for i in session.get_inputs()], arrays)
     return session.run(None, feed)
@@ -454,17 +449,6 @@ def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
 # --- torch helpers ------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, restoring train mode after: callers export mid-training."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> object:
     with torch.no_grad():
         return model(*inputs)
@@ -492,7 +476,4 @@ def _uses_external_data(proto: onnx.ModelProto) -> bool:
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+_one_line = one_line  # the old name, for bench/latency.py until it imports errors.one_line

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import StructADMMError
+from ..errors import StructADMMError, one_line
 from .lifting import lift
 from .registry import get_spec
 
@@ -98,7 +98,7 @@ def load_checkpoint(module: nn.Module, path: str | Path, *, model_name: str = "t
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied into the parameter
-        raise StructADMMError(f"loading {path} into {model_name} failed: {_first_line(exc)}") from exc
+        raise StructADMMError(f"loading {path} into {model_name} failed: {one_line(exc)}") from exc
 
 
 def call_function(ref: str) -> tuple[Any, str]:
@@ -188,7 +188,7 @@ def _import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise StructADMMError(f"importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise StructADMMError(f"importing {path} failed: {type(exc).__name__}: {one_line(exc)}") from exc
     return module
 
 
@@ -201,9 +201,9 @@ def _import_module(name: str) -> ModuleType:
                 f"cannot import module {name!r} ({exc}); check the name and that it can be imported "
                 "from the current folder, or give a file path like path/to/file.py:build"
             ) from exc
-        raise StructADMMError(f"importing {name} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise StructADMMError(f"importing {name} failed: {type(exc).__name__}: {one_line(exc)}") from exc
     except Exception as exc:
-        raise StructADMMError(f"importing {name} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise StructADMMError(f"importing {name} failed: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
 def _function_in(module: ModuleType, attr: str, target: str) -> Callable[[], Any]:
@@ -234,7 +234,7 @@ def _call(func: Callable[[], Any], ref: str) -> Any:
     try:
         return func()
     except Exception as exc:
-        raise StructADMMError(f"{ref}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise StructADMMError(f"{ref}() raised {type(exc).__name__}: {one_line(exc)}") from exc
 
 
 # --- torch.export programs -----------------------------------------------------------------------
@@ -316,7 +316,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except Exception as exc:
         raise StructADMMError(
-            f"cannot read {path}: the file is truncated or not safetensors ({_first_line(exc)}); "
+            f"cannot read {path}: the file is truncated or not safetensors ({one_line(exc)}); "
             "save it again with safetensors.torch.save_file(model.state_dict(), path)"
         ) from exc
 
@@ -337,7 +337,7 @@ def _read_torch(path: Path) -> Any:
 
 
 def _unreadable(path: Path, exc: Exception) -> StructADMMError:
-    reason = _first_line(exc) or type(exc).__name__
+    reason = one_line(exc)
     return StructADMMError(
         f"cannot read checkpoint {path}: the file is truncated or not a torch checkpoint ({reason}); "
         "save it again with torch.save(model.state_dict(), path)"
@@ -406,8 +406,3 @@ def _describe(value: Any) -> str:
     kind = type(value)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return f"an object of type {name}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""

@@ -19,6 +19,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
+from ..layers import CONVS
 from .registry import ModelSpec, register
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -49,7 +50,7 @@ def _conv_bn(
 def init_weights(model: nn.Module) -> nn.Module:
     """Kaiming-normal convs, unit/zero BN, N(0, 0.01) linears; deterministic under manual_seed."""
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, CONVS):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -5,9 +5,9 @@ measurements drive the choice:
 
 * **sensitivity** — for every group and grid ratio, the drop of a short accuracy probe when
   only that group is magnitude-pruned (no retraining): how much the layer minds;
-* **cost** — dense MACs of every Conv/Linear (forward hooks), and for every group how much
-  of each layer's input and output it makes up, so the MACs of any assignment of ratios
-  follow without running the model.
+* **cost** — dense MACs of every layer (:func:`~structadmm.exporters.counting.count_torch`),
+  and for every group how much of each layer's input and output it makes up, so the MACs of
+  any assignment of ratios follow, exactly, without running the model.
 
 A greedy search then raises, one grid step at a time, the ratio of the group that saves the
 most MACs per unit of sensitivity, until the MAC target is met. A latency target (a
@@ -25,14 +25,15 @@ import copy
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import StructADMMError
-from .graph import ChannelGraph
+from ..exporters.counting import count_torch
+from .graph import ChannelGraph, slice_groups
 from .plan import PruningPlan
 
 #: Ratios a group may take (0 = untouched).
@@ -58,59 +59,44 @@ class Speedup:
 
 
 class MacModel:
-    """MACs of the model as a function of the fraction of channels each group keeps."""
+    """MACs of the model as a function of the channels each group keeps.
+
+    A layer's MACs scale with the share of its outputs kept (its weight's *out* slices, or the
+    *through* slice of a depthwise kernel, whose outputs are its inputs) times the share of its
+    inputs kept (*in* slices). A group's channels can be spread unevenly over the layers it
+    spans (a concat, a shuffle), so the figure follows *which* channels are kept, not only how
+    many; given those, it is exact. The MACs themselves come from
+    :func:`~structadmm.exporters.counting.count_torch`, the counter held to ONNX's.
+    """
 
     def __init__(self, model: nn.Module, example_inputs: Any, graph: ChannelGraph):
-        self.base = _layer_macs(model, example_inputs)
-        self.dense = float(sum(self.base.values()))
-        # per layer: for its outputs and inputs, the share of positions each group holds
-        self.share: dict[str, dict[str, dict[int, float]]] = {}
+        cost = count_torch(model, example_inputs)
+        self.base: dict[str, float] = {name: float(macs) for name, macs in cost.layers.items()}
+        self.dense = float(cost.macs)
+        self.fixed = self.dense - sum(self.base.values())  # done outside any layer: no channel of ours scales it
+        # per layer, for its outputs and inputs: the number of positions, and per group the
+        # group-local channel index at each of the positions it holds
+        self.sides: dict[str, dict[str, tuple[int, list[tuple[int, np.ndarray]]]]] = {}
         for s in graph.slices:
-            if s.tensor != "weight" or s.role == "through" or s.module not in self.base:
+            if s.tensor != "weight" or s.module not in self.base:
                 continue
-            groups = graph.group_of[graph.atom_of[s.entries]]
-            ids, counts = np.unique(groups, return_counts=True)
-            side = self.share.setdefault(s.module, {}).setdefault(s.role, {})
-            for gid, count in zip(ids.tolist(), counts.tolist()):
-                side[gid] = count / len(groups)
+            atoms = graph.atom_of[s.entries]
+            groups = slice_groups(graph, s)
+            locals_ = [(gid, graph.local_of[atoms[groups == gid]]) for gid in np.unique(groups).tolist()]
+            self.sides.setdefault(s.module, {})["in" if s.role == "in" else "out"] = (len(groups), locals_)
 
-    def macs(self, kept: dict[int, float]) -> float:
-        """Total MACs when group ``g`` keeps the fraction ``kept[g]`` of its channels."""
-        total = 0.0
+    def macs(self, keep: Mapping[int, Any]) -> float:
+        """Total MACs when group ``g`` keeps the channels where ``keep[g]`` (a boolean vector over the
+        group's channels) is true; groups not in ``keep`` keep every channel."""
+        keep = {gid: np.asarray(k, dtype=bool) for gid, k in keep.items()}
+        total = self.fixed
         for module, base in self.base.items():
-            sides = self.share.get(module, {})
             factor = 1.0
-            for role in ("out", "in"):
-                shares = sides.get(role)
-                if shares:
-                    factor *= sum(share * kept.get(gid, 1.0) for gid, share in shares.items())
+            for positions, locals_ in self.sides.get(module, {}).values():
+                removed = sum(int((~keep[gid][local]).sum()) for gid, local in locals_ if gid in keep)
+                factor *= (positions - removed) / positions
             total += base * factor
         return total
-
-
-def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
-    """Dense MACs per sample of every Conv and Linear layer, from one forward pass."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    batch = inputs[0].shape[0]
-    macs: dict[str, float] = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(module: nn.Module, _: Any, output: torch.Tensor) -> None:
-        per_output = module.weight[0].numel() if not isinstance(module, nn.Linear) else module.in_features
-        macs[names[module]] = output.numel() * per_output / batch
-
-    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return macs
 
 
 def plan_for_macs(model: nn.Module, example_inputs: Any, target: float, *,
@@ -138,11 +124,11 @@ class _Search:
         if not self.units:
             raise StructADMMError("nothing in the model can be pruned, so no budget target can be met")
         self.cost = MacModel(model, example_inputs, self.base.graph)
+        self.keeps = _keeps(model, self.base, grid)
         self.sensitivity = _sensitivity(model, self.base, probe, grid)
 
     def macs(self, steps: dict[int, int]) -> float:
-        return self.cost.macs({gid: _kept_fraction(self.units[gid].group.size, self.grid[s], self.multiple)
-                               for gid, s in steps.items()})
+        return self.cost.macs({gid: self.keeps[gid][s] for gid, s in steps.items() if s > 0})
 
     def run(self, target: float) -> BudgetResult:
         if not target > 1.0:
@@ -182,10 +168,15 @@ def _with_ratio(unit: Any, ratio: float) -> Any:
     return twin
 
 
-def _kept_fraction(size: int, ratio: float, multiple: int) -> float:
-    from .sparsity import keep_count
-
-    return 1.0 if ratio == 0 else keep_count(size, ratio, multiple) / size
+def _keeps(model: nn.Module, plan: PruningPlan, grid: tuple[float, ...]) -> dict[int, list[np.ndarray | None]]:
+    """Per group and grid ratio, the channels the group keeps when pruned alone (None: all of them)."""
+    params = dict(model.named_parameters())
+    result: dict[int, list[np.ndarray | None]] = {}
+    for unit in plan.units:
+        values = {p: params[p].detach() for p in unit.params()}
+        fresh = {p: torch.ones_like(v) for p, v in values.items()}
+        result[unit.group.id] = [None] + [_with_ratio(unit, r).keep(values, fresh).numpy() for r in grid[1:]]
+    return result
 
 
 def _sensitivity(model: nn.Module, plan: PruningPlan,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
+from ..files import atomic_path
 from .admm import ADMM
 from .plan import Masks
 from .train import TrainerState
@@ -41,7 +42,11 @@ except ImportError:  # Windows: no advisory locks, so two processes on one run g
     fcntl = None
 
 PHASES = ("dense", "admm", "retrain")
-FORMAT = 1
+FORMAT = 2  # 2: the pruning plan is saved (facts["plan"]) once fixed, and a resume uses it
+
+
+class ResumeMismatch(StructADMMError):
+    """A resume whose inputs do not match the interrupted run; the interrupted run is left as it was."""
 
 
 def staging_of(final: Path) -> Path:
@@ -108,12 +113,8 @@ class RunFolder:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must never expose a file whose data is not on disk
-        os.replace(tmp, self.checkpoint)
+        with atomic_path(self.checkpoint) as tmp:
+            torch.save(state, tmp)
 
     def finish(self) -> None:
         """Drop the checkpoint and rename the staging folder to the final one."""
@@ -219,7 +220,8 @@ class RunState:
         self.model = model
         self.generator = generator  # the training loader's, whose state decides the shuffle
         self.resumed = resumed
-        # results of finished phases: dense_accuracy, hard_pruned_accuracy, timings
+        # results of finished phases: dense_accuracy, plan (PruningPlan.to_state), budget,
+        # hard_pruned_accuracy, timings
         self.facts: dict[str, Any] = dict(resumed["facts"]) if resumed else {"timings": {}}
         self.admm: ADMM | None = None
         self.masks: Masks | None = None

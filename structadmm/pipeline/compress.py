@@ -29,7 +29,7 @@ from ..errors import StructADMMError
 from ..models.validate import check_data
 from . import distributed
 from .admm import ADMM, AdmmRound
-from .checkpoint import RunFolder, RunState, final_of, run_identity, staging_of
+from .checkpoint import ResumeMismatch, RunFolder, RunState, final_of, run_identity, staging_of
 from .config import CompressConfig
 from .masks import apply_masks, sparsity_of
 from .plan import Masks, PruningPlan
@@ -104,6 +104,10 @@ def compress(
         except KeyboardInterrupt:
             if folder is not None:
                 folder.keep_if_resumable()  # a deliberate stop: --resume picks it up
+            raise
+        except ResumeMismatch:  # resumed with other inputs: the interrupted run stays as it was
+            if folder is not None:
+                folder.release()
             raise
         except OSError as exc:  # a full disk, a folder that vanished: the user's to fix
             if folder is not None:
@@ -182,8 +186,7 @@ class _Pipeline:
 
         plan = self._plan()  # depends on the structure only: fail before training, not after
         dense_acc = self._dense()
-        if config.target_macs or config.target_latency:
-            plan = self._budget_plan()
+        plan = self._final_plan(plan)
         admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max)
         self.state.admm = admm
         masks = self._admm(admm)
@@ -241,6 +244,28 @@ class _Pipeline:
             reasons = "; ".join(f"{layer}: {why}" for layer, why in plan.skipped[:3]) or "no Conv/Linear layers"
             raise StructADMMError(f"nothing in {self.name} can be pruned with this plan ({reasons})")
         return plan
+
+    def _final_plan(self, plan: PruningPlan) -> PruningPlan:
+        """The plan ADMM runs with, fixed once after dense training and kept in the checkpoint.
+
+        A run resumed after that point uses the saved plan exactly: a budget plan depends on the
+        trained weights (and a latency target on timings), so it is never chosen again.
+        """
+        config = self.config
+        saved = self.state.facts.get("plan")
+        if saved is None:
+            if config.target_macs or config.target_latency:
+                plan = self._budget_plan()
+            self.state.facts["plan"] = plan.to_state()
+            return plan
+        budget = config.target_macs or config.target_latency
+        if not budget and plan.to_state() != saved:
+            raise ResumeMismatch(f"cannot resume {self.run_dir}: the pruning plan differs from the interrupted run's "
+                                 "(a changed --plan file?); resume with the plan it was started with")
+        try:
+            return PruningPlan.from_state(plan.graph, saved)
+        except StructADMMError as exc:
+            raise ResumeMismatch(f"cannot resume {self.run_dir}: {exc}") from None
 
     def _budget_plan(self) -> PruningPlan:
         """Per-group ratios for the MAC or latency target, from the trained dense model.

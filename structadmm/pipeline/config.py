@@ -1,132 +1,161 @@
-"""The pipeline's settings: one dataclass, loadable from TOML, unknown keys rejected.
+"""The pipeline's settings: one pydantic model, loadable from TOML, every value type- and range-checked.
 
-The CLI's flags and a ``--config FILE.toml`` fill the same :class:`CompressConfig`, and the
-resolved config is written to report.json, so a run can always be repeated.
+The CLI's flags, a ``--config FILE.toml`` and keyword construction in Python all fill the same
+:class:`CompressConfig`, and it is validated in this one place: a wrong type (``admm_rounds =
+"3"``, ``dense_epochs = 1.5``), a value out of range, a non-finite number or an unknown key is a
+one-line :class:`~structadmm.errors.StructADMMError` naming the key. The resolved config is
+written to report.json, so a run can always be repeated.
+
+To add a setting, add one annotated field (type, default, range) to the class.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import StructADMMError
-from .sparsity import check_ratio, parse_sparsity
+from .sparsity import parse_sparsity
+
+_SOURCE: ContextVar[str] = ContextVar("config_source", default="config")  # what errors name: a file, "flags"
 
 
-@dataclass
-class CompressConfig:
+class CompressConfig(BaseModel):
+    """Every setting of a run. Types are strict: an integer setting takes an integer, not 2.0 or "2"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
     # what to prune
     sparsity: str = "filter"  # filter | channel | shape | irregular, or a combination: filter+shape
-    ratio: float = 0.5  # fraction of groups removed in every prunable layer
+    ratio: float = Field(0.5, gt=0, lt=1, description="the fraction of groups removed in every prunable layer")
     plan: str | None = None  # TOML plan file with per-layer settings (overrides sparsity/ratio)
-    target_macs: float | None = None  # per-layer ratios chosen for this MAC reduction, e.g. 4.0 (overrides ratio)
-    target_latency: float | None = None  # per-layer ratios chosen for this measured ORT CPU speedup, e.g. 3.0
+    # per-layer ratios chosen for this MAC reduction (overrides ratio), or for this measured ORT CPU speedup
+    target_macs: float | None = Field(None, gt=1, description="a reduction factor, e.g. 4 for 4x fewer MACs")
+    target_latency: float | None = Field(None, gt=1, description="a speedup over dense, e.g. 3 for 3x faster")
     # kept channels rounded up to a multiple (see sparsity.keep_count): ONNX Runtime's CPU kernels work on
     # blocks of 8 (AVX2) or 16 (AVX-512) channels; 1 keeps the exact ratios
-    channel_multiple: int = 16
+    channel_multiple: int = Field(16, ge=1)
     # training (the built-in trainer; SGD with momentum and a cosine schedule per phase)
-    dense_epochs: int = 12  # train the dense model first; 0 for an already trained model
-    admm_rounds: int = 8  # Z/U updates
-    admm_epochs: int = 2  # epochs of W-steps between two Z/U updates
-    retrain_epochs: int = 8  # masked retraining after the hard prune
-    lr: float = 0.05
-    admm_lr: float = 0.03
-    retrain_lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 64
+    dense_epochs: int = Field(12, ge=0)  # train the dense model first; 0 for an already trained model
+    admm_rounds: int = Field(8, ge=1)  # Z/U updates
+    admm_epochs: int = Field(2, ge=1)  # epochs of W-steps between two Z/U updates
+    retrain_epochs: int = Field(8, ge=0)  # masked retraining after the hard prune
+    lr: float = Field(0.05, gt=0)
+    admm_lr: float = Field(0.03, gt=0)
+    retrain_lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(64, ge=1)
     # the ADMM penalty schedule
-    rho: float = 0.05
-    rho_growth: float = 1.6
-    rho_max: float = 5.0
+    rho: float = Field(0.05, gt=0)
+    rho_growth: float = Field(1.6, ge=1)
+    rho_max: float = Field(5.0, gt=0)  # at least rho
     # benchmarking
-    bench_batches: list[int] = field(default_factory=lambda: [1, 64])
-    bench_threads: int = 2
-    bench_min_runs: int = 30
-    bench_min_seconds: float = 3.0
+    bench_batches: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+    bench_threads: int = Field(2, ge=1)
+    bench_min_runs: int = Field(30, ge=1)
+    bench_min_seconds: float = Field(3.0, ge=0)
     bench_isolate: bool = True  # each model alone in its own process, alternating (False: interleaved in one)
     # the run
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = Field(0, ge=0)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda|cuda:\d+)$", description="cpu, cuda or cuda:N")
 
     # --- INT8 quantization (ONNX Runtime; exporters/quantize.py) -------------------------------
-    quantize: str | None = None  # "int8": quantize pruned.onnx (and dense.onnx for reference) after export
-    quantize_mode: str = "auto"  # static (QDQ, calibrated) | dynamic (weights only) | auto (dynamic if Linear-heavy)
-    calibration_method: str = "minmax"  # minmax | entropy | percentile
-    calibration_batches: int = 8  # batches of training data (of batch_size) the calibration reads
+    quantize: Literal["int8"] | None = None  # quantize pruned.onnx (and dense.onnx for reference) after export
+    quantize_mode: Literal["auto", "static", "dynamic"] = "auto"  # dynamic: weights only; auto: dynamic if Linear-heavy
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_batches: int = Field(8, ge=1)  # batches of training data (of batch_size) the calibration reads
     quantize_per_channel: bool = True
-    quantize_exclude: list[str] = field(default_factory=list)  # ONNX node names left in FP32 (see sensitivity)
-    int8_min_agreement: float = 0.98  # INT8 gate: top-1 agreement with the FP32 model on held-out data
-    int8_max_accuracy_drop: float = 0.005  # INT8 gate: FP32 accuracy minus INT8 accuracy (0.005 = 0.5 pt)
+    quantize_exclude: list[str] = Field(default_factory=list)  # ONNX node names left in FP32 (see sensitivity)
+    int8_min_agreement: float = Field(0.98, ge=0, le=1)  # INT8 gate: top-1 agreement with the FP32 model
+    int8_max_accuracy_drop: float = Field(0.005, ge=0, le=1)  # INT8 gate: FP32 minus INT8 accuracy (0.005 = 0.5 pt)
     # --- end INT8 quantization ------------------------------------------------------------------
 
-    def __post_init__(self) -> None:
-        parse_sparsity(self.sparsity)
-        self.ratio = check_ratio(self.ratio)
-        for name in ("dense_epochs", "admm_rounds", "admm_epochs", "retrain_epochs", "seed"):
-            if int(getattr(self, name)) < 0:
-                raise StructADMMError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "admm_lr", "retrain_lr", "rho", "batch_size", "bench_threads"):
-            if not getattr(self, name) > 0:
-                raise StructADMMError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("target_macs", "target_latency"):
-            value = getattr(self, name)
-            if value is not None and not float(value) > 1:
-                raise StructADMMError(f"{name} is a reduction factor and must be > 1 (e.g. 4 for 4x), got {value}")
-        if self.target_macs is not None and self.target_latency is not None:
-            raise StructADMMError("give target_macs or target_latency, not both")
-        if int(self.channel_multiple) < 1:
-            raise StructADMMError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
-        if self.rho_growth < 1 or self.rho_max < self.rho:
-            raise StructADMMError("rho_growth must be >= 1 and rho_max >= rho")
-        if not self.bench_batches or any(int(b) < 1 for b in self.bench_batches):
-            raise StructADMMError(f"bench_batches must be positive batch sizes, got {self.bench_batches}")
-        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise StructADMMError(f"device must be cpu or cuda, got {self.device!r}")
-        self._check_quantize()
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise StructADMMError(describe(exc, _SOURCE.get())) from None
 
-    def _check_quantize(self) -> None:
-        """The INT8 quantization block's settings."""
-        if self.quantize not in (None, "int8"):
-            raise StructADMMError(f"quantize must be int8 (or left out), got {self.quantize!r}")
-        if self.quantize_mode not in ("auto", "static", "dynamic"):
-            raise StructADMMError(f"quantize_mode must be auto, static or dynamic, got {self.quantize_mode!r}")
-        if self.calibration_method not in ("minmax", "entropy", "percentile"):
-            raise StructADMMError(f"calibration_method must be minmax, entropy or percentile, got {self.calibration_method!r}")
-        if int(self.calibration_batches) < 1:
-            raise StructADMMError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
-        if not isinstance(self.quantize_exclude, list) or not all(isinstance(n, str) for n in self.quantize_exclude):
-            raise StructADMMError("quantize_exclude must be a list of ONNX node names")
-        if not 0 <= self.int8_min_agreement <= 1:
-            raise StructADMMError(f"int8_min_agreement must be in [0, 1], got {self.int8_min_agreement}")
-        if not 0 <= self.int8_max_accuracy_drop <= 1:
-            raise StructADMMError(f"int8_max_accuracy_drop must be in [0, 1], got {self.int8_max_accuracy_drop}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise StructADMMError(describe(exc, "config")) from None
+
+    @field_validator("sparsity")
+    @classmethod
+    def _known_sparsity(cls, value: str) -> str:
+        try:
+            parse_sparsity(value)
+        except StructADMMError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("bench_batches", mode="before")
+    @classmethod
+    def _batches_as_list(cls, value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    @field_validator("bench_batches")
+    @classmethod
+    def _positive_batches(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value):
+            raise ValueError("batch sizes must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CompressConfig":
+        if self.target_macs is not None and self.target_latency is not None:
+            raise ValueError("give target_macs or target_latency, not both")
+        if self.rho_max < self.rho:
+            raise ValueError(f"rho_max ({self.rho_max}) must be >= rho ({self.rho})")
+        return self
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "CompressConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise StructADMMError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        """Settings from a mapping (a TOML file's contents, the CLI's flags); ``source`` names it in errors."""
+        token = _SOURCE.set(source)
         try:
             return cls(**values)
-        except TypeError as exc:
-            raise StructADMMError(f"{source}: {exc}") from None
+        finally:
+            _SOURCE.reset(token)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "CompressConfig":
         """Settings from a TOML file (top-level keys as in this class), then ``overrides``."""
         values = read_toml(path, "config file")
-        return cls.from_mapping({**values, **(overrides or {})}, source=str(path))
+        config = cls.from_mapping(values, source=str(path))  # the file's own mistakes name the file
+        return cls.from_mapping({**config.to_dict(), **overrides}, source=f"{path} with flags") if overrides else config
 
     def replace(self, **changes: Any) -> "CompressConfig":
         return self.from_mapping({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+
+def describe(exc: ValidationError, source: str) -> str:
+    """A pydantic error as one line that names every offending key."""
+    known = ", ".join(CompressConfig.model_fields)
+    unknown = [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+    if unknown:
+        return f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {known}"
+    problems = []
+    for e in exc.errors(include_url=False):
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in e["loc"]).lstrip(".")
+        message = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        field = CompressConfig.model_fields.get(str(e["loc"][0])) if e["loc"] else None
+        if e["type"] == "string_pattern_mismatch" and field is not None and field.description:
+            message = f"must be {field.description}"
+        elif field is not None and field.description:
+            message += f" ({field.description})"
+        problems.append(f"{key} = {e['input']!r}: {message}" if key else message)
+    return f"{source}: " + "; ".join(problems)
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import StructADMMError
+from ..errors import StructADMMError, one_line
 
 @dataclass(frozen=True, eq=False)
 class Slice:
@@ -171,6 +171,11 @@ class ChannelGraph:
         return getattr(self.modules[s.module], s.tensor)
 
 
+def slice_groups(graph: ChannelGraph, s: Slice) -> np.ndarray:
+    """The channel group id at every position of slice ``s``."""
+    return graph.group_of[graph.atom_of[s.entries]]
+
+
 def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     """Trace ``model`` with ``torch.export`` and return its channel graph (module docstring).
 
@@ -190,7 +195,7 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
         except Exception as exc:  # export raises many types for untraceable Python
             _check_inputs_fit(model, inputs)
             raise StructADMMError(
-                f"cannot trace {type(model).__name__} with torch.export ({first_line(exc)}); "
+                f"cannot trace {type(model).__name__} with torch.export ({one_line(exc)}); "
                 "models with data-dependent Python control flow need that logic moved out of forward()"
             ) from None
     finally:
@@ -207,14 +212,8 @@ def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
     except Exception as exc:
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
         raise StructADMMError(
-            f"the example input (shape {shapes}) does not fit {type(model).__name__}: {first_line(exc)}"
+            f"the example input (shape {shapes}) does not fit {type(model).__name__}: {one_line(exc)}"
         ) from None
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- the op-rule registry --------------------------------------------------------------------

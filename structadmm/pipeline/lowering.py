@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import StructADMMError
+from ..layers import CONVS
 
 __all__ = ["MIN_GAIN", "LoweredConv", "lower_conv", "lower_convs", "lowering_gain"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POINTWISE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 #: Smallest MAC ratio (dense / lowered) at which :func:`lower_conv` rewrites a conv: 2.5, i.e.
@@ -242,7 +242,7 @@ def lower_convs(model: nn.Module, *, min_gain: float = MIN_GAIN) -> tuple[nn.Mod
 
 def _unlowerable_reason(conv: nn.Module) -> str | None:
     """Why :class:`LoweredConv` cannot represent ``conv`` (None when it can)."""
-    if not isinstance(conv, _CONVS):
+    if not isinstance(conv, CONVS):
         return f"only Conv1d/Conv2d/Conv3d can be lowered, got {type(conv).__name__}"
     if conv.groups != 1:
         return f"cannot lower a grouped conv (groups={conv.groups}); shape lowering needs groups=1"

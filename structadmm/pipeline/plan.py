@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
+from ..layers import CONVS
 from .config import read_toml
 from .graph import ChannelGraph, ChannelGroup, Slice, trace
 from .surgery import freeze_fixed_sizes
@@ -46,7 +47,7 @@ from .sparsity import (
 Masks = dict[str, torch.Tensor]
 """Parameter name -> float mask of the parameter's shape (1 keeps a weight, 0 prunes it)."""
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_WEIGHTED = (*CONVS, nn.Linear)
 
 
 @dataclass
@@ -251,6 +252,34 @@ class PruningPlan:
             return self
         units = [dataclasses.replace(u, ratio=1 - (1 - u.ratio) ** progress) for u in self.units]
         return PruningPlan(self.graph, units, self.skipped)
+
+    def to_state(self) -> dict[str, Any]:
+        """The plan as plain numbers and strings (what a checkpoint stores): every unit, exactly."""
+        units = []
+        for u in self.units:
+            if isinstance(u, ChannelUnit):
+                units.append({"group": u.group.id, "name": u.name, "channels": u.group.size,
+                              "sparsity": u.kind.value, "ratio": u.ratio, "multiple": u.multiple})
+            else:
+                units.append({"param": u.param, "sparsity": u.kind.value, "ratio": u.ratio})
+        return {"units": units, "skipped": [[layer, why] for layer, why in self.skipped]}
+
+    @classmethod
+    def from_state(cls, graph: ChannelGraph, state: Mapping[str, Any]) -> "PruningPlan":
+        """The plan :meth:`to_state` wrote, on ``graph`` (a trace of the same model); its groups must match."""
+        groups = {g.id: g for g in graph.groups}
+        units: list[Unit] = []
+        for row in state["units"]:
+            kind = Sparsity(row["sparsity"])
+            if "group" not in row:
+                units.append(TensorUnit(row["param"], kind, row["ratio"]))
+                continue
+            group = groups.get(row["group"])
+            if group is None or (group.name, group.size) != (row["name"], row["channels"]):
+                raise StructADMMError(f"the saved plan's channel group {row['name']} ({row['channels']} channels) "
+                                      "is not in this model's channel graph")
+            units.append(ChannelUnit(group, kind, row["ratio"], graph, row["multiple"]))
+        return cls(graph, units, [(layer, why) for layer, why in state["skipped"]])
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per unit: name, sparsity, ratio and group size (channels) or weights."""

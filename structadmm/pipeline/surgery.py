@@ -27,7 +27,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ParityError, StructADMMError
-from .graph import ChannelGraph, ChannelGroup, Slice, trace
+from ..layers import CONVS, eval_mode, flat_outputs, is_depthwise
+from .graph import ChannelGraph, ChannelGroup, Slice, trace, slice_groups
 from .lowering import MIN_GAIN, lower_convs
 
 
@@ -280,7 +281,7 @@ def _eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
 
 def _positions_kept(graph: ChannelGraph, s: Slice, keep: dict[int, torch.Tensor]) -> torch.Tensor:
     atoms = graph.atom_of[s.entries]
-    groups = graph.group_of[atoms]
+    groups = slice_groups(graph, s)
     keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
     for gid in np.unique(groups).tolist():
         if gid in keep:
@@ -312,7 +313,7 @@ def _selections(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> dict[tupl
 def _unbalanced_groups(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> set[int]:
     for s in graph.slices:
         if _is_unbalanced(s, _positions_kept(graph, s, keep)):
-            touched = set(np.unique(graph.group_of[graph.atom_of[s.entries]]).tolist()) & set(keep)
+            touched = set(np.unique(slice_groups(graph, s)).tolist()) & set(keep)
             return {min(touched)}
     return set()
 
@@ -321,8 +322,8 @@ def _fix_sizes(module: nn.Module) -> None:
     """Make a resized module's size attributes agree with its new tensors."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        depthwise = module.groups > 1 and module.groups == module.in_channels
+    elif isinstance(module, CONVS):
+        depthwise = is_depthwise(module)
         multiplier = module.out_channels // module.in_channels if depthwise else 1
         module.out_channels = module.weight.shape[0]
         if depthwise:
@@ -344,14 +345,9 @@ def check_same_function(reference: nn.Module, candidate: nn.Module, example_inpu
                         atol: float, rtol: float, what: str) -> float:
     """Max abs difference of the two models' outputs in eval mode; ParityError past tolerance."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    modes = reference.training, candidate.training
-    reference.eval(), candidate.eval()
-    try:
-        with torch.no_grad():
-            expected = flat_outputs(reference(*inputs))
-            got = flat_outputs(candidate(*inputs))
-    finally:
-        reference.train(modes[0]), candidate.train(modes[1])
+    with eval_mode(reference, candidate), torch.no_grad():
+        expected = flat_outputs(reference(*inputs))
+        got = flat_outputs(candidate(*inputs))
     if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)):
         raise ParityError(f"{what} changed the model's output shapes: {[tuple(e.shape) for e in expected]} "
                           f"became {[tuple(g.shape) for g in got]}")
@@ -360,14 +356,3 @@ def check_same_function(reference: nn.Module, candidate: nn.Module, example_inpu
     if not diff <= limit:
         raise ParityError(f"{what} changed the model's outputs: max abs diff {diff:.3g} > tolerance {limit:.3g}")
     return diff
-
-
-def flat_outputs(out: Any) -> list[torch.Tensor]:
-    """A model's output tensors in order, from a tensor or nested tuples, lists and dicts."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in flat_outputs(o)]
-    raise StructADMMError(f"model outputs must be tensors or tuples/lists/dicts of tensors, got {type(out).__name__}")

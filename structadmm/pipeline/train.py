@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from ..errors import StructADMMError
+from ..layers import eval_mode
 from . import distributed
 
 Data = Dataset | DataLoader | tuple
@@ -174,10 +175,9 @@ class _Step:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu") -> float | None:
     """Top-1 accuracy in [0, 1]; None when the data has no labels."""
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     correct = seen = 0
-    try:
+    with eval_mode(model):
         for batch in loader:
             x, y = _split_batch(batch)
             if y is None:
@@ -185,8 +185,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu") -> float
             pred = run_model(model, x, device).argmax(dim=1)
             correct += int((pred == y.to(device)).sum())
             seen += len(y)
-    finally:
-        model.train(was_training)
     return correct / seen if seen else None
 
 

@@ -1,0 +1,50 @@
+"""What every stage needs to know about torch layers and models, in one place:
+
+* :data:`CONVS` — the convolution types the pipeline prunes, lowers and counts;
+* :func:`is_depthwise` — whether a convolution reads every input channel on its own;
+* :func:`eval_mode` — eval mode for a forward pass, each model's own mode restored after
+  (callers measure, export or check models in the middle of training);
+* :func:`flat_outputs` — a model's output tensors in order, for parity checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import StructADMMError
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A grouped convolution with one group per input channel (any channel multiplier)."""
+    return isinstance(conv, CONVS) and conv.groups > 1 and conv.groups == conv.in_channels
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every model in eval mode for the duration; each gets its own train/eval mode back."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in zip(models, modes):
+            model.train(training)
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """A model's output tensors in order, from a tensor or nested tuples, lists and dicts."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    raise StructADMMError(f"model outputs must be tensors or tuples/lists/dicts of tensors, got {type(out).__name__}")
