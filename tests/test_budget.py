@@ -176,9 +176,9 @@ def test_unreachable_and_bad_targets_are_clear_errors() -> None:
 
 
 def test_default_latency_measure_gives_the_per_round_speedup_and_its_interval() -> None:
-    from structadmm.pipeline.budget import _ort_speedup
+    from structadmm.pipeline.budget import ort_speedup
 
     model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
-    measured = _ort_speedup(model, model, x, batch=4, threads=1, min_seconds=0.05)
+    measured = ort_speedup(model, model, x, batch=4, threads=1, min_seconds=0.05)
     assert isinstance(measured, Speedup)
     assert 0 < measured.low <= measured.speedup <= measured.high

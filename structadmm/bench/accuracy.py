@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from structadmm.errors import StructADMMError
-from structadmm.exporters.onnx_export import _one_line, load_onnx
+from structadmm.errors import one_line
+from structadmm.exporters.onnx_export import load_onnx
 
 __all__ = ["OnnxOutputs", "onnx_outputs", "top1_agreement"]
 
@@ -52,7 +53,7 @@ def onnx_outputs(path: str | Path, data, *, batch_size: int = 256, threads: int 
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
-        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
+        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {one_line(exc)}") from exc
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise StructADMMError(f"{path}: takes {len(inputs)} inputs; accuracy is measured for single-input models")

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from structadmm.errors import StructADMMError
+from structadmm.errors import StructADMMError, one_line
 from structadmm.bench.runtime import warn_if_conflicting
 
 __all__ = ["LatencyEntry", "LatencyReport", "SessionSettings", "benchmark", "median_interval", "round_order",
@@ -429,11 +429,9 @@ def _open_session(path: Path, provider: str, settings: "SessionSettings") -> tup
     try:
         session = ort.InferenceSession(str(path), settings.options(), providers=_provider_chain(provider))
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        from structadmm.exporters.onnx_export import _one_line  # here, not at the top: isolated children skip torch
-
         if provider != CPU:
-            return None, f"cannot create a session for {path}: {_one_line(exc)}"
-        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
+            return None, f"cannot create a session for {path}: {one_line(exc)}"
+        raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {one_line(exc)}") from exc
     # ORT silently falls back to CPU when a GPU provider's libraries fail to load.
     if session.get_providers()[0] != provider:
         fallback = session.get_providers()[0]

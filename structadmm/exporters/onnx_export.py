@@ -476,4 +476,3 @@ def _uses_external_data(proto: onnx.ModelProto) -> bool:
     )
 
 
-_one_line = one_line  # the old name, for bench/latency.py until it imports errors.one_line

@@ -33,7 +33,9 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from structadmm.errors import StructADMMError
-from structadmm.exporters.onnx_export import _one_line, load_onnx
+from structadmm.errors import one_line
+from structadmm.files import write_atomic
+from structadmm.exporters.onnx_export import load_onnx
 
 __all__ = ["CALIBRATION_METHODS", "Int8Gate", "LayerSensitivity", "QuantizeResult", "QuantizedRun",
            "calibration_batches", "check_int8", "layer_sensitivity", "quantize_onnx", "quantize_run"]
@@ -136,7 +138,10 @@ def quantize_onnx(
                 _quantize_dynamic(source, Path(tmp), tmp_out, per_channel, exclude, nodes)
         quantized = load_onnx(tmp_out)
         count = _quantized_matrix_nodes(quantized)
-        _write_atomic(tmp_out, path)
+        try:
+            write_atomic(path, tmp_out.read_bytes())
+        except OSError as exc:
+            raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return QuantizeResult(path, mode, method if mode == "static" else None, samples, per_channel,
                           tuple(exclude), count, path.stat().st_size)
 
@@ -191,7 +196,7 @@ def _quantize_static(graph: onnx.GraphProto, source: Path, out: Path, calibratio
             extra_options=extra, calibration_cache_path=str(cache) if cache is not None else None,
         )
     except (ValueError, RuntimeError) as exc:  # ORT's own words for data that does not fit the model
-        raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {_one_line(exc)}") from exc
+        raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {one_line(exc)}") from exc
     return samples
 
 
@@ -210,7 +215,7 @@ def _quantize_dynamic(source: Path, tmp: Path, out: Path, per_channel: bool, exc
                          op_types_to_quantize=["MatMul", "Attention", "LSTM", "Gather"],
                          nodes_to_exclude=list(exclude), nodes_to_quantize=list(nodes or []))
     except (ValueError, RuntimeError) as exc:
-        raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {_one_line(exc)}") from exc
+        raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {one_line(exc)}") from exc
 
 
 def _gemm_as_matmul(graph: onnx.GraphProto) -> bool:
@@ -255,7 +260,7 @@ def _preprocessed(model: Path, tmp: Path) -> Path:
         with _quiet():
             quant_pre_process(str(model), str(out))
     except Exception as exc:  # noqa: BLE001 - shape inference fails in many ways on odd graphs
-        raise StructADMMError(f"{model}: ONNX Runtime's quantization pre-processing failed: {_one_line(exc)}") from exc
+        raise StructADMMError(f"{model}: ONNX Runtime's quantization pre-processing failed: {one_line(exc)}") from exc
     return out
 
 
@@ -473,18 +478,6 @@ def _quantized_matrix_nodes(proto: onnx.ModelProto) -> int:
             weight = produced_by.get(node.input[1])
             count += weight is not None and weight.op_type == "DequantizeLinear"
     return count
-
-
-def _write_atomic(source: Path, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(source.read_bytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..errors import ParityError, StructADMMError
+from ..errors import ParityError, StructADMMError, one_line
 from ..exporters import OnnxSignature, load_onnx, onnx_signature, verify_onnx
 from .loading import LoadedModel
 
@@ -115,7 +115,7 @@ def _read_checked(path: Path, max_bytes: int) -> onnx.ModelProto:
     try:
         proto = onnx.load(path, load_external_data=False)
     except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {_one_line(exc)}") from exc
+        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {one_line(exc)}") from exc
     _check_domains(proto, path)
     _check_external_data(proto, path, max_bytes - size)
     proto = load_onnx(path)  # external data (from inside the folder) and onnx.checker's full check
@@ -335,7 +335,7 @@ def _convert(proto: onnx.ModelProto, path: Path) -> nn.Module:
     try:
         return onnx2torch.convert(proto).eval()
     except Exception as exc:  # noqa: BLE001 - an attribute or case the converter does not cover
-        raise StructADMMError(f"{path}: onnx2torch cannot convert it: {_one_line(exc)}") from exc
+        raise StructADMMError(f"{path}: onnx2torch cannot convert it: {one_line(exc)}") from exc
 
 
 def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...],
@@ -349,7 +349,7 @@ def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Te
     except Exception as exc:  # noqa: BLE001 - the converted module failed to run
         raise StructADMMError(
             f"the PyTorch conversion of {path} fails at batch {inputs[0].shape[0]}: {type(exc).__name__}: "
-            f"{_one_line(exc)}"
+            f"{one_line(exc)}"
         ) from exc
 
 
@@ -501,7 +501,3 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
     return d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

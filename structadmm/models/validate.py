@@ -43,7 +43,7 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate
 
-from ..errors import StructADMMError, StructADMMWarning
+from ..errors import StructADMMError, StructADMMWarning, one_line
 from .data import ImageFiles, format_shape
 
 BATCH_SIZE = 256  # samples read at a time where the data does not set its own batch size
@@ -115,7 +115,7 @@ class _Source:
                 return
             except Exception as exc:  # the user's data code, an unreadable file
                 what = f"the {self.split} data" + (f" after sample {start}" if start else "")
-                reason = _one_line(exc)
+                reason = one_line(exc)
                 raise StructADMMError(
                     reason if isinstance(exc, StructADMMError) else f"cannot read {what}: {reason}"
                 ) from exc
@@ -202,7 +202,7 @@ def _classes(model: nn.Module, x: torch.Tensor, name: str) -> int:
         raise
     except Exception as exc:
         raise StructADMMError(
-            f"{name} cannot run on the training data's {format_shape(x.shape[1:])} samples: {_one_line(exc)}"
+            f"{name} cannot run on the training data's {format_shape(x.shape[1:])} samples: {one_line(exc)}"
         ) from exc
     finally:
         for module, training in modes.items():
@@ -295,11 +295,3 @@ def _generators(data: Any) -> list[torch.Generator]:
     return unique
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line; a DataLoader worker's error by its original last line."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1].strip()
-        return last.split(": ", 1)[1] if last.startswith("structadmm.") and ": " in last else last
-    line = text.splitlines()[0] if text else ""
-    return line if isinstance(exc, StructADMMError) else f"{type(exc).__name__}: {line}"

@@ -223,7 +223,7 @@ def plan_for_latency(model: nn.Module, example_inputs: Any, speedup: float, *,
     if not 0 < min_seconds <= max_seconds:
         raise StructADMMError(f"need 0 < min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
     search = _Search(model, example_inputs, probe, sparsity, GRID, multiple)
-    measure = measure or (lambda dense, small, seconds: _ort_speedup(dense, small, example_inputs, batch, threads,
+    measure = measure or (lambda dense, small, seconds: ort_speedup(dense, small, example_inputs, batch, threads,
                                                                      seconds))
     weak, strong, ceiling = 1.0, None, None  # MAC targets: too weak; meets the speedup; unreachable
     best: BudgetResult | None = None
@@ -275,7 +275,7 @@ def _compact_copy(model: nn.Module, example_inputs: Any, plan: PruningPlan) -> n
     return compact(probe_model, example_inputs)
 
 
-def _ort_speedup(dense: nn.Module, small: nn.Module, example_inputs: Any, batch: int, threads: int,
+def ort_speedup(dense: nn.Module, small: nn.Module, example_inputs: Any, batch: int, threads: int,
                  min_seconds: float) -> Speedup:
     from ..bench import benchmark
     from ..exporters import export_onnx
