@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
