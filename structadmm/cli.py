@@ -75,7 +75,7 @@ InputShapeOpt = typer.Option(None, "--input-shape", help="Shape of one sample, e
 def run(
     model: str = ModelOpt,
     data: str = typer.Option("digits", "--data", help=(
-        "'digits' (built in), an .npz with x and y arrays, an image folder with one sub-folder per class, "
+        "'digits' or 'mnist1d' (built in), an .npz with x and y arrays, an image folder with one sub-folder per class, "
         "or module:function returning datasets (this runs that code).")),
     checkpoint: Optional[Path] = CheckpointOpt,
     input_shape: Optional[str] = InputShapeOpt,

@@ -51,7 +51,25 @@ class CompressConfig:
     seed: int = 0
     device: str = "cpu"
 
+    # --- the ADMM recipe (benchmarks/accuracy_vs_baselines.py validates these) --------------------
+    admm_lr_restart: bool = True  # restart the cosine learning rate every ADMM round
+    admm_tolerance: float = 0.0  # hard prune only once the primal residual ||W-Z||/||W|| is at most this
+    admm_extra_rounds: int = 0  # at most this many rounds beyond admm_rounds while above admm_tolerance
+    distill: float = 0.0  # weight in [0, 1) of distillation from the dense model in masked retraining; 0: off
+    distill_temperature: float = 4.0
+    prune_ends: bool = False  # False: the first layer and the classifier are left whole by uniform plans
+
+    def _check_recipe(self) -> None:
+        if not self.admm_tolerance >= 0 or int(self.admm_extra_rounds) < 0:
+            raise StructADMMError("admm_tolerance and admm_extra_rounds must be >= 0")
+        if not 0 <= self.distill < 1:
+            raise StructADMMError(f"distill is a loss weight in [0, 1), got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise StructADMMError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+    # --- end of the ADMM recipe ----------------------------------------------------------------------
+
     def __post_init__(self) -> None:
+        self._check_recipe()
         parse_sparsity(self.sparsity)
         self.ratio = check_ratio(self.ratio)
         for name in ("dense_epochs", "admm_rounds", "admm_epochs", "retrain_epochs", "seed"):
