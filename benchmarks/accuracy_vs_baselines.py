@@ -67,19 +67,13 @@ _OLD_RHO = {"rho": 0.05, "rho_growth": 1.6}
 VARIANTS = {
     "ref": {},
     "rho1e-2": {"rho": 1e-2},
-    "rho0.1": {"rho": 0.1},
     "rho-old": _OLD_RHO,
     "rho-old-8x2": {**_OLD_RHO, "rounds": 8, "epochs": 2},
-    "rho-old-16x1": {**_OLD_RHO, "rounds": 16, "epochs": 1},
     "rho-old-no-restart": {**_OLD_RHO, "restart": False},
-    "rho-old-admm0.01": {**_OLD_RHO, "admm_lr": 0.01},
-    "rho-old-ft0.01": {**_OLD_RHO, "lr": 0.01},
-    "rho-old-ft0.1": {**_OLD_RHO, "lr": 0.1},
     "rho-old-tol": {**_OLD_RHO, "tolerance": 0.1, "extra_rounds": 4},
-    "rho-old-ramp": {**_OLD_RHO, "ramp": 4},
     "old-default": {**_OLD_RHO, "rounds": 8, "epochs": 2, "restart": False},
 }
-LR_GRID = {"oneshot": (0.01, 0.03, 0.1), "tp": (0.01, 0.03, 0.1), "scratch": (0.03, 0.1, 0.3)}
+LR_GRID = {"oneshot": (0.03, 0.1), "tp": (0.03, 0.1), "scratch": (0.1, 0.3)}
 
 
 # -- one job (runs in a worker process) --------------------------------------------------------
@@ -235,6 +229,7 @@ def key_of(job: dict[str, Any]) -> str:
 
 
 def run_jobs(jobs: list[dict[str, Any]], args: argparse.Namespace, log: Path) -> list[dict[str, Any]]:
+    """Run the jobs not yet in ``log``, (ratio, seed) cells ``workers`` at a time (dense checkpoints first)."""
     done = {}
     if log.exists():
         for line in log.read_text().splitlines():
@@ -247,14 +242,16 @@ def run_jobs(jobs: list[dict[str, Any]], args: argparse.Namespace, log: Path) ->
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=(settings,)) as pool, \
                 log.open("a") as fh:
-            # dense checkpoints first, one per seed, so that workers never train the same one twice
-            pool.map(_dense_job, sorted({j["seed"] for j in todo}))
-            for row in pool.imap_unordered(run_job, todo):
-                done[key_of(row)] = row
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                print(f"{row['phase']} s{row['seed']} r{row['ratio']} {row['method']}:{row['name']} "
-                      f"{row['seconds']:.0f}s {row['scores']}", flush=True)
+            cells = list(dict.fromkeys((j["ratio"], j["seed"]) for j in todo))
+            for group in (cells[i:i + args.workers] for i in range(0, len(cells), args.workers)):
+                # dense checkpoints first, one per worker, so that workers never train the same one twice
+                pool.map(_dense_job, sorted({seed for _, seed in group}), chunksize=1)
+                for row in pool.imap_unordered(run_job, [j for j in todo if (j["ratio"], j["seed"]) in group]):
+                    done[key_of(row)] = row
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    print(f"{row['phase']} s{row['seed']} r{row['ratio']} {row['method']}:{row['name']} "
+                          f"{row['seconds']:.0f}s {row['scores']}", flush=True)
     return [done[key_of(j)] for j in jobs if key_of(j) in done]
 
 
@@ -270,7 +267,7 @@ def tuning_jobs(args) -> list[dict[str, Any]]:
             for lr in LR_GRID[method]:
                 jobs.append({**common, "method": method, "name": f"lr{lr}", "cfg": {"lr": lr, "distill": 0.0},
                              "fs": [args.budget]})
-        for name in VARIANTS:
+        for name in args.variants:
             jobs.append({**common, "method": "admm", "name": name, "cfg": recipe(name), "fs": [],
                          "totals": [args.budget]})
     return jobs
@@ -317,13 +314,14 @@ def distill_jobs(args, chosen) -> list[dict[str, Any]]:
 
 def final_jobs(args, chosen, distill: float) -> list[dict[str, Any]]:
     jobs = []
-    # the tuning ratio first, so that a run cut short still answers the main question
+    # the tuning ratio first, with the whole F curve, then the others at the points the goals name
     for ratio in sorted(args.ratios, key=lambda r: r != TUNE_RATIO):
         for seed in args.seeds:
             common = dict(phase="test", split="test", seed=seed, ratio=ratio)
+            curve = list(args.fs) if ratio == TUNE_RATIO else [0, 8, 16, 32]
             for method in ("admm", "oneshot", "tp", "scratch"):
                 cfg = {**chosen[method]["cfg"], "distill": distill}
-                fs = {"oneshot": list(FS), "tp": list(FS), "admm": [0, 1, 2, 4, 8], "scratch": [8, 16, 32]}[method]
+                fs = {"oneshot": curve, "tp": curve, "admm": [f for f in curve if f <= 8], "scratch": [16, 32]}[method]
                 totals = [16, args.budget] if method == "admm" else []
                 jobs.append({**common, "method": method, "name": chosen[method]["name"] + (f"+kd{distill}" if distill else ""),
                              "cfg": cfg, "fs": fs, "totals": totals})
@@ -481,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--budget", type=int, default=32, help="total epochs after the dense checkpoint, for tuning")
     parser.add_argument("--distill", type=float, default=0.5, help="distillation weight tried on validation")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the ADMM recipe variants tried on validation")
+    parser.add_argument("--fs", type=int, nargs="+", default=list(FS),
+                        help="fine-tuning epochs F of the curves at the tuning ratio")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--phase", choices=("val", "all", "report"), default="all",

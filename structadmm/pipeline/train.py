@@ -104,8 +104,8 @@ def train_epochs(
     net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     period = (restart_every if restart_every else epochs) * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * (step % period) / period)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(
+        math.pi * (step % period if restart_every else step) / period)))
     if teacher is not None:
         teacher.to(device).eval()
     start = 0
