@@ -318,11 +318,12 @@ def final_jobs(args, chosen, distill: float) -> list[dict[str, Any]]:
     for ratio in sorted(args.ratios, key=lambda r: r != TUNE_RATIO):
         for seed in args.seeds:
             common = dict(phase="test", split="test", seed=seed, ratio=ratio)
-            curve = list(args.fs) if ratio == TUNE_RATIO else [0, 8, 16, 32]
+            curve = list(args.fs) if ratio == TUNE_RATIO else [f for f in (0, 8, 16, 32) if f <= max(args.fs)]
             for method in ("admm", "oneshot", "tp", "scratch"):
                 cfg = {**chosen[method]["cfg"], "distill": distill}
-                fs = {"oneshot": curve, "tp": curve, "admm": [f for f in curve if f <= 8], "scratch": [16, 32]}[method]
-                totals = [16, args.budget] if method == "admm" else []
+                fs = {"oneshot": curve, "tp": curve, "admm": [f for f in curve if f <= 8],
+                      "scratch": [t for t in args.totals if t > 0]}[method]
+                totals = list(args.totals) if method == "admm" else []
                 jobs.append({**common, "method": method, "name": chosen[method]["name"] + (f"+kd{distill}" if distill else ""),
                              "cfg": cfg, "fs": fs, "totals": totals})
     return jobs
@@ -478,11 +479,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--budget", type=int, default=32, help="total epochs after the dense checkpoint, for tuning")
-    parser.add_argument("--distill", type=float, default=0.5, help="distillation weight tried on validation")
+    parser.add_argument("--distill", type=float, default=0.5,
+                        help="distillation weight tried on validation (0: not tried, off for every method)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="the ADMM recipe variants tried on validation")
     parser.add_argument("--fs", type=int, nargs="+", default=list(FS),
                         help="fine-tuning epochs F of the curves at the tuning ratio")
+    parser.add_argument("--totals", type=int, nargs="+", default=[16, 32],
+                        help="total epochs after the dense checkpoint at which ADMM meets the baselines")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--phase", choices=("val", "all", "report"), default="all",
@@ -498,14 +502,16 @@ def main(argv: list[str] | None = None) -> None:
         args.workers = 0
     tuned = run_jobs(tuning_jobs(args), args, log)
     chosen = choose(tuned, args.budget)
-    kd_rows = run_jobs(distill_jobs(args, chosen), args, log)
-    kd = {}
-    for m in ("oneshot", "admm"):
-        rows = [r for r in kd_rows if r["method"] == m]
-        kd[m] = statistics.mean(r["scores"][str(args.budget - r["offset"] if m == "admm" else args.budget)]
-                                for r in rows)
-    distill = args.distill if all(kd[m] > chosen[m]["val"] for m in kd) else 0.0
-    chosen["_distill"] = {m: {"without": chosen[m]["val"], "with": kd[m]} for m in kd}
+    distill = 0.0
+    if args.distill > 0:  # --distill 0: not tried, off for every method
+        kd_rows = run_jobs(distill_jobs(args, chosen), args, log)
+        kd = {}
+        for m in ("oneshot", "admm"):
+            rows = [r for r in kd_rows if r["method"] == m]
+            kd[m] = statistics.mean(r["scores"][str(args.budget - r["offset"] if m == "admm" else args.budget)]
+                                    for r in rows)
+        distill = args.distill if all(kd[m] > chosen[m]["val"] for m in kd) else 0.0
+        chosen["_distill"] = {m: {"without": chosen[m]["val"], "with": kd[m]} for m in kd}
     print("chosen on validation:", json.dumps(chosen, indent=1), "distill:", distill, flush=True)
     if args.phase == "val":
         return

@@ -187,7 +187,8 @@ def inspect(
 
     loaded = _load_model(model, checkpoint, input_shape)
     net, example = loaded.module.eval(), loaded.example_input(1)
-    pruning = PruningPlan.from_file(net, example, plan) if plan else PruningPlan.uniform(net, example, sparsity, ratio)
+    pruning = (PruningPlan.from_file(net, example, plan, keep_ends=True) if plan
+               else PruningPlan.uniform(net, example, sparsity, ratio, keep_ends=True))  # as `run` plans by default
     table = Table(title=f"{loaded.name}: {len(pruning.units)} pruning units")
     for col in ("unit", "sparsity", "ratio", "channels"):
         table.add_column(col)

@@ -152,5 +152,6 @@ def test_mnist1d_cnn_learns_mnist1d(mnist1d) -> None:
     train, val, _ = mnist1d
     torch.manual_seed(0)
     model = get_spec("mnist1d-cnn").build()
-    train_epochs(model, make_loader(train, 256, shuffle=True), 2, lr=0.1)
-    assert evaluate(model, make_loader(val, 1000, shuffle=False)) > 0.8
+    x, y = train.tensors
+    train_epochs(model, make_loader((x[:3000], y[:3000]), 128, shuffle=True), 1, lr=0.1)
+    assert evaluate(model, make_loader(val, 1000, shuffle=False)) > 0.5  # chance is 0.1

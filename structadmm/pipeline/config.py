@@ -20,7 +20,7 @@ from .sparsity import check_ratio, parse_sparsity
 class CompressConfig:
     # what to prune
     sparsity: str = "filter"  # filter | channel | shape | irregular, or a combination: filter+shape
-    ratio: float = 0.5  # fraction of groups removed in every prunable layer
+    ratio: float = 0.75  # fraction of groups removed in every prunable layer (but the first and the classifier)
     plan: str | None = None  # TOML plan file with per-layer settings (overrides sparsity/ratio)
     target_macs: float | None = None  # per-layer ratios chosen for this MAC reduction, e.g. 4.0 (overrides ratio)
     target_latency: float | None = None  # per-layer ratios chosen for this measured ORT CPU speedup, e.g. 3.0
