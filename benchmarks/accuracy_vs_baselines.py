@@ -424,12 +424,14 @@ def write_markdown(summary: dict[str, Any], args, path: Path) -> None:
                      f"[{p['ci95_pt'][0]:+.2f}, {p['ci95_pt'][1]:+.2f}] | {p['n']} |")
     lines += ["", "## Mean test accuracy (%) by fine-tuning epochs F (ADMM: after its own epochs)", ""]
     for ratio, ms in summary["mean_accuracy_pt"].items():
-        lines.append(f"ratio {ratio}:")
+        fs = sorted({int(f) for kinds in ms.values() for f in kinds["by_f"]})
+        lines.append(f"ratio {ratio} (scratch: F is its total epochs T):")
         lines.append("")
-        lines.append("| method | " + " | ".join(f"F={f}" for f in FS) + " |")
-        lines.append("|---|" + "---|" * len(FS))
+        lines.append("| method | " + " | ".join(f"F={f}" for f in fs) + " |")
+        lines.append("|---|" + "---|" * len(fs))
         for m, kinds in ms.items():
-            lines.append(f"| {m} | " + " | ".join(f"{kinds['by_f'].get(str(f), float('nan')):.2f}" for f in FS) + " |")
+            lines.append(f"| {m} | " + " | ".join(f"{kinds['by_f'][str(f)]:.2f}" if str(f) in kinds["by_f"] else "-"
+                                                for f in fs) + " |")
         lines.append("")
     outs = summary["admm_outcomes"]
     if outs:

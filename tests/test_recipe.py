@@ -155,3 +155,21 @@ def test_mnist1d_cnn_learns_mnist1d(mnist1d) -> None:
     x, y = train.tensors
     train_epochs(model, make_loader((x[:3000], y[:3000]), 128, shuffle=True), 1, lr=0.1)
     assert evaluate(model, make_loader(val, 1000, shuffle=False)) > 0.5  # chance is 0.1
+
+
+def test_the_pipeline_reports_the_admm_outcome_and_distils(digits, tmp_path) -> None:
+    from structadmm.models import get_spec
+    from structadmm.pipeline import compress
+
+    train, test = digits
+    config = CompressConfig(ratio=0.5, dense_epochs=2, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5,
+                            rho_growth=2.0, admm_tolerance=1e-9, admm_extra_rounds=1, distill=0.5,
+                            bench_batches=[4], bench_min_runs=2, bench_min_seconds=0.0)
+    torch.manual_seed(0)
+    report = compress(get_spec("digits-cnn").build(), train, test, config, out_dir=tmp_path / "run").report
+    assert report["admm_outcome"] == {"rounds": 3, "extra_rounds": 1, "primal_residual": report["admm"][-1]["primal_residual"],
+                                      "tolerance": 1e-9, "converged": False}
+    assert len(report["admm"]) == 3
+    left_alone = {row["layer"]: row["reason"] for row in report["left_alone"]}
+    assert left_alone["features.0"].startswith("first layer") and left_alone["classifier.3"].startswith("classifier")
+    assert "dense_weights" not in json.dumps(report)

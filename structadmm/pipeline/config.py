@@ -52,7 +52,8 @@ class CompressConfig:
     device: str = "cpu"
 
     # --- the ADMM recipe (benchmarks/accuracy_vs_baselines.py validates these) --------------------
-    admm_lr_restart: bool = True  # restart the cosine learning rate every ADMM round
+    # restart the cosine learning rate every ADMM round (off: it lost on MNIST-1D validation, see README)
+    admm_lr_restart: bool = False
     admm_tolerance: float = 0.0  # hard prune only once the primal residual ||W-Z||/||W|| is at most this
     admm_extra_rounds: int = 0  # at most this many rounds beyond admm_rounds while above admm_tolerance
     distill: float = 0.0  # weight in [0, 1) of distillation from the dense model in masked retraining; 0: off

@@ -103,6 +103,7 @@ def train_epochs(
     model.to(device).train()
     net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total = epochs * len(loader)
     period = (restart_every if restart_every else epochs) * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(
         math.pi * (step % period if restart_every else step) / period)))
