@@ -1,38 +1,40 @@
-"""Accuracy vs MAC reduction: StructADMM against one-shot magnitude pruning and Torch-Pruning.
+"""Does ADMM earn its place? StructADMM against simpler pruning, under a fair protocol, on MNIST-1D.
 
     .venv/bin/pip install -e ".[bench]"     # torch-pruning (the external peer) and matplotlib
-    .venv/bin/python benchmarks/accuracy_vs_baselines.py
-    # the defaults, spelled out:
-    .venv/bin/python benchmarks/accuracy_vs_baselines.py --seeds 0 1 2 3 4 \
-        --ratios 0.5 0.75 0.875 0.9375 --dense-epochs 30 --admm-rounds 8 --admm-epochs 2 \
-        --retrain-epochs 14 --retrain-lr 0.01 --finetune-lr 0.03 --threads 1
+    .venv/bin/python benchmarks/accuracy_vs_baselines.py --workers 2      # resumable: rerun to continue
 
-Real data: scikit-learn's digits (16x16, the fixed stratified 80/20 split of
-``load_digits_split()``, 360 held-out images, so 1 pt = 3.6 images). Model: the built-in
-``digits-cnn`` (32-32-pool-64-64-pool-128 conv, BN, then 512 -> 64 -> 10).
+Data: MNIST-1D generated offline (``structadmm.models.mnist1d``): train 10,000, validation
+5,000, test 10,000. Model: ``mnist1d_cnn(width=--width)`` (convs w-2w-2w-4w, flatten, linear).
+Plans: uniform filter pruning at ratio r of every group except the first conv's filters and
+the classifier (``keep_ends``), exact ratios (``multiple=1``).
 
-Per seed ONE dense checkpoint is trained (SGD, cosine, ``--dense-epochs``); every method at
-every filter ratio starts from a copy of it and sees the same mini-batch order:
+Protocol
+1. Per seed ONE dense checkpoint (``--dense-epochs``); every method starts from a copy of it,
+   and every training phase of a seed draws its mini-batches from a generator seeded with
+   the seed, so all methods see the same batch order (paired seeds).
+2. Tuning (phase ``val``): seeds ``--tune-seeds`` (disjoint from the test seeds), ratio 0.875,
+   scored on the VALIDATION split at the same total budget of ``--budget`` epochs after the
+   dense checkpoint. Every method gets a learning-rate grid; ADMM also gets its recipe
+   variants (learning-rate restart or not, rounds x epochs, rho schedule, residual
+   tolerance, progressive targets); then distillation from the dense model is tried on the
+   chosen one-shot and ADMM settings and is switched on for EVERY method only if it helps both.
+3. Final (phase ``test``): seeds ``--seeds``, ratios ``--ratios``, the chosen settings only;
+   each (method, seed, ratio, fine-tuning epochs F) is one final configuration, trained
+   from the dense checkpoint and scored on the TEST split once.
 
-* ``admm``    structadmm: ``PruningPlan.uniform(model, x, "filter", r)``, ``ADMM`` with
-              ``--admm-rounds`` Z/U rounds of ``--admm-epochs`` epochs of W-steps
-              (``train_epochs(..., penalty=admm.penalty)``), ``hard_prune``, then
-              ``apply_masks`` + ``--retrain-epochs`` of masked retraining;
-* ``oneshot`` the same plan's ``plan.project(model)`` (one-shot magnitude pruning of the
-              coupled channel groups) + masked fine-tuning for as many epochs as ADMM used
-              in total (rounds x epochs + retraining);
-* ``tp``      Torch-Pruning's ``MagnitudePruner`` (L1 group importance by default,
-              ``--tp-norm 2`` for L2), same channel ratio in every layer, output layer
-              ignored, one shot, then fine-tuning for the same number of epochs.
+Methods (epochs after the dense checkpoint; ADMM's own epochs count):
+* ``admm``    ``ADMM`` + ``AdmmSchedule`` (the pipeline's recipe code) for A epochs, hard
+              prune, F epochs of masked retraining: total A + F;
+* ``oneshot`` the same plan's ``plan.project`` + F epochs of masked fine-tuning;
+* ``tp``      Torch-Pruning ``MagnitudePruner`` (L1), same layers, + F epochs of fine-tuning;
+* ``scratch`` the pruned architecture, re-initialised, trained T epochs from scratch (the
+              control: do the kept weights matter at all?).
+Masked fine-tuning runs on the compacted model (``structadmm.compact``: the same function,
+cheaper). Paired differences (ADMM minus each baseline, per seed, at equal total epochs) are
+reported with a 95 % t-interval over seeds.
 
-MACs are counted by one function for all three: each final model ((a)/(b) after
-``structadmm.compact``, (c) as Torch-Pruning left it) is exported with
-``structadmm.export_onnx`` (parity-checked against torch) and counted with
-``structadmm.count_onnx``; mac_ratio = dense MACs / pruned MACs.
-
-Writes benchmarks/results/accuracy_vs_baselines.json, .md and accuracy_vs_macs.png (or under
-``--out``). Training runs with ``--threads`` intra-op threads (default 1: on a 2-core machine
-shared with other work, 2 threads made an epoch ~15x slower through oversubscription).
+Writes benchmarks/results/accuracy_vs_baselines.{jsonl,json,md} and accuracy_vs_epochs.png.
+The jsonl is the raw log (one line per finished job); the run continues from it when rerun.
 """
 
 from __future__ import annotations
@@ -40,338 +42,489 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import multiprocessing as mp
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from peers import torch_pruning_magnitude
 from torch import nn
 
-from structadmm import ADMM, PruningPlan, apply_masks, compact, count_onnx, export_onnx
-from structadmm.files import atomic_path, write_atomic
-from structadmm.models import get_spec, load_digits_split
-from structadmm.pipeline.train import evaluate, make_loader, train_epochs
-
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("admm", "oneshot", "tp")
-LABELS = {"admm": "StructADMM (structadmm)", "oneshot": "one-shot magnitude + fine-tune (structadmm plan)",
-          "tp": "Torch-Pruning MagnitudePruner + fine-tune"}
+FS = (0, 1, 2, 4, 8, 16, 32)
+TUNE_RATIO = 0.875
+
+# the ADMM recipe variants tried on validation: "ref" is the reference-like recipe (4 rounds x 4 epochs,
+# learning rate restarted every round, rho from 1e-3 growing 1.3x per round); "old-default" is the
+# pipeline's schedule before this benchmark (8 x 2, one cosine over all rounds, rho 0.05 growing 1.6x)
+BASE = dict(rounds=4, epochs=4, restart=True, rho=1e-3, rho_growth=1.3, rho_max=5.0, admm_lr=0.03, lr=0.03,
+            tolerance=0.0, extra_rounds=0, ramp=0)
+_OLD_RHO = {"rho": 0.05, "rho_growth": 1.6}
+VARIANTS = {
+    "ref": {},
+    "rho1e-2": {"rho": 1e-2},
+    "rho-old": _OLD_RHO,
+    "rho-old-8x2": {**_OLD_RHO, "rounds": 8, "epochs": 2},
+    "rho-old-no-restart": {**_OLD_RHO, "restart": False},
+    "rho-old-tol": {**_OLD_RHO, "tolerance": 0.1, "extra_rounds": 4},
+    "old-default": {**_OLD_RHO, "rounds": 8, "epochs": 2, "restart": False},
+}
+LR_GRID = {"oneshot": (0.03, 0.1), "tp": (0.03, 0.1), "scratch": (0.1, 0.3)}
 
 
-# -- building blocks ---------------------------------------------------------------------
-class Bench:
-    """Data, loaders and the settings every method shares."""
+# -- one job (runs in a worker process) --------------------------------------------------------
+class Ctx:
+    """Data and settings a worker needs, built once per process."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: dict[str, Any]):
+        from structadmm.models.mnist1d import load_mnist1d_splits
+        from structadmm.pipeline.train import make_loader
+
+        torch.set_num_threads(args["threads"])
         self.args = args
-        self.train_set, self.test_set = load_digits_split()  # fixed split (seed 0) for every run
-        self.test = make_loader(self.test_set, 256, shuffle=False)
-        self.example = self.train_set.tensors[0][:8]
-        self.fit = dict(momentum=args.momentum, weight_decay=args.weight_decay)
-        self.tmp = Path(tempfile.mkdtemp(prefix="structadmm-acc-"))
-        self.cache = Path(args.cache_dir) if args.cache_dir else self.tmp
+        self.train, self.val, self.test = load_mnist1d_splits()
+        self.loaders = {"val": make_loader(self.val, 1000, shuffle=False),
+                        "test": make_loader(self.test, 1000, shuffle=False)}
+        self.example = self.train.tensors[0][:8]
+        self.cache = Path(args["cache"])
+        self.fit = dict(momentum=0.9, weight_decay=args["weight_decay"])
 
-    def loader(self, seed: int):
-        # a fresh generator with the same seed: every method sees the same batch order
-        return make_loader(self.train_set, self.args.batch_size, shuffle=True, seed=seed)
+    def build(self) -> nn.Module:
+        from structadmm.models.zoo import mnist1d_cnn
 
-    def macs(self, model: nn.Module, name: str) -> int:
-        path = self.tmp / f"{name}.onnx"
-        export_onnx(model.eval(), self.example, path)
-        return count_onnx(path).macs
+        return mnist1d_cnn(width=self.args["width"])
 
-    def dense(self, seed: int) -> tuple[dict[str, torch.Tensor], float]:
-        """The dense checkpoint of ``seed`` (trained once, cached by its settings)."""
+    def batches(self, seed: int):
+        from structadmm.pipeline.train import make_loader
+
+        return make_loader(self.train, self.args["batch_size"], shuffle=True, seed=seed)
+
+    def dense(self, seed: int) -> nn.Module:
         a = self.args
-        key = f"dense-s{seed}-e{a.dense_epochs}-lr{a.lr}-b{a.batch_size}-wd{a.weight_decay}.pt"
-        path = self.cache / key
+        path = self.cache / f"dense-w{a['width']}-s{seed}-e{a['dense_epochs']}-b{a['batch_size']}-lr{a['dense_lr']}.pt"
         if path.exists():
             state = torch.load(path, weights_only=True)
         else:
+            from structadmm.pipeline.train import train_epochs
+
             torch.manual_seed(seed)
-            model = get_spec("digits-cnn").build()
-            train_epochs(model, self.loader(seed), a.dense_epochs, lr=a.lr, **self.fit)
-            state = copy.deepcopy(model.state_dict())
+            model = self.build()
+            train_epochs(model, self.batches(seed), a["dense_epochs"], lr=a["dense_lr"], **self.fit)
+            state = model.state_dict()
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
-        model = self.model(state)
-        return state, evaluate(model, self.test)
-
-    @staticmethod
-    def model(state: dict[str, torch.Tensor]) -> nn.Module:
-        model = get_spec("digits-cnn").build()
+            torch.save(state, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        model = self.build()
         model.load_state_dict(state)
-        return model
+        return model.eval()
 
-    def total_epochs(self) -> int:
-        a = self.args
-        return a.admm_rounds * a.admm_epochs + a.retrain_epochs
+    def plan(self, model: nn.Module, ratio: float):
+        from structadmm import PruningPlan
 
+        return PruningPlan.uniform(model, self.example, "filter", ratio, multiple=1, keep_ends=True)
 
-def masked_finetune(bench: Bench, model: nn.Module, masks, seed: int, epochs: int, lr: float) -> nn.Module:
-    """Retrain with the pruned weights held at zero; returns the model to evaluate.
+    def score(self, model: nn.Module, split: str) -> float:
+        from structadmm.pipeline.train import evaluate
 
-    ``--finetune-on compact`` trains the compacted model instead: the same computation (a
-    pruned channel's filter, bias, BN gamma/beta and consumer columns are all zero, so it
-    emits exactly 0 and receives zero gradient and zero weight decay), ~MAC-ratio x cheaper.
-    """
-    torch.manual_seed(seed)
-    if bench.args.finetune_on == "compact":
-        model = compact(model.eval(), bench.example)
-        train_epochs(model, bench.loader(seed), epochs, lr=lr, **bench.fit)
-        return model
-    guard = apply_masks(model, masks)
-    train_epochs(model, bench.loader(seed), epochs, lr=lr, after_step=guard.enforce, **bench.fit)
-    guard.enforce()
-    guard.remove()
-    return model
+        return evaluate(model, self.loaders[split])
 
+    def finetune(self, small: nn.Module, seed: int, epochs: int, lr: float, teacher: nn.Module | None,
+                 distill: float) -> nn.Module:
+        from structadmm.pipeline.train import train_epochs
 
-def run_admm(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
-    a = bench.args
-    model = bench.model(state)
-    plan = PruningPlan.uniform(model, bench.example, "filter", ratio)
-    admm = ADMM(model, plan, rho=a.rho, rho_growth=a.rho_growth, rho_max=a.rho_max, ramp_rounds=a.admm_ramp)
-    # with --cache-dir, the model after the ADMM phase is kept too (to vary only the retraining)
-    key = (f"admm-s{seed}-r{ratio}-{a.admm_rounds}x{a.admm_epochs}-lr{a.admm_lr}-rho{a.rho}-{a.rho_growth}-{a.rho_max}{f'-ramp{a.admm_ramp}' if a.admm_ramp > 1 else ''}"
-           f"-d{a.dense_epochs}-{a.lr}-wd{a.weight_decay}.pt")
-    path = bench.cache / key if a.cache_dir else None
-    if path is not None and path.exists():
-        saved = torch.load(path, weights_only=True)
-        model.load_state_dict(saved["model"])
-        admm.load_state_dict(saved["admm"])
-    else:
         torch.manual_seed(seed)
-        train_epochs(model, bench.loader(seed), a.admm_rounds * a.admm_epochs, lr=a.admm_lr, penalty=admm.penalty,
-                     after_epoch=lambda e: admm.update() if (e + 1) % a.admm_epochs == 0 else None, **bench.fit)
-        if path is not None:
-            torch.save({"model": model.state_dict(), "admm": admm.state_dict()}, path)
-    masks = admm.hard_prune()
-    hard_acc = evaluate(model, bench.test)
-    model = masked_finetune(bench, model, masks, seed, a.retrain_epochs, a.retrain_lr)
-    return {"model": model, "before_finetune_acc": hard_acc,
-            "admm": [{"rho": r.rho, "primal": r.primal_residual, "dual": r.dual_residual} for r in admm.history]}
+        small = copy.deepcopy(small)
+        train_epochs(small, self.batches(seed), epochs, lr=lr, teacher=teacher, distill=distill, **self.fit)
+        return small.eval()
 
 
-def run_oneshot(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
-    model = bench.model(state)
-    plan = PruningPlan.uniform(model, bench.example, "filter", ratio)
-    masks = plan.project(model)
-    pruned_acc = evaluate(model, bench.test)
-    model = masked_finetune(bench, model, masks, seed, bench.total_epochs(), bench.args.finetune_lr)
-    return {"model": model, "before_finetune_acc": pruned_acc}
+_CTX: Ctx | None = None
 
 
-def run_tp(bench: Bench, state, seed: int, ratio: float) -> dict[str, Any]:
-    model = torch_pruning_magnitude(bench.model(state), bench.example, ratio, norm=bench.args.tp_norm)
-    pruned_acc = evaluate(model, bench.test)
+def _init(args: dict[str, Any]) -> None:
+    global _CTX
+    _CTX = Ctx(args)
+
+
+def _dense_job(seed: int) -> None:
+    _CTX.dense(seed)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One method at one ratio for one seed; scores every F (or T) of ``job['fs']`` on ``job['split']``."""
+    from structadmm import compact
+
+    ctx, t0 = _CTX, time.perf_counter()
+    seed, ratio, split, method, cfg = job["seed"], job["ratio"], job["split"], job["method"], job["cfg"]
+    dense = ctx.dense(seed)
+    teacher = dense if cfg.get("distill", 0) > 0 else None
+    distill = cfg.get("distill", 0.0)
+    out: dict[str, Any] = {**job, "dense": ctx.score(dense, split), "scores": {}}
+    if method in ("oneshot", "scratch"):
+        model = copy.deepcopy(dense)
+        ctx.plan(model, ratio).project(model)
+        small = compact(model.eval(), ctx.example, lower=False)
+        if method == "scratch":
+            torch.manual_seed(seed)
+            small = _reinit(small)
+        offset = 0
+    elif method == "tp":
+        import peers
+
+        small = peers.torch_pruning_magnitude(copy.deepcopy(dense), ctx.example, ratio, 1, keep_first=True).eval()
+        offset = 0
+    else:  # admm
+        small, outcome = _admm(ctx, dense, seed, ratio, cfg)
+        out["admm"] = outcome
+        offset = outcome["epochs"]
+    out["params"] = sum(p.numel() for p in small.parameters())
+    fs = sorted({*job["fs"], *(t - offset for t in job.get("totals", ()) if t >= offset)})
+    for f in fs:
+        tuned = ctx.finetune(small, seed, f, cfg["lr"], teacher, distill) if f > 0 else small
+        out["scores"][str(f)] = ctx.score(tuned, split)
+    out["offset"] = offset
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _reinit(model: nn.Module) -> nn.Module:
+    from structadmm.models.zoo import init_weights
+
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+    return init_weights(model)
+
+
+def _admm(ctx: Ctx, dense: nn.Module, seed: int, ratio: float, cfg: dict[str, Any]) -> tuple[nn.Module, dict]:
+    from structadmm import ADMM, compact
+    from structadmm.pipeline.admm import AdmmSchedule
+    from structadmm.pipeline.train import train_epochs
+
+    model = copy.deepcopy(dense)
+    plan = ctx.plan(model, ratio)
+    admm = ADMM(model, plan, rho=cfg["rho"], rho_growth=cfg["rho_growth"], rho_max=max(cfg["rho_max"], cfg["rho"]),
+                ramp_rounds=cfg["ramp"])
+    schedule = AdmmSchedule(cfg["rounds"], cfg["epochs"], tolerance=cfg["tolerance"],
+                            extra_rounds=cfg["extra_rounds"], restart=cfg["restart"])
     torch.manual_seed(seed)
-    train_epochs(model, bench.loader(seed), bench.total_epochs(), lr=bench.args.finetune_lr, **bench.fit)
-    return {"model": model, "before_finetune_acc": pruned_acc}
+    epochs = len(train_epochs(model, ctx.batches(seed), schedule.max_epochs(), lr=cfg["admm_lr"],
+                              **schedule.train_kwargs(admm), **ctx.fit))
+    admm.hard_prune()
+    small = compact(model.eval(), ctx.example, lower=False)
+    outcome = {**schedule.outcome(admm), "epochs": epochs,
+               "residuals": [round(r.primal_residual, 5) for r in admm.history]}
+    return small, outcome
 
 
-RUNNERS = {"admm": run_admm, "oneshot": run_oneshot, "tp": run_tp}
+# -- the driver ----------------------------------------------------------------------------------
+def key_of(job: dict[str, Any]) -> str:
+    return json.dumps({k: job[k] for k in ("phase", "seed", "ratio", "method", "name")}, sort_keys=True)
 
 
-# -- the experiment --------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.875, 0.9375])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--dense-epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.05, help="dense training learning rate")
-    parser.add_argument("--admm-rounds", type=int, default=8)
-    parser.add_argument("--admm-epochs", type=int, default=2, help="epochs of W-steps per Z/U round")
-    parser.add_argument("--admm-lr", type=float, default=0.03)
-    parser.add_argument("--admm-ramp", type=int, default=0,
-                        help="progressive targets: the first N rounds' Z-steps approach the ratio in steps")
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--rho-growth", type=float, default=1.6)
-    parser.add_argument("--rho-max", type=float, default=5.0)
-    parser.add_argument("--retrain-epochs", type=int, default=14)
-    parser.add_argument("--retrain-lr", type=float, default=0.01,
-                        help="ADMM's masked retraining (the pipeline's default: it starts from a converged model)")
-    parser.add_argument("--finetune-lr", type=float, default=0.03, help="the baselines' fine-tuning")
-    parser.add_argument("--finetune-on", choices=("masked", "compact"), default="masked",
-                        help="(a)/(b) retraining: the masked full model (apply_masks) or, equivalently, the compacted one")
-    parser.add_argument("--tp-norm", type=int, default=1, choices=(1, 2), help="Torch-Pruning importance: L1 or L2")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--cache-dir", default=None, help="keep dense checkpoints here between runs")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--render", metavar="JSON", help="only re-write the .md and .png from a saved results file")
-    args = parser.parse_args(argv)
-    if args.render:
-        result = json.loads(Path(args.render).read_text())
-        out_dir = Path(args.out)
-        write_atomic(out_dir / "accuracy_vs_baselines.md", _markdown(result))
-        _plot(result, out_dir / "accuracy_vs_macs.png")
-        return result
-    torch.set_num_threads(args.threads)
-    bench = Bench(args)
-    start = time.perf_counter()
-
-    runs: list[dict[str, Any]] = []
-    dense_rows = []
-    dense_macs = None
-    for seed in args.seeds:
-        t0 = time.perf_counter()
-        state, dense_acc = bench.dense(seed)
-        if dense_macs is None:
-            dense_macs = bench.macs(bench.model(state), "dense")
-        dense_rows.append({"seed": seed, "accuracy": dense_acc, "seconds": time.perf_counter() - t0})
-        print(f"seed {seed}: dense accuracy {dense_acc:.4f}", flush=True)
-        for ratio in args.ratios:
-            for method in args.methods:
-                t0 = time.perf_counter()
-                out = RUNNERS[method](bench, state, seed, ratio)
-                model = out.pop("model").eval()
-                small = compact(model, bench.example) if method != "tp" else model
-                acc = evaluate(small, bench.test)
-                macs = bench.macs(small, f"{method}-{seed}-{ratio}")
-                row = {"seed": seed, "ratio": ratio, "method": method, "accuracy": acc, "macs": macs,
-                       "mac_ratio": dense_macs / macs, "params": sum(p.numel() for p in small.parameters()),
-                       "seconds": time.perf_counter() - t0, **out}
-                runs.append(row)
-                print(f"  r={ratio:<7} {method:8} acc {acc:.4f} (before fine-tune {row['before_finetune_acc']:.4f})"
-                      f"  macs {row['mac_ratio']:.2f}x  {row['seconds']:.0f}s", flush=True)
-
-    summary = _summarise(runs, args)
-    result = {
-        "what": "held-out accuracy vs MAC reduction, digits-cnn on scikit-learn digits (360 test images)",
-        "command": " ".join(["python benchmarks/accuracy_vs_baselines.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": vars(args) | {"total_epochs_after_dense": bench.total_epochs()},
-        "dense": {"macs": dense_macs, "runs": dense_rows,
-                  "accuracy_mean": statistics.mean(r["accuracy"] for r in dense_rows),
-                  "accuracy_std": _std([r["accuracy"] for r in dense_rows])},
-        "summary": summary,
-        "runs": runs,
-        "seconds": time.perf_counter() - start,
-        "versions": _versions(),
-    }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "accuracy_vs_baselines.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(out_dir / "accuracy_vs_baselines.md", _markdown(result))
-    if not args.no_plot:
-        _plot(result, out_dir / "accuracy_vs_macs.png")
-    print(_markdown(result))
-    return result
+def run_jobs(jobs: list[dict[str, Any]], args: argparse.Namespace, log: Path) -> list[dict[str, Any]]:
+    """Run the jobs not yet in ``log``, (ratio, seed) cells ``workers`` at a time (dense checkpoints first)."""
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            done[key_of(row)] = row
+    todo = [j for j in jobs if key_of(j) not in done]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; running {len(todo) if args.workers else 0}",
+          flush=True)
+    if todo and args.workers:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=(settings,)) as pool, \
+                log.open("a") as fh:
+            cells = list(dict.fromkeys((j["ratio"], j["seed"]) for j in todo))
+            for group in (cells[i:i + args.workers] for i in range(0, len(cells), args.workers)):
+                # dense checkpoints first, one per worker, so that workers never train the same one twice
+                pool.map(_dense_job, sorted({seed for _, seed in group}), chunksize=1)
+                for row in pool.imap_unordered(run_job, [j for j in todo if (j["ratio"], j["seed"]) in group]):
+                    done[key_of(row)] = row
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    print(f"{row['phase']} s{row['seed']} r{row['ratio']} {row['method']}:{row['name']} "
+                          f"{row['seconds']:.0f}s {row['scores']}", flush=True)
+    return [done[key_of(j)] for j in jobs if key_of(j) in done]
 
 
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def recipe(name: str, distill: float = 0.0) -> dict[str, Any]:
+    return {**BASE, **VARIANTS[name], "distill": distill}
 
 
-def _summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    for ratio in args.ratios:
-        for method in args.methods:
-            sel = [r for r in runs if r["ratio"] == ratio and r["method"] == method]
-            if not sel:
-                continue
-            accs = [r["accuracy"] for r in sel]
-            rows.append({"ratio": ratio, "method": method, "n": len(sel),
-                         "accuracy_mean": statistics.mean(accs), "accuracy_std": _std(accs),
-                         "accuracy_min": min(accs),
-                         "before_finetune_mean": statistics.mean(r["before_finetune_acc"] for r in sel),
-                         "mac_ratio": statistics.mean(r["mac_ratio"] for r in sel),
-                         "macs": statistics.mean(r["macs"] for r in sel)})
-    return rows
+def tuning_jobs(args) -> list[dict[str, Any]]:
+    jobs = []
+    for seed in args.tune_seeds:
+        common = dict(phase="val", split="val", seed=seed, ratio=TUNE_RATIO)
+        for method in ("oneshot", "tp", "scratch"):
+            for lr in LR_GRID[method]:
+                jobs.append({**common, "method": method, "name": f"lr{lr}", "cfg": {"lr": lr, "distill": 0.0},
+                             "fs": [args.budget]})
+        for name in args.variants:
+            jobs.append({**common, "method": "admm", "name": name, "cfg": recipe(name), "fs": [],
+                         "totals": [args.budget]})
+    return jobs
 
 
-def _markdown(result: dict[str, Any]) -> str:
-    s = result["settings"]
-    d = result["dense"]
-    lines = [
-        "# Accuracy vs MAC reduction (digits-cnn, scikit-learn digits, 360 held-out images)",
-        "",
-        f"Dense: {100 * d['accuracy_mean']:.2f} ± {100 * d['accuracy_std']:.2f} % over seeds {s['seeds']}, "
-        f"{d['macs']:,} MACs/sample ({s['dense_epochs']} epochs SGD, lr {s['lr']}).",
-        f"After the dense checkpoint every method gets {result['settings']['total_epochs_after_dense']} epochs: "
-        f"ADMM {s['admm_rounds']} rounds x {s['admm_epochs']} epochs (lr {s['admm_lr']}, rho {s['rho']} x"
-        f"{s['rho_growth']}/round up to {s['rho_max']}) + {s['retrain_epochs']} epochs masked retraining (lr {s['retrain_lr']}); "
-        f"baselines one-shot prune + {result['settings']['total_epochs_after_dense']} epochs fine-tuning "
-        f"(lr {s['finetune_lr']}). Torch-Pruning importance: L{s['tp_norm']}. "
-        + ("(a)/(b) retraining ran on the compacted model (`--finetune-on compact`): the same computation as "
-           "masked retraining, since a pruned channel's filter, BN gamma/beta and consumer columns are all zero."
-           if s.get("finetune_on") == "compact" else "(a)/(b) retraining: `apply_masks` on the full model."),
-        "",
-        "| filter ratio | method | accuracy (mean ± std) | min | before fine-tune | MAC ratio | seeds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in result["summary"]:
-        lines.append(f"| {r['ratio']} | {r['method']} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} % "
-                     f"| {100 * r['accuracy_min']:.2f} % | {100 * r['before_finetune_mean']:.2f} % "
-                     f"| {r['mac_ratio']:.2f}x | {r['n']} |")
-    by = {(r["ratio"], r["method"]): r for r in result["summary"]}
-    if any(m != "admm" for _, m in by):
-        lines += ["", "ADMM minus the best baseline (mean accuracy, points):", ""]
-        for ratio in s["ratios"]:
-            if (ratio, "admm") not in by:
-                continue
-            others = [by[(ratio, m)]["accuracy_mean"] for m in ("oneshot", "tp") if (ratio, m) in by]
-            if others:
-                lines.append(f"- ratio {ratio}: {100 * (by[(ratio, 'admm')]['accuracy_mean'] - max(others)):+.2f} pt")
-    lines += ["", "Per run:", "", "| seed | ratio | method | accuracy | MAC ratio | seconds |", "|---|---|---|---|---|---|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['seed']} | {r['ratio']} | {r['method']} | {100 * r['accuracy']:.2f} % "
-                     f"| {r['mac_ratio']:.2f}x | {r['seconds']:.0f} |")
-    lines += ["", f"Command: `{result['command']}`  ({result['seconds'] / 60:.1f} min)", ""]
-    return "\n".join(lines)
+def mean_by(rows, method, f) -> dict[str, float]:
+    names: dict[str, list[float]] = {}
+    for r in rows:
+        if r["method"] == method and str(f) in r["scores"]:
+            names.setdefault(r["name"], []).append(r["scores"][str(f)])
+    return {n: statistics.mean(v) for n, v in names.items() if len(v) == len({r["seed"] for r in rows})}
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def choose(rows: list[dict[str, Any]], budget: int) -> dict[str, dict[str, Any]]:
+    """The best setting of every method on validation accuracy at ``budget`` total epochs."""
+    chosen = {}
+    for method in ("oneshot", "tp", "scratch"):
+        means = mean_by(rows, method, budget)
+        best = max(means, key=means.get)
+        chosen[method] = {"name": best, "cfg": {"lr": float(best[2:]), "distill": 0.0}, "val": means[best]}
+    admm_means = {}
+    for r in rows:
+        if r["method"] == "admm":
+            f = str(budget - r["offset"])
+            if f in r["scores"]:
+                admm_means.setdefault(r["name"], []).append(r["scores"][f])
+    admm_means = {n: statistics.mean(v) for n, v in admm_means.items()}
+    best = max(admm_means, key=admm_means.get)
+    chosen["admm"] = {"name": best, "cfg": recipe(best), "val": admm_means[best]}
+    chosen["_all"] = {"admm": admm_means, **{m: mean_by(rows, m, budget) for m in ("oneshot", "tp", "scratch")}}
+    return chosen
+
+
+def distill_jobs(args, chosen) -> list[dict[str, Any]]:
+    jobs = []
+    for seed in args.tune_seeds:
+        common = dict(phase="val", split="val", seed=seed, ratio=TUNE_RATIO)
+        for method in ("oneshot", "admm"):
+            cfg = {**chosen[method]["cfg"], "distill": args.distill}
+            jobs.append({**common, "method": method, "name": chosen[method]["name"] + f"+kd{args.distill}",
+                         "cfg": cfg, **({"fs": [], "totals": [args.budget]} if method == "admm" else {"fs": [args.budget]})})
+    return jobs
+
+
+def final_jobs(args, chosen, distill: float) -> list[dict[str, Any]]:
+    jobs = []
+    # the tuning ratio first, with the whole F curve, then the others at the points the goals name
+    for ratio in sorted(args.ratios, key=lambda r: r != TUNE_RATIO):
+        for seed in args.seeds:
+            common = dict(phase="test", split="test", seed=seed, ratio=ratio)
+            curve = list(args.fs) if ratio == TUNE_RATIO else [f for f in (0, 8, 16, 32) if f <= max(args.fs)]
+            for method in ("admm", "oneshot", "tp", "scratch"):
+                cfg = {**chosen[method]["cfg"], "distill": distill}
+                fs = {"oneshot": curve, "tp": curve, "admm": [f for f in curve if f <= 8],
+                      "scratch": [t for t in args.totals if t > 0]}[method]
+                totals = list(args.totals) if method == "admm" else []
+                jobs.append({**common, "method": method, "name": chosen[method]["name"] + (f"+kd{distill}" if distill else ""),
+                             "cfg": cfg, "fs": fs, "totals": totals})
+    return jobs
+
+
+# -- statistics and outputs ------------------------------------------------------------------------
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
+
+
+def ci95(values: list[float]) -> tuple[float, float, float]:
+    n = len(values)
+    mean = statistics.mean(values)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    half = T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def curves(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per ratio and method: {total epochs: [accuracy per seed]} and {F: [...]} (seed order kept)."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        per = out.setdefault(str(r["ratio"]), {}).setdefault(r["method"], {"by_f": {}, "by_total": {}})
+        for f, acc in r["scores"].items():
+            per["by_f"].setdefault(f, {})[r["seed"]] = acc
+            per["by_total"].setdefault(str(int(f) + r["offset"]), {})[r["seed"]] = acc
+    return out
+
+
+def paired(c: dict[str, Any], ratio: str, a: tuple[str, str, str], b: tuple[str, str, str]) -> dict[str, Any] | None:
+    """ADMM minus a baseline, per seed: a/b are (method, 'by_f' or 'by_total', key)."""
+    try:
+        xa, xb = c[ratio][a[0]][a[1]][a[2]], c[ratio][b[0]][b[1]][b[2]]
+    except KeyError:
+        return None
+    seeds = sorted(set(xa) & set(xb))
+    if not seeds:
+        return None
+    diffs = [100 * (xa[s] - xb[s]) for s in seeds]
+    mean, lo, hi = ci95(diffs)
+    return {"a": list(a), "b": list(b), "n": len(seeds), "mean_pt": mean, "ci95_pt": [lo, hi],
+            "a_mean": 100 * statistics.mean(xa[s] for s in seeds), "b_mean": 100 * statistics.mean(xb[s] for s in seeds)}
+
+
+def summarise(rows, chosen, distill, args) -> dict[str, Any]:
+    c = curves(rows)
+    admm_epochs = {str(r["ratio"]): r["offset"] for r in rows if r["method"] == "admm"}
+    comparisons = []
+    for ratio in map(str, args.ratios):
+        if ratio not in c or "admm" not in c[ratio]:
+            continue
+        a_off = admm_epochs[ratio]
+        for total in sorted({int(t) for t in c[ratio]["admm"]["by_total"]}):
+            for base in ("oneshot", "tp", "scratch"):
+                key = "by_f" if base != "scratch" else "by_f"
+                if str(total) in c[ratio].get(base, {}).get(key, {}):
+                    p = paired(c, ratio, ("admm", "by_total", str(total)), (base, key, str(total)))
+                    if p:
+                        comparisons.append({"ratio": float(ratio), "kind": "equal total epochs", "total": total,
+                                            "admm_f": total - a_off, **p})
+        for base in ("oneshot", "tp"):  # the fine-tuning budget goal: ADMM F=0 against baselines at F=8
+            p = paired(c, ratio, ("admm", "by_f", "0"), (base, "by_f", "8"))
+            if p:
+                comparisons.append({"ratio": float(ratio), "kind": "ADMM F=0 vs baseline F=8", **p})
+    means = {ratio: {m: {kind: {k: 100 * statistics.mean(v.values()) for k, v in d.items()}
+                         for kind, d in per.items()} for m, per in ms.items()} for ratio, ms in c.items()}
+    dense = {}
+    for r in rows:
+        dense.setdefault(r["seed"], r["dense"])
+    return {"chosen": chosen, "distill": distill, "comparisons": comparisons, "mean_accuracy_pt": means,
+            "dense_test_accuracy_pt": ci95([100 * v for v in dense.values()]), "curves": c,
+            "admm_outcomes": [{"ratio": r["ratio"], "seed": r["seed"], **r["admm"]} for r in rows if r["method"] == "admm"],
+            "params": {f"{r['ratio']}:{r['method']}": r["params"] for r in rows}}
+
+
+def write_markdown(summary: dict[str, Any], args, path: Path) -> None:
+    lines = ["# StructADMM against simpler pruning on MNIST-1D (fair protocol)", "",
+             f"Command: `python benchmarks/accuracy_vs_baselines.py {' '.join(sys.argv[1:])}`", "",
+             f"Model mnist1d_cnn(width={args.width}); dense {args.dense_epochs} epochs; test seeds {args.seeds}; "
+             f"tuning seeds {args.tune_seeds} on the validation split at ratio {TUNE_RATIO}, budget {args.budget} epochs.",
+             "", f"Dense test accuracy: {summary['dense_test_accuracy_pt'][0]:.2f} % "
+             f"(95 % CI {summary['dense_test_accuracy_pt'][1]:.2f}-{summary['dense_test_accuracy_pt'][2]:.2f}).", "",
+             "## Settings chosen on validation", "", "| method | chosen | validation acc. |", "|---|---|---|"]
+    for m in ("admm", "oneshot", "tp", "scratch"):
+        ch = summary["chosen"][m]
+        lines.append(f"| {m} | {ch['name']} | {100 * ch['val']:.2f} % |")
+    lines += ["", f"Distillation in the final runs: {summary['distill'] or 'off'} "
+              f"(validation: {summary['chosen'].get('_distill', {})})", "",
+              "All validation means (ratio 0.875):", "", "```", json.dumps(summary["chosen"]["_all"], indent=1), "```",
+              "", "## Paired differences on the test split (ADMM minus baseline, points, 95 % CI over seeds)", "",
+              "| ratio | comparison | ADMM | baseline | ADMM % | baseline % | diff (pt) | 95 % CI | n |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for p in summary["comparisons"]:
+        what = p["kind"] + (f" {p['total']}" if "total" in p else "")
+        lines.append(f"| {p['ratio']} | {what} | {p['a'][1]}={p['a'][2]} | {p['b'][0]} {p['b'][1]}={p['b'][2]} | "
+                     f"{p['a_mean']:.2f} | {p['b_mean']:.2f} | {p['mean_pt']:+.2f} | "
+                     f"[{p['ci95_pt'][0]:+.2f}, {p['ci95_pt'][1]:+.2f}] | {p['n']} |")
+    lines += ["", "## Mean test accuracy (%) by fine-tuning epochs F (ADMM: after its own epochs)", ""]
+    for ratio, ms in summary["mean_accuracy_pt"].items():
+        fs = sorted({int(f) for kinds in ms.values() for f in kinds["by_f"]})
+        lines.append(f"ratio {ratio} (scratch: F is its total epochs T):")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"F={f}" for f in fs) + " |")
+        lines.append("|---|" + "---|" * len(fs))
+        for m, kinds in ms.items():
+            lines.append(f"| {m} | " + " | ".join(f"{kinds['by_f'][str(f)]:.2f}" if str(f) in kinds["by_f"] else "-"
+                                                for f in fs) + " |")
+        lines.append("")
+    outs = summary["admm_outcomes"]
+    if outs:
+        lines += ["## ADMM residuals", "", "| ratio | seed | rounds | extra | final primal residual | converged |",
+                  "|---|---|---|---|---|---|"]
+        for o in outs:
+            lines.append(f"| {o['ratio']} | {o['seed']} | {o['rounds']} | {o['extra_rounds']} | "
+                         f"{o['primal_residual']:.4f} | {o['converged']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"admm": ("o-", "C0"), "oneshot": ("s--", "C1"), "tp": ("^:", "C2")}
-    for method in result["settings"]["methods"]:
-        rows = [r for r in result["summary"] if r["method"] == method]
-        if not rows:
-            continue
-        x = [r["mac_ratio"] for r in rows]
-        y = [100 * r["accuracy_mean"] for r in rows]
-        err = [100 * r["accuracy_std"] for r in rows]
-        fmt, color = styles[method]
-        ax.errorbar(x, y, yerr=err, fmt=fmt, color=color, capsize=3, label=LABELS[method])
-    d = result["dense"]
-    ax.axhline(100 * d["accuracy_mean"], color="grey", lw=0.8, ls="-.", label="dense")
-    ax.set_xscale("log")
-    ax.set_xlabel("MAC reduction (dense MACs / pruned MACs, log scale)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"digits-cnn, mean ± std over {len(d['runs'])} seeds")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ratios = list(summary["mean_accuracy_pt"])
+    fig, axes = plt.subplots(2, len(ratios), figsize=(4.5 * len(ratios), 7), squeeze=False)
+    for col, ratio in enumerate(ratios):
+        for row, kind in enumerate(("by_f", "by_total")):
+            ax = axes[row][col]
+            for m, kinds in summary["mean_accuracy_pt"][ratio].items():
+                if kind == "by_f" and m == "scratch":
+                    continue
+                pts = sorted((int(k), v) for k, v in kinds[kind].items())
+                ax.plot([max(x, 0.5) for x, _ in pts], [y for _, y in pts], marker="o", label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"ratio {ratio}")
+            ax.set_xlabel("fine-tuning epochs F (0 plotted at 0.5)" if kind == "by_f"
+                          else "total epochs after the dense checkpoint")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
 
 
-def _versions() -> dict[str, str]:
-    import structadmm
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[100, 101])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875, 0.9375])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--dense-epochs", type=int, default=20)
+    parser.add_argument("--dense-lr", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--budget", type=int, default=32, help="total epochs after the dense checkpoint, for tuning")
+    parser.add_argument("--distill", type=float, default=0.5,
+                        help="distillation weight tried on validation (0: not tried, off for every method)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the ADMM recipe variants tried on validation")
+    parser.add_argument("--fs", type=int, nargs="+", default=list(FS),
+                        help="fine-tuning epochs F of the curves at the tuning ratio")
+    parser.add_argument("--totals", type=int, nargs="+", default=[16, 32],
+                        help="total epochs after the dense checkpoint at which ADMM meets the baselines")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--phase", choices=("val", "all", "report"), default="all",
+                        help="report: summarise the finished jobs of the log without running more")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=RESULTS / "cache")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "accuracy_vs_baselines.jsonl"
 
-    versions = {"structadmm": structadmm.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import torch_pruning
-
-        versions["torch_pruning"] = torch_pruning.__version__
-    except ImportError:
-        pass
-    return versions
+    if args.phase == "report":
+        args.workers = 0
+    tuned = run_jobs(tuning_jobs(args), args, log)
+    chosen = choose(tuned, args.budget)
+    distill = 0.0
+    if args.distill > 0:  # --distill 0: not tried, off for every method
+        kd_rows = run_jobs(distill_jobs(args, chosen), args, log)
+        kd = {}
+        for m in ("oneshot", "admm"):
+            rows = [r for r in kd_rows if r["method"] == m]
+            kd[m] = statistics.mean(r["scores"][str(args.budget - r["offset"] if m == "admm" else args.budget)]
+                                    for r in rows)
+        distill = args.distill if all(kd[m] > chosen[m]["val"] for m in kd) else 0.0
+        chosen["_distill"] = {m: {"without": chosen[m]["val"], "with": kd[m]} for m in kd}
+    print("chosen on validation:", json.dumps(chosen, indent=1), "distill:", distill, flush=True)
+    if args.phase == "val":
+        return
+    final = run_jobs(final_jobs(args, chosen, distill), args, log)
+    summary = summarise(final, chosen, distill, args)
+    summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    summary["machine"] = {"python": platform.python_version(), "torch": torch.__version__}
+    (args.out / "accuracy_vs_baselines.json").write_text(json.dumps(summary, indent=1))
+    write_markdown(summary, args, args.out / "accuracy_vs_baselines.md")
+    plot(summary, args.out / "accuracy_vs_epochs.png")
+    print((args.out / "accuracy_vs_baselines.md").read_text())
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ InputShapeOpt = typer.Option(None, "--input-shape", help="Shape of one sample, e
 def run(
     model: str = ModelOpt,
     data: str = typer.Option("digits", "--data", help=(
-        "'digits' (built in), an .npz with x and y arrays, an image folder with one sub-folder per class, "
+        "'digits' or 'mnist1d' (built in), an .npz with x and y arrays, an image folder with one sub-folder per class, "
         "or module:function returning datasets (this runs that code).")),
     checkpoint: Optional[Path] = CheckpointOpt,
     input_shape: Optional[str] = InputShapeOpt,
@@ -265,7 +265,8 @@ def inspect(
 
     loaded = _load_model(model, checkpoint, input_shape)
     net, example = loaded.module.eval(), loaded.example_input(1)
-    pruning = PruningPlan.from_file(net, example, plan) if plan else PruningPlan.uniform(net, example, sparsity, ratio)
+    pruning = (PruningPlan.from_file(net, example, plan, keep_ends=True) if plan
+               else PruningPlan.uniform(net, example, sparsity, ratio, keep_ends=True))  # as `run` plans by default
     table = Table(title=f"{loaded.name}: {len(pruning.units)} pruning units")
     for col in ("unit", "sparsity", "ratio", "channels"):
         table.add_column(col)

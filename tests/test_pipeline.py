@@ -22,7 +22,7 @@ runner = CliRunner()
 
 def test_compress_writes_a_complete_run_folder(digits, tmp_path: Path) -> None:
     train, test = digits
-    config = CompressConfig(ratio=0.5, **{**FAST, "bench_isolate": True})
+    config = CompressConfig(ratio=0.5, prune_ends=True, **{**FAST, "bench_isolate": True})
     result = compress(get_spec("digits-cnn").build(), train, test, config, out_dir=tmp_path / "run",
                       model_name="digits-cnn")
     run = result.run_dir
@@ -129,7 +129,8 @@ def test_debug_shows_the_traceback() -> None:
 def test_inspect_lists_units_and_what_was_left_alone() -> None:
     result = runner.invoke(app, ["inspect", "--model", "resnet20", "--ratio", "0.5"])
     assert result.exit_code == 0, result.output
-    assert "pruning units" in result.output and "left alone: fc (filter): model output" in result.output
+    assert "pruning units" in result.output and "left alone: fc: classifier, kept whole (keep_ends)" in result.output
+    assert "left alone: conv1: first layer, kept whole (keep_ends)" in result.output
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 A data reference is one of
 
 * ``digits``: scikit-learn's handwritten digits, 1x16x16 (see :mod:`structadmm.models.digits`),
+* ``mnist1d``: MNIST-1D generated offline, 1x40; held out is its validation split
+  (see :mod:`structadmm.models.mnist1d`),
 * ``path/to/file.npz`` with arrays ``x`` (samples, N x C x ...) and ``y`` (integer class indices,
   N), and optionally ``x_val``/``y_val``. ``x`` is used as it is (no normalisation). It is read with
   ``allow_pickle=False``, so the file cannot run code,
@@ -71,6 +73,8 @@ def load_data(
     path = Path(ref)
     if ref == "digits":
         return _load_digits(test_fraction, seed)
+    if ref == "mnist1d":
+        return _load_mnist1d()
     if path.is_dir():
         return _load_folder(path, input_shape, test_fraction, seed)
     if path.suffix.lower() == ".npz":
@@ -82,7 +86,7 @@ def load_data(
     if len(path.parts) > 1 or path.suffix:
         raise StructADMMError(f"data {ref} does not exist; check the path")
     raise StructADMMError(
-        f"unknown data set {ref!r}; give 'digits', an .npz file, an image folder, or module:function"
+        f"unknown data set {ref!r}; give 'digits', 'mnist1d', an .npz file, an image folder, or module:function"
     )
 
 
@@ -123,6 +127,13 @@ def format_shape(shape: Sequence[int]) -> str:
 def _load_digits(test_fraction: float, seed: int) -> LoadedData:
     train, val = load_digits_split(test_fraction=test_fraction, seed=seed)
     return LoadedData(train, val, tuple(train.tensors[0].shape[1:]), 10, "digits")
+
+
+def _load_mnist1d() -> LoadedData:
+    from .mnist1d import load_mnist1d_splits
+
+    train, val, _test = load_mnist1d_splits()  # the test split is the benchmark's, read once per final setting
+    return LoadedData(train, val, tuple(train.tensors[0].shape[1:]), 10, "mnist1d")
 
 
 def _load_npz(path: Path, test_fraction: float, seed: int) -> LoadedData:

@@ -22,8 +22,8 @@ from torch import nn
 from ..layers import CONVS
 from .registry import ModelSpec, register
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def _conv_bn(
@@ -337,6 +337,18 @@ def c3d_small(num_classes: int = 101) -> nn.Module:
     return init_weights(_Classifier(features, nn.AdaptiveAvgPool3d(1), classifier))
 
 
+def mnist1d_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
+    """1-D CNN for MNIST-1D (1x40): w-2w-pool-2w-pool-4w-pool convs, flatten (4w x 5), linear classifier."""
+    conv1d = partial(_conv_bn, kernel_size=3, dims=1)
+    features = nn.Sequential(
+        *_conv_bn(1, width, 5, dims=1),
+        *conv1d(width, 2 * width), nn.MaxPool1d(2),
+        *conv1d(2 * width, 2 * width), nn.MaxPool1d(2),
+        *conv1d(2 * width, 4 * width), nn.MaxPool1d(2),
+    )  # fmt: skip
+    return init_weights(nn.Sequential(features, nn.Flatten(), nn.Linear(4 * width * 5, num_classes)))
+
+
 # --- registration ----------------------------------------------------------------------------
 
 _IMAGENET = (3, 224, 224)
@@ -364,6 +376,7 @@ for _spec in (
         "ResNet-56 for CIFAR-10 (option-B shortcuts)", 10,
     ),
     ModelSpec("mobilenetv2", mobilenet_v2, _IMAGENET, "MobileNetV2 1.0 (torchvision layout)", 1000),
+    ModelSpec("mnist1d-cnn", mnist1d_cnn, (1, 40), "4-conv 1-D CNN for the built-in MNIST-1D data (1x40)", 10),
     ModelSpec("c3d-small", c3d_small, (3, 8, 56, 56), "Small C3D for UCF101 8-frame clips", 101),
 ):  # fmt: skip
     register(_spec)

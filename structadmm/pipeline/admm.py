@@ -17,12 +17,18 @@ a plan part of the way to its ratios (:meth:`PruningPlan.on_the_way`, round r ke
 ``(1 - ratio) ** (r / R)`` of each group), so at high ratios W is pulled onto the final set
 in steps (0.9375: keep 1/2, 1/4, 1/8, then 1/16) instead of at once. The hard prune always
 uses the plan itself.
+
+:class:`AdmmSchedule` is the training recipe around it, as the reference implementations run
+it: ``rounds`` rounds of ``epochs_per_round`` epochs of W-steps, the learning rate restarted
+(one cosine) every round, and no hard prune until the primal residual is at most
+``tolerance``: up to ``extra_rounds`` more rounds are run while it is not, and
+:meth:`AdmmSchedule.outcome` says what happened.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -125,6 +131,47 @@ class ADMM:
         self.U = {n: state["U"][n].clone() for n in self.params}
         self.rho, self.round = float(state["rho"]), int(state["round"])
         self.history = [AdmmRound(**r) for r in state["history"]]
+
+
+@dataclass(frozen=True)
+class AdmmSchedule:
+    """How many ADMM rounds, how long each, and when the W's are close enough to hard prune."""
+
+    rounds: int
+    epochs_per_round: int
+    tolerance: float = 0.0  # hard prune once the primal residual is at most this; 0: after `rounds`
+    extra_rounds: int = 0  # at most this many more rounds while the residual is above tolerance
+    restart: bool = True  # restart the cosine learning rate every round
+
+    def max_epochs(self) -> int:
+        return (self.rounds + self.extra_rounds) * self.epochs_per_round
+
+    def converged(self, admm: ADMM) -> bool:
+        return bool(admm.history) and admm.history[-1].primal_residual <= self.tolerance
+
+    def train_kwargs(self, admm: ADMM, on_round: Callable[[ADMM], None] | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`.train.train_epochs` over :meth:`max_epochs` epochs."""
+        per_round = self.epochs_per_round
+
+        def after_epoch(epoch: int) -> None:
+            if (epoch + 1) % per_round == 0:
+                admm.update()
+                if on_round is not None:
+                    on_round(admm)
+
+        def should_stop() -> bool:
+            return admm.round >= self.rounds and (admm.round >= self.rounds + self.extra_rounds
+                                                  or self.converged(admm))
+
+        return {"penalty": admm.penalty, "after_epoch": after_epoch, "should_stop": should_stop,
+                "restart_every": per_round if self.restart else None}
+
+    def outcome(self, admm: ADMM) -> dict[str, Any]:
+        """Rounds run, extra rounds taken, the final primal residual and whether it met the tolerance."""
+        last = admm.history[-1].primal_residual if admm.history else None
+        return {"rounds": admm.round, "extra_rounds": max(0, admm.round - self.rounds),
+                "primal_residual": last, "tolerance": self.tolerance,
+                "converged": last is not None and last <= self.tolerance}
 
 
 def _norm(tensors) -> torch.Tensor:

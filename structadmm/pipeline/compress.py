@@ -12,6 +12,7 @@ and it runs under torchrun with rank 0 alone writing (:mod:`.distributed`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 from ..errors import StructADMMError
 from ..models.validate import check_data
 from . import distributed
-from .admm import ADMM, AdmmRound
+from .admm import ADMM, AdmmRound, AdmmSchedule
 from .checkpoint import ResumeMismatch, RunFolder, RunState, final_of, run_identity, staging_of
 from .config import CompressConfig
 from .masks import apply_masks, sparsity_of
@@ -187,10 +188,11 @@ class _Pipeline:
         plan = self._plan()  # depends on the structure only: fail before training, not after
         dense_acc = self._dense()
         plan = self._final_plan(plan)
+        teacher = self._teacher()
         admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max)
         self.state.admm = admm
         masks = self._admm(admm)
-        self._retrain(masks)
+        self._retrain(masks, teacher)
         report = distributed.on_main(lambda: self._publish(plan, admm, masks, dense_acc), self.ctx)
         return CompressResult(self.small, masks, self.run_dir, report, admm.history, self.ctx.rank)
 
@@ -213,9 +215,19 @@ class _Pipeline:
             self._train("dense", config.dense_epochs, 0, lr=config.lr, description="dense training")
             self.model.eval()
             self.state.facts["dense_accuracy"] = self._evaluate()
+            if self.config.distill > 0:  # the teacher of masked retraining, kept in the checkpoint
+                self.state.facts["dense_weights"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             distributed.on_main(self._write_dense, self.ctx)
         self.model.cpu().eval()
         return self.state.facts["dense_accuracy"]
+
+    def _teacher(self) -> nn.Module | None:
+        """The dense model, frozen, for distillation during masked retraining (None when off)."""
+        if self.config.distill <= 0:
+            return None
+        teacher = copy.deepcopy(self.model)
+        teacher.load_state_dict(self.state.facts["dense_weights"])
+        return teacher.eval().requires_grad_(False)
 
     def _write_dense(self) -> None:
         """dense.onnx: the user's own file as given, else the trained model exported."""
@@ -239,7 +251,8 @@ class _Pipeline:
         config, model = self.config, self.model
         multiple = config.channel_multiple
         plan = (PruningPlan.from_file(model, self.example, config.plan, multiple=multiple) if config.plan
-                else PruningPlan.uniform(model, self.example, config.sparsity, config.ratio, multiple=multiple))
+                else PruningPlan.uniform(model, self.example, config.sparsity, config.ratio, multiple=multiple,
+                                         keep_ends=not config.prune_ends))
         if not plan.units:
             reasons = "; ".join(f"{layer}: {why}" for layer, why in plan.skipped[:3]) or "no Conv/Linear layers"
             raise StructADMMError(f"nothing in {self.name} can be pruned with this plan ({reasons})")
@@ -300,25 +313,33 @@ class _Pipeline:
         if self.state.done("admm"):
             return self.state.resumed_masks()
         config, ctx = self.config, self.ctx
+        schedule = self.admm_schedule(config)
 
-        def z_u_round(epoch: int) -> None:
-            if (epoch + 1) % config.admm_epochs == 0:
-                admm.update()
-                distributed.check_identical([*admm.Z.values(), *admm.U.values()], ctx, "ADMM's Z and U")
+        def check(admm: ADMM) -> None:
+            distributed.check_identical([*admm.Z.values(), *admm.U.values()], ctx, "ADMM's Z and U")
 
-        self._train("admm", config.admm_rounds * config.admm_epochs, config.dense_epochs, lr=config.admm_lr,
-                    penalty=admm.penalty, after_epoch=z_u_round, description="ADMM")
+        self._train("admm", schedule.max_epochs(), config.dense_epochs, lr=config.admm_lr,
+                    description="ADMM", **schedule.train_kwargs(admm, check))
+        self.state.facts["admm_outcome"] = schedule.outcome(admm)
         masks = admm.hard_prune()
         distributed.check_identical(masks.values(), ctx, "the masks")
         self.state.facts["hard_pruned_accuracy"] = self._evaluate()
         return masks
 
-    def _retrain(self, masks: Masks) -> None:
+    @staticmethod
+    def admm_schedule(config: CompressConfig) -> AdmmSchedule:
+        return AdmmSchedule(config.admm_rounds, config.admm_epochs, tolerance=config.admm_tolerance,
+                            extra_rounds=config.admm_extra_rounds, restart=config.admm_lr_restart)
+
+    def _retrain(self, masks: Masks, teacher: nn.Module | None) -> None:
         config = self.config
         self.state.masks = masks
         guard = apply_masks(self.model, masks)  # re-applied after every optimizer step
-        offset = config.dense_epochs + config.admm_rounds * config.admm_epochs
-        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, description="masked retraining")
+        offset = config.dense_epochs + self.admm_schedule(config).max_epochs()
+        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
+                    description="masked retraining", teacher=teacher, distill=config.distill,
+                    temperature=config.distill_temperature)
+        guard.enforce()
         guard.remove()
         self.model.eval()
 
@@ -384,6 +405,7 @@ class _Pipeline:
             "latency": latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios),
             "skipped_providers": [{"provider": p, "reason": r} for p, r in latency.skipped],
             "admm": [r.__dict__ for r in admm.history] if admm is not None else [],
+            "admm_outcome": self.state.facts.get("admm_outcome"),
             "groups": [cut.__dict__ for cut in cuts],
             "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped] if plan is not None else [],
             "budget": self.state.facts.get("budget"),

@@ -31,7 +31,7 @@ class CompressConfig(BaseModel):
 
     # what to prune
     sparsity: str = "filter"  # filter | channel | shape | irregular, or a combination: filter+shape
-    ratio: float = Field(0.5, gt=0, lt=1, description="the fraction of groups removed in every prunable layer")
+    ratio: float = Field(0.75, gt=0, lt=1, description="the fraction of groups removed in every prunable layer (but the first and the classifier)")
     plan: str | None = None  # TOML plan file with per-layer settings (overrides sparsity/ratio)
     # per-layer ratios chosen for this MAC reduction (overrides ratio), or for this measured ORT CPU speedup
     target_macs: float | None = Field(None, gt=1, description="a reduction factor, e.g. 4 for 4x fewer MACs")
@@ -74,6 +74,16 @@ class CompressConfig(BaseModel):
     int8_min_agreement: float = Field(0.98, ge=0, le=1)  # INT8 gate: top-1 agreement with the FP32 model
     int8_max_accuracy_drop: float = Field(0.005, ge=0, le=1)  # INT8 gate: FP32 minus INT8 accuracy (0.005 = 0.5 pt)
     # --- end INT8 quantization ------------------------------------------------------------------
+
+    # --- the ADMM recipe (benchmarks/accuracy_vs_baselines.py validates these) --------------------
+    # restart the cosine learning rate every ADMM round (off: it lost on MNIST-1D validation, see README)
+    admm_lr_restart: bool = False
+    admm_tolerance: float = Field(0.0, ge=0)  # hard prune only once the primal residual ||W-Z||/||W|| is at most this
+    admm_extra_rounds: int = Field(0, ge=0)  # at most this many rounds beyond admm_rounds while above admm_tolerance
+    distill: float = Field(0.0, ge=0, lt=1)  # weight of distillation from the dense model in masked retraining; 0: off
+    distill_temperature: float = Field(4.0, gt=0)
+    prune_ends: bool = False  # False: the first layer and the classifier are left whole by uniform plans
+    # --- end of the ADMM recipe ----------------------------------------------------------------------
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -158,15 +158,18 @@ class PruningPlan:
     # -- construction ------------------------------------------------------------------
     @classmethod
     def uniform(cls, model: nn.Module, example_inputs: Any, sparsity: str = "filter", ratio: float = 0.5, *,
-                multiple: int = 1) -> "PruningPlan":
+                multiple: int = 1, keep_ends: bool = False) -> "PruningPlan":
         """The same sparsity type(s) and ratio for every layer that can take them.
 
         ``multiple``: round every group's kept channel count up to a multiple of it.
+        ``keep_ends``: leave the first layer and the classifier whole (see :meth:`from_dict`).
         """
-        return cls.from_dict(model, example_inputs, {"*": {"sparsity": sparsity, "ratio": ratio}}, multiple=multiple)
+        return cls.from_dict(model, example_inputs, {"*": {"sparsity": sparsity, "ratio": ratio}}, multiple=multiple,
+                             keep_ends=keep_ends)
 
     @classmethod
-    def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path, *, multiple: int = 1) -> "PruningPlan":
+    def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path, *, multiple: int = 1,
+                  keep_ends: bool = False) -> "PruningPlan":
         """A TOML plan: ``[layers."<glob>"]`` tables with ``sparsity`` and ``ratio`` keys."""
         data = read_toml(path, "plan file")
         unknown = set(data) - {"layers"}
@@ -174,18 +177,25 @@ class PruningPlan:
             raise StructADMMError(
                 f"plan file {path} must hold only [layers.\"<pattern>\"] tables with sparsity and ratio"
             )
-        return cls.from_dict(model, example_inputs, data["layers"], multiple=multiple)
+        return cls.from_dict(model, example_inputs, data["layers"], multiple=multiple, keep_ends=keep_ends)
 
     @classmethod
     def from_dict(cls, model: nn.Module, example_inputs: Any, layers: Mapping[str, Any], *,
-                  multiple: int = 1) -> "PruningPlan":
+                  multiple: int = 1, keep_ends: bool = False) -> "PruningPlan":
         """Per-layer plan: ``{"conv1": {"sparsity": "filter", "ratio": 0.5}, "layer*.conv2": ...}``.
 
         Keys are layer names or glob patterns; the most specific match (an exact name beats
         a pattern, a longer pattern beats a shorter one) decides a layer's setting.
+
+        ``keep_ends``: the first Conv/Linear layer the input reaches (its filters, also when a
+        reader names them as channels) and the last one, the classifier, are left whole unless
+        the plan names them exactly, as the reference implementations do: both are small and
+        the accuracy depends on them most.
         """
         graph = trace(model, example_inputs)
         freeze_fixed_sizes(model, example_inputs, graph)
+        units: list[Unit] = []
+        skipped: list[tuple[str, str]] = []
         weighted = {name for name, m in graph.modules.items() if isinstance(m, _WEIGHTED)} | {
             s.module for s in graph.slices if s.tensor == "weight" and s.role in ("in", "out")}
         rules = _parse_rules(layers)
@@ -196,9 +206,19 @@ class PruningPlan:
                     f"(layers: {', '.join(sorted(weighted)[:8])}{', ...' if len(weighted) > 8 else ''})"
                 )
         per_layer = {name: rule for name in weighted if (rule := _match(name, rules)) is not None}
+        protected: dict[int, str] = {}  # group id -> why it is kept whole
+        if keep_ends:
+            order = list(dict.fromkeys(s.module for s in graph.slices if s.module in weighted))
+            ends = {order[0]: "first layer", order[-1]: "classifier"} if order else {}
+            for layer, role in ends.items():
+                if layer in rules:
+                    continue  # named exactly: the user asked for it
+                per_layer.pop(layer, None)
+                if role == "first layer":
+                    protected.update({g.id: f"{layer} is the first layer, kept whole (keep_ends)"
+                                      for g in graph.groups_of(layer, "out")})
+                skipped.append((layer, f"{role}, kept whole (keep_ends)"))
 
-        units: list[Unit] = []
-        skipped: list[tuple[str, str]] = []
         claimed: dict[int, ChannelUnit] = {}
         for layer, (kinds, ratio) in sorted(per_layer.items()):
             for kind in kinds:
@@ -208,6 +228,8 @@ class PruningPlan:
                     for group in groups:
                         if not group.prunable:
                             skipped.append((f"{layer} ({kind.value})", group.frozen))
+                        elif group.id in protected:
+                            skipped.append((f"{layer} ({kind.value})", protected[group.id]))
                         elif group.id in claimed:
                             # a residual stage names one group from several layers: keep the larger ratio
                             claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)

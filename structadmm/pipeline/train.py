@@ -1,7 +1,9 @@
 """The built-in trainer: data loading, SGD epochs (optionally with the ADMM penalty), accuracy.
 
 It is deliberately plain (SGD with momentum, cosine learning rate, cross-entropy) so the
-pruning method, not the trainer, decides the results. It runs under torchrun as well (DDP,
+pruning method, not the trainer, decides the results. Two options serve the ADMM recipe: the
+cosine can restart every ``restart_every`` epochs (one cosine per ADMM round), and a dense
+``teacher`` adds knowledge distillation (Hinton et al.) to the loss during masked retraining. It runs under torchrun as well (DDP,
 sharded batches: see :mod:`.distributed`) and can continue a phase from a checkpoint. Users
 with their own loop call ``ADMM.penalty()`` / ``ADMM.update()`` / ``apply_masks`` themselves
 and skip this module.
@@ -80,6 +82,11 @@ def train_epochs(
     resume: TrainerState | None = None,
     on_epoch_end: Callable[[TrainerState], None] | None = None,
     epoch_offset: int = 0,
+    restart_every: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+    temperature: float = 4.0,
 ) -> list[float]:
     """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch run.
 
@@ -92,6 +99,11 @@ def train_epochs(
     same ``epochs`` after the epoch it records. ``epoch_offset`` is added to the epoch given
     to a DistributedSampler's ``set_epoch``, so that consecutive calls over one loader see
     different shuffles.
+
+    ``restart_every``: the cosine restarts from ``lr`` every that many epochs (warm restarts).
+    ``should_stop`` is asked after every epoch (after ``after_epoch``); True ends the phase
+    early. ``teacher`` with ``distill`` = a in (0, 1]: the loss is ``(1 - a) * CE + a * T^2 *
+    KL(teacher_T || student_T)`` at ``temperature`` T, the teacher in eval mode.
 
     Under torchrun (see :mod:`.distributed`) the model is wrapped in DDP, the loader is
     sharded over the ranks (``loader.batch_size`` is the global batch) and the loss reported
@@ -108,7 +120,11 @@ def train_epochs(
     net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    period = (restart_every if restart_every else epochs) * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(
+        math.pi * (step % period if restart_every else step) / period)))
+    if teacher is not None:
+        teacher.to(device).eval()
     start = 0
     if resume is not None:
         start = int(resume["epoch"])
@@ -118,6 +134,8 @@ def train_epochs(
     task = (progress.add_task(description, total=total, completed=start * len(loader))
             if progress is not None else None)
     step = _Step(net, optimizer, schedule, penalty, after_step, device, description, ctx)
+    if teacher is not None and distill > 0:
+        step.distill = (teacher, float(distill), float(temperature))
     losses = []
     for epoch in range(start, epochs):
         if isinstance(loader.sampler, DistributedSampler):
@@ -133,6 +151,8 @@ def train_epochs(
             after_epoch(epoch)
         if on_epoch_end is not None:
             on_epoch_end({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+        if should_stop is not None and should_stop():
+            break
     if task is not None:
         progress.remove_task(task)
     return losses
@@ -147,12 +167,20 @@ class _Step:
         self.net, self.optimizer, self.schedule = net, optimizer, schedule
         self.penalty, self.after_step = penalty, after_step
         self.device, self.description, self.ctx = device, description, ctx
+        self.distill: tuple[nn.Module, float, float] | None = None  # (teacher, weight, temperature)
 
     def __call__(self, batch: Any, epoch: int) -> float:
         x, y = _split_batch(batch)
         if y is None:
             raise StructADMMError("training data has no labels: give (input, label) pairs")
-        loss = F.cross_entropy(run_model(self.net, x, self.device), y.to(self.device))
+        logits = run_model(self.net, x, self.device)
+        loss = F.cross_entropy(logits, y.to(self.device))
+        if self.distill is not None:
+            teacher, weight, t = self.distill
+            with torch.no_grad():
+                soft = F.log_softmax(run_model(teacher, x, self.device) / t, dim=1)
+            kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean", log_target=True)
+            loss = (1 - weight) * loss + weight * t * t * kd
         if self.penalty is not None:
             # the same on every rank, so DDP's gradient average leaves its gradient exact
             loss = loss + self.penalty()
