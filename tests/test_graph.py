@@ -175,3 +175,39 @@ def test_a_count_written_in_forward_is_probed_and_frozen_but_a_computed_one_is_n
     literal = PruningPlan.uniform(Views(True), x, "filter", 0.5)
     assert not literal.units
     assert any("fixed count" in why for _, why in literal.skipped)
+
+
+def test_a_parameter_reshaped_in_forward_follows_the_channels() -> None:
+    class LayerScale2d(nn.Module):  # the timm pattern: gamma.view(1, -1, 1, 1) in forward()
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+        def forward(self, x):
+            return x * self.gamma.view(1, -1, 1, 1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), LayerScale2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 9, 9)
+    graph = trace(model, x)
+    group = next(g for g in graph.groups if g.name == "0")
+    assert group.prunable and ("1", "gamma", "through") in members(graph, group)
+    PruningPlan.uniform(model, x, "filter", 0.5).project(model)
+    from structadmm.pipeline.surgery import compact
+
+    small = compact(model, x)
+    assert small[1].gamma.shape == (4,) and small[3].in_channels == 4
+
+
+def test_per_channel_values_it_cannot_follow_freeze_the_channels() -> None:
+    class Computed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x) * torch.arange(8.0).view(1, -1, 1, 1))  # a per-channel constant
+
+    plan = PruningPlan.uniform(Computed(), torch.randn(1, 3, 9, 9), "filter", 0.5)
+    assert not any(u.name == "a" for u in plan.units)
+    assert any("cannot follow" in why for _, why in plan.skipped)

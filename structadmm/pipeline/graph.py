@@ -455,6 +455,14 @@ class Walk:
         reasons: dict[int, str] = {}
         for entry, reason in self.frozen.items():
             reasons.setdefault(int(group_of_entry[entry]), reason)
+        blocks = []
+        for constraint in self.blocks:
+            atoms = equal_count_atoms([atom_of[b] for b in constraint])
+            if atoms is None:
+                reasons.setdefault(int(group_of[atom_of[constraint[0].flat[0]]]),
+                                   "channels shuffled unevenly across the blocks of a chunk or grouped conv")
+            elif atoms:
+                blocks.append(atoms)
         producers: dict[int, list[str]] = {}
         for entry, module in self.producer.items():
             producers.setdefault(int(group_of_entry[entry]), []).append(module)
@@ -474,12 +482,31 @@ class Walk:
             name = prods[0] + (f"+{len(prods) - 1}" if len(prods) > 1 else "") if prods else f"group{gid}"
             groups.append(ChannelGroup(gid, np.array(members.get(gid, []), dtype=np.int64), name, prods,
                                        list(dict.fromkeys(consumers.get(gid, []))), frozen))
-        blocks = [[np.unique(atom_of[b]) for b in constraint] for constraint in self.blocks]
         sized: dict[int, str] = {}
         for entry, what in self.sized_entries.items():
             sized.setdefault(int(group_of_entry[entry]), what)
         return ChannelGraph(groups, self.slices, atom_of, local_of, group_of, blocks, self.modules,
                             list(dict.fromkeys(self.notes)), sized)
+
+
+def equal_count_atoms(blocks: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Blocks of entries (as atom ids) that must keep equal numbers of *entries*, as blocks of
+    atoms that must keep equal numbers of atoms: [] when any choice keeps the counts equal,
+    None when no atom-count constraint says it (an atom with uneven weight across blocks).
+
+    An atom may own several entries (a channel shuffle ties them). One with the same number of
+    entries in every block removes as many from each, so it is free; the rest must each lie in
+    one block only, all with the same number of entries there.
+    """
+    ids = np.unique(np.concatenate(blocks))
+    counts = np.stack([np.bincount(np.searchsorted(ids, b), minlength=len(ids)) for b in blocks])
+    uneven = ~(counts == counts[:1]).all(0)
+    if not uneven.any():
+        return []
+    rest = counts[:, uneven]
+    if ((rest > 0).sum(0) != 1).any() or len(np.unique(rest[rest > 0])) != 1:
+        return None
+    return [ids[uneven][rest[i] > 0] for i in range(len(blocks))]
 
 
 def flatten_chans(value: Any) -> list[Chan]:

@@ -8,6 +8,7 @@ without a rule freezes the channels that reach it and says so.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Sequence
 
@@ -47,13 +48,16 @@ def binary(w: Walk, node: Node) -> Chan | None:
         return None
     rank = len(out_shape)
     result: Chan | None = None
-    params = []
+    params, untracked = [], []
     for arg in node.args[:3]:
         if w.param(arg) is not None:
             params.append(w.param(arg))
             continue
         shape, chan = w.shape(arg), w.chan(arg)
-        if shape is None or chan is None:
+        if shape is None:
+            continue
+        if chan is None:
+            untracked.append(arg)
             continue
         if len(shape) != rank:
             return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' broadcasting a lower-rank tensor")
@@ -68,7 +72,34 @@ def binary(w: Walk, node: Node) -> Chan | None:
     for p in params:
         if result is not None and not per_channel_param(w, p, result, rank):
             return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' with parameter '{p.module}.{p.tensor}'")
+    for arg in untracked:
+        if result is not None and not untracked_operand(w, arg, result, rank):
+            return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' with per-channel values it cannot follow")
     return result if result is not None else w.fresh(node)
+
+
+#: ops that only relabel a tensor's shape or dtype: a parameter seen through them is still itself
+_RELABELS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten, aten.alias,
+             aten.detach, aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.type_as, aten.expand)
+
+
+def untracked_operand(w: Walk, arg: Node, chan: Chan, rank: int) -> bool:
+    """An operand that carries no channel entries: fine when it is the same for every channel,
+    or a 1-D parameter reshaped to line up with them (``gamma.view(1, -1, 1, 1)``)."""
+    shape = w.shape(arg)
+    offset = rank - len(shape)
+    if chan.entries.ndim != 1 or chan.axis < offset or shape[chan.axis - offset] == 1:
+        return True
+    source = arg
+    while isinstance(source, Node) and source.op == "call_function" and \
+            getattr(source.target, "overloadpacket", None) in _RELABELS:
+        source = source.args[0]
+    p = w.param(source)
+    if p is None or w.tensor_of(p).ndim != 1 or w.tensor_of(p).numel() != len(chan.entries) \
+            or shape[chan.axis - offset] != len(chan.entries) or math.prod(shape) != len(chan.entries):
+        return False
+    w.slice(p, 0, chan.entries, "through")
+    return True
 
 
 def per_channel_param(w: Walk, p: Any, chan: Chan, rank: int) -> bool:
