@@ -10,6 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,3 +51,27 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in flat_outputs(o)]
     raise StructADMMError(f"model outputs must be tensors or tuples/lists/dicts of tensors, got {type(out).__name__}")
+
+
+#: torch's loggers that speak during torch.export and the ONNX exporter (guards, fake tensors)
+_TORCH_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch._subclasses.fake_tensor",
+                  "torch.fx.experimental.symbolic_shapes")
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's warnings and log lines while it traces or exports (a failure is reported by
+    the exception, as one line of ours; "torchvision is not installed" and guard chatter are noise)."""
+    loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        # torch.export prints the partial graph of a data-dependent failure
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -17,7 +17,6 @@ This module owns the step "torch model → .onnx file that provably computes the
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from torch import nn
 
 from structadmm.errors import ParityError, StructADMMError, one_line
 from structadmm.files import atomic_path
-from structadmm.layers import eval_mode, flat_outputs
+from structadmm.layers import eval_mode, flat_outputs, quiet_torch
 
 __all__ = ["ExportResult", "OnnxSignature", "TensorSpec", "export_onnx", "load_onnx", "onnx_signature", "verify_onnx"]
 
@@ -321,7 +320,7 @@ def _export_dynamo(
 ) -> None:
     batch = torch.export.Dim(_BATCH)
     dynamic_shapes = tuple({0: batch} for _ in inputs)
-    with _quiet_dynamo():
+    with quiet_torch():
         torch.onnx.export(
             model,
             inputs,
@@ -333,20 +332,6 @@ def _export_dynamo(
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
         )
-
-
-@contextlib.contextmanager
-def _quiet_dynamo() -> Iterator[None]:
-    """Silence the dynamo exporter's warnings and log lines ("torchvision is not installed")."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _maybe_simplify(

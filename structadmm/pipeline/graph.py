@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -42,6 +41,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import StructADMMError, one_line
+from ..layers import quiet_torch
 
 @dataclass(frozen=True, eq=False)
 class Slice:
@@ -189,8 +189,7 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     model.eval()
     try:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
+            with quiet_torch(), torch.no_grad():
                 program = torch.export.export(model, inputs, strict=False)
         except Exception as exc:  # export raises many types for untraceable Python
             _check_inputs_fit(model, inputs)
