@@ -11,8 +11,8 @@ files are timed in one process on ORT CPU, interleaved round by round (medians);
 over dense FP32.
 
 Accuracy (embedded default): the pipeline as ``structadmm run --quantize int8`` runs it, on the
-built-in digits with the default config; then pruned.onnx is quantized again with each calibration
-method and evaluated in ONNX Runtime on the held-out split.
+built-in digits with the default config (``--digits-schedule short``: fewer epochs, as the
+tests use); then pruned.onnx is quantized again with each calibration method and evaluated in ONNX Runtime on the held-out split.
 
 Writes benchmarks/results/int8.json and int8.md (``--tag`` adds a suffix).
 """
