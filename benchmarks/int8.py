@@ -11,8 +11,8 @@ files are timed in one process on ORT CPU, interleaved round by round (medians);
 over dense FP32.
 
 Accuracy (embedded default): the pipeline as ``structadmm run --quantize int8`` runs it, on the
-built-in digits with the default config; then pruned.onnx is quantized again with each calibration
-method and evaluated in ONNX Runtime on the held-out split.
+built-in digits with the default config (``--digits-schedule short``: fewer epochs, as the
+tests use); then pruned.onnx is quantized again with each calibration method and evaluated in ONNX Runtime on the held-out split.
 
 Writes benchmarks/results/int8.json and int8.md (``--tag`` adds a suffix).
 """
@@ -75,12 +75,18 @@ def speed(name: str, ratio: float, multiple: int, batches: list[int], threads: i
             "bytes": sizes, "latency": rows, "skipped_providers": report.skipped, "seconds": time.perf_counter() - start}
 
 
-def digits_accuracy(methods: list[str], threads: int) -> dict:
+# a shorter training schedule (as tests/test_pipeline.py uses) for a loaded machine
+SCHEDULES = {"default": {}, "short": dict(dense_epochs=4, admm_rounds=3, admm_epochs=1, retrain_epochs=2, rho=0.5,
+                                          rho_growth=2.0)}
+
+
+def digits_accuracy(methods: list[str], threads: int, schedule: str) -> dict:
     """The embedded default through the pipeline with --quantize int8, then each calibration method."""
     from structadmm.models import load_digits_split
     from structadmm.pipeline.compress import compress_default
 
-    config = CompressConfig(quantize="int8", bench_batches=[1, 64], bench_min_seconds=1.0, bench_threads=threads)
+    config = CompressConfig(quantize="int8", bench_batches=[1, 64], bench_min_seconds=1.0, bench_threads=threads,
+                            **SCHEDULES[schedule])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = compress_default(config, out_dir=Path(tmp) / "run")
@@ -98,12 +104,13 @@ def digits_accuracy(methods: list[str], threads: int) -> dict:
                                                          "pruned": report["pruned"]["accuracy"]},
             "ort_accuracy": q["ort_accuracy"], "gate": q["gate"], "mac_ratio": report["mac_ratio"],
             "file_sizes": report["file_sizes"], "latency_variants": report["latency_variants"],
-            "calibration_methods": methods_out, "test_samples": len(test), "seconds": time.perf_counter() - start}
+            "calibration_methods": methods_out, "test_samples": len(test), "schedule": schedule,
+            "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "vgg16"])
+    parser.add_argument("--models", nargs="*", default=["resnet18", "vgg16"], help="zoo models to time (none: digits only)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--multiple", type=int, default=16, help="kept channels rounded up to this multiple")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -113,6 +120,8 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=2, help="random calibration batches of 4 (zoo models)")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--skip-digits", action="store_true", help="speed only")
+    parser.add_argument("--digits-schedule", choices=tuple(SCHEDULES), default="default",
+                        help="training schedule of the digits run: the default config, or a short one")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     results: dict = {"threads": args.threads, "command": "benchmarks/int8.py " + " ".join(sys.argv[1:]), "speed": [],
@@ -124,7 +133,7 @@ def main() -> None:
                                       args.runs, args.calib_batches, args.method))
         print(json.dumps(results["speed"][-1]), flush=True)
     if not args.skip_digits:
-        results["digits"] = digits_accuracy(["minmax", "entropy", "percentile"], args.threads)
+        results["digits"] = digits_accuracy(["minmax", "entropy", "percentile"], args.threads, args.digits_schedule)
         print(json.dumps(results["digits"]), flush=True)
     results["machine"]["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
@@ -152,7 +161,8 @@ def _markdown(results: dict, batches: list[int]) -> str:
     if "digits" in results:
         d = results["digits"]
         acc = d["ort_accuracy"]
-        lines += [f"## Accuracy: embedded default ({d['model']}, {d['test_samples']} held-out digits, default config)", "",
+        lines += [f"## Accuracy: embedded default ({d['model']}, {d['test_samples']} held-out digits, "
+                  f"{d['schedule']} training schedule)", "",
                   "| | dense FP32 | pruned FP32 | pruned INT8 | dense INT8 |", "|---|---:|---:|---:|---:|",
                   "| accuracy (ONNX Runtime) | " + " | ".join(f"{100 * acc[v]:.2f} %" for v in
                                                        ("dense FP32", "pruned FP32", "pruned INT8", "dense INT8")) + " |",
