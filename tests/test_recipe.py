@@ -157,6 +157,7 @@ def test_mnist1d_cnn_learns_mnist1d(mnist1d) -> None:
     assert evaluate(model, make_loader(val, 1000, shuffle=False)) > 0.5  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_the_pipeline_reports_the_admm_outcome_and_distils(digits, tmp_path) -> None:
     from structadmm.models import get_spec
     from structadmm.pipeline import compress

@@ -12,7 +12,7 @@ from structadmm.models.registry import get_spec
 
 ZOO = [
     "lenet5", "alexnet-cifar", "alexnet", "vgg16", "resnet18", "resnet50",
-    "resnet20", "resnet56", "mobilenetv2", "c3d-small",
+    "resnet20", "resnet56", "mobilenetv2", "c3d-small", "mnist1d-cnn",
 ]  # fmt: skip
 
 # Equal counts to torchvision's models prove the layouts are the same layer for layer.
@@ -82,7 +82,7 @@ def test_only_standard_modules() -> None:
             assert isinstance(traced.get_submodule(target), allowed), (name, target)
 
 
-FAST_ZOO = ["lenet5", "resnet20", "alexnet-cifar", "c3d-small"]
+FAST_ZOO = ["lenet5", "resnet20", "alexnet-cifar", "c3d-small", "mnist1d-cnn"]
 
 
 def _nonzero(model: torch.nn.Module) -> int:
