@@ -148,18 +148,21 @@ def main() -> None:
         status = "pruned" if row["pruned"] else f"NOT pruned: {row.get('reason')}"
         print(f"{name:40s} {row.get('mac_ratio', row.get('param_ratio', 0)):6.2f}x  {row['seconds']:6.1f}s  {status}",
               flush=True)
+        write(rows, RESULTS / f"model_zoos{args.tag}", " ".join(sys.argv))  # after every model: a long run keeps its rows
     done = sum(r["pruned"] for r in rows)
     print(f"{done}/{len(rows)} pruned ({done / len(rows):.0%})")
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"model_zoos{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
-    lines = ["| model | pruned | MAC ratio | parity | reason |", "|---|---|---|---|---|"]
+
+
+def write(rows: list[dict], stem: Path, command: str) -> None:
+    done = sum(r["pruned"] for r in rows)
+    stem.parent.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    lines = [f"`{command}`", "", "| model | pruned | MAC ratio | parity | reason |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {'yes' if r['pruned'] else 'no'} | {r.get('mac_ratio', float('nan')):.2f} | "
                      f"{r.get('parity', float('nan')):.1e} | {r.get('reason', '')} |")
     lines.append(f"\n{done} of {len(rows)} pruned ({done / len(rows):.0%}).")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()
