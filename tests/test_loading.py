@@ -341,7 +341,7 @@ def test_missing_or_unknown_data(tmp_path: Path) -> None:
         load_data(str(tmp_path / "absent.npz"))
     with fails(r"data .*no_dir does not exist"):
         load_data(str(tmp_path / "no_dir"))
-    with fails(r"unknown data set 'cifar'; give 'digits', an \.npz file"):
+    with fails(r"unknown data set 'cifar'; give 'digits', 'mnist1d', an \.npz file"):
         load_data("cifar")
     with fails(r"test_fraction must be in \(0, 1\)"):
         load_data("digits", test_fraction=1.0)
