@@ -144,12 +144,12 @@ def test_latency_target_searches_with_measurements() -> None:
 
 def test_latency_search_measures_longer_until_the_target_is_resolved() -> None:
     model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
-    dense_macs = sum(_layer_macs(model, x).values())
+    dense_macs = count_torch(model, x).macs
     asked: list[float] = []
 
     def noisy_measure(dense: nn.Module, small: nn.Module, seconds: float) -> Speedup:
         asked.append(seconds)  # the interval halves with every doubling: +-1.6 at 1 s ... +-0.2 at 8 s
-        value = (dense_macs / sum(_layer_macs(small, x).values())) ** 0.8
+        value = (dense_macs / count_torch(small, x).macs) ** 0.8
         return Speedup(value, value - 1.6 / seconds, value + 1.6 / seconds)
 
     result = plan_for_latency(model, x, 3.0, measure=noisy_measure, min_seconds=1.0, max_seconds=8.0)

@@ -230,10 +230,10 @@ def test_bad_quantize_arguments(folder: Path, tmp_path: Path, kwargs, message: s
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(quantize="int4"), "quantize must be int8"),
-    (dict(calibration_method="kl"), "calibration_method must be"),
-    (dict(int8_min_agreement=1.5), "int8_min_agreement must be in"),
-    (dict(quantize_exclude="conv1"), "quantize_exclude must be a list"),
+    (dict(quantize="int4"), "quantize = 'int4': must be 'int8'"),
+    (dict(calibration_method="kl"), "calibration_method = 'kl': must be 'minmax', 'entropy' or 'percentile'"),
+    (dict(int8_min_agreement=1.5), "int8_min_agreement = 1.5: must be less than or equal to 1"),
+    (dict(quantize_exclude="conv1"), "quantize_exclude = 'conv1': must be a valid list"),
 ])
 def test_bad_quantize_config(changes, message: str) -> None:
     with pytest.raises(StructADMMError, match=message):

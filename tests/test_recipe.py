@@ -112,9 +112,9 @@ def test_keep_ends_leaves_the_first_layer_and_the_classifier_whole() -> None:
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"distill": 1.0}, "distill is a loss weight"),
-    ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
-    ({"admm_extra_rounds": -1}, "admm_extra_rounds must be >= 0"),
+    ({"distill": 1.0}, "distill = 1.0: must be less than 1"),
+    ({"distill_temperature": 0.0}, "distill_temperature = 0.0: must be greater than 0"),
+    ({"admm_extra_rounds": -1}, "admm_extra_rounds = -1: must be greater than or equal to 0"),
 ])
 def test_recipe_settings_are_checked(values: dict, message: str) -> None:
     with pytest.raises(StructADMMError, match=message):
