@@ -238,7 +238,7 @@ def test_two_input_model_prunes_on_data_that_gives_both(tmp_path: Path) -> None:
     images, meta = torch.randn(n, 1, 8, 8, generator=gen), torch.randn(n, 4, generator=gen)
     labels = (images.mean((1, 2, 3)) > 0).long() + (meta[:, 0] > 0).long()
     train, val = _Pairs(images[:64], meta[:64], labels[:64]), _Pairs(images[64:], meta[64:], labels[64:])
-    result = compress(loaded.module, train, val, CompressConfig(ratio=0.5, batch_size=16, **FAST),
+    result = compress(loaded.module, train, val, CompressConfig(ratio=0.5, prune_ends=True, batch_size=16, **FAST),
                       out_dir=tmp_path / "run", model_name="two", dense_onnx=path)
     assert result.report["mac_ratio"] > 1.5 and result.report["parity"]["ok"]
     assert onnx_signature(load_onnx(result.pruned_onnx)) == onnx_signature(load_onnx(path))
@@ -253,7 +253,7 @@ def test_two_input_model_prunes_on_data_that_gives_both(tmp_path: Path) -> None:
 def test_cli_runs_end_to_end_on_a_legacy_export(digits, tmp_path: Path) -> None:
     path = _legacy_model(tmp_path / "legacy.onnx")
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**FAST, "ratio": 0.5}.items()) + "\n")
+    cfg.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**FAST, "ratio": 0.5, "prune_ends": True}.items()) + "\n")
     x, y = digits[0].tensors  # 240 real digit samples keep the run short
     np.savez(tmp_path / "digits.npz", x=x[:240].numpy(), y=y[:240].numpy())
     result = runner.invoke(app, ["run", "--model", str(path), "--data", str(tmp_path / "digits.npz"),

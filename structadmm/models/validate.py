@@ -131,7 +131,8 @@ def _check_split(source: _Source, batches: Iterable[_Batch], classes: int, name:
     seen = 0
     for batch in batches:
         _check_inputs(batch, source)
-        seen += len(batch.x) if batch.x.dim() else 1
+        first = batch.x[0] if isinstance(batch.x, (tuple, list)) else batch.x
+        seen += len(first) if first.dim() else 1
         if batch.y is None:
             if needs_labels:
                 raise StructADMMError(f"the {source.split} data has no labels; give (input, label) pairs")
@@ -144,7 +145,14 @@ def _check_split(source: _Source, batches: Iterable[_Batch], classes: int, name:
 
 
 def _check_inputs(batch: _Batch, source: _Source) -> None:
-    x = batch.x
+    if isinstance(batch.x, (tuple, list)) and batch.x and all(isinstance(t, torch.Tensor) for t in batch.x):
+        for x in batch.x:  # a model with several inputs: each is checked alike
+            _check_tensor(x, batch, source)
+        return
+    _check_tensor(batch.x, batch, source)
+
+
+def _check_tensor(x: Any, batch: _Batch, source: _Source) -> None:
     if not isinstance(x, torch.Tensor):
         raise StructADMMError(
             f"the {source.split} data gives {type(x).__name__} inputs, not tensors; convert them "
@@ -190,19 +198,25 @@ def _check_labels(batch: _Batch, source: _Source, classes: int, name: str) -> to
 # --- the model's classes -------------------------------------------------------------------------
 
 
-def _classes(model: nn.Module, x: torch.Tensor, name: str) -> int:
+def _sample_shapes(x: Any) -> str:
+    items = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    return " and ".join(format_shape(t.shape[1:]) for t in items)
+
+
+def _classes(model: nn.Module, x: Any, name: str) -> int:
     """The width of the model's output on two training samples (eval mode, no gradients, modes kept)."""
     modes = {module: module.training for module in model.modules()}
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     try:
         model.eval()
         with torch.no_grad():
-            out = model(x[:2].to(device))
+            items = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+            out = model(*(t[:2].to(device) for t in items))
     except StructADMMError:
         raise
     except Exception as exc:
         raise StructADMMError(
-            f"{name} cannot run on the training data's {format_shape(x.shape[1:])} samples: {one_line(exc)}"
+            f"{name} cannot run on the training data's {_sample_shapes(x)} samples: {one_line(exc)}"
         ) from exc
     finally:
         for module, training in modes.items():

@@ -31,7 +31,8 @@ class CompressConfig(BaseModel):
 
     # what to prune
     sparsity: str = "filter"  # filter | channel | shape | irregular, or a combination: filter+shape
-    ratio: float = Field(0.75, gt=0, lt=1, description="the fraction of groups removed in every prunable layer (but the first and the classifier)")
+    # the first layer and the classifier are left whole unless prune_ends (see the recipe block)
+    ratio: float = Field(0.75, gt=0, lt=1, description="the fraction of groups removed in every prunable layer")
     plan: str | None = None  # TOML plan file with per-layer settings (overrides sparsity/ratio)
     # per-layer ratios chosen for this MAC reduction (overrides ratio), or for this measured ORT CPU speedup
     target_macs: float | None = Field(None, gt=1, description="a reduction factor, e.g. 4 for 4x fewer MACs")
