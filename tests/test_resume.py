@@ -117,7 +117,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(inputs: list[str], tmp
     result = runner.invoke(app, ["run", *inputs, "--out", str(killed)])
     assert result.exit_code == 2 and f"--resume {killed}" in result.output
     result = runner.invoke(app, ["run", *inputs, "--ratio", "0.25", "--resume", str(killed)])
-    assert result.exit_code == 2 and "ratio 0.25 here, 0.5 there" in result.output, result.output
+    assert result.exit_code == 2 and "ratio 0.25 here, 0.75 there" in result.output, result.output
     assert (staging / "checkpoint" / "state.pt").exists()
 
     resumed = _start([*inputs, "--resume", str(killed)])
@@ -200,7 +200,8 @@ def test_ctrl_c_keeps_the_checkpoint_and_a_failure_does_not(digits, tmp_path: Pa
     train, _ = digits
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
     data = tuple(t[:32] for t in train.tensors)
-    config = CompressConfig(dense_epochs=1, admm_rounds=2, admm_epochs=1, retrain_epochs=1, batch_size=16)
+    config = CompressConfig(dense_epochs=1, admm_rounds=2, admm_epochs=1, retrain_epochs=1, batch_size=16,
+                            prune_ends=True)
     with pytest.raises(type(error)):  # stops in the second ADMM epoch: two steps an epoch
         compress(model, data, None, config, out_dir=tmp_path / "run", progress=_StopAt(6, error))
     checkpoint = tmp_path / ".run.partial" / "checkpoint" / "state.pt"
