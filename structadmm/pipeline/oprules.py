@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from ..layers import CONVS
 from .graph import Chan, Walk, rule
 
 aten = torch.ops.aten
@@ -130,6 +131,8 @@ def conv(w: Walk, node: Node) -> Chan | None:
     if chan is None or chan.axis != 1 or chan.entries.ndim != 1:
         return w.unsupported(node, f"convolution '{weight.module}' on a tensor whose axis 1 is not channels")
     groups, cin = int(a.get("groups", 1)), len(chan.entries)
+    if groups > 1 and not isinstance(w.modules.get(weight.module), CONVS):
+        w.sized(node, chan)  # `groups` comes from the code, not from a conv module that surgery resizes
     bias = w.param(a.get("bias"))
     cout = w.shape(node)[1]
     if groups > 1 and groups == cin:
