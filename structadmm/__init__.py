@@ -15,6 +15,11 @@
 
 __version__ = "0.1.0"
 
+import importlib.util as _importlib_util
+
+if _importlib_util.find_spec("onnxruntime") is None:  # the build is chosen by an extra, never by the core
+    raise ImportError("structadmm needs ONNX Runtime: pip install 'structadmm[cpu]' (or 'structadmm[gpu]' for CUDA)")
+
 from .bench import LatencyReport, benchmark, write_report
 from .errors import ParityError, StructADMMError, StructADMMWarning
 from .exporters import count_onnx, export_onnx, load_onnx, onnx_signature, quantize_onnx, verify_onnx
