@@ -62,7 +62,8 @@ def build(name: str, size: int | None = None) -> tuple[torch.nn.Module, torch.Te
 
     if model_name in torchvision.models.list_models(module=torchvision.models.video):
         model = torchvision.models.get_model(model_name, weights=None)
-        return model, torch.randn(2, 3, 8, size or 112, size or 112)
+        frames, side = (16, 224) if model_name == "s3d" else (8, 112)  # S3D's kernels need its own clip size
+        return model, torch.randn(2, 3, frames, size or side, size or side)
     kwargs = {"aux_logits": False, "init_weights": True} if model_name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(model_name, weights=None, **kwargs)
     size = size or (299 if model_name == "inception_v3" else 224)
