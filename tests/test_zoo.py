@@ -73,7 +73,7 @@ def test_only_standard_modules() -> None:
         torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d,
         torch.nn.BatchNorm3d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.MaxPool1d, torch.nn.MaxPool2d,
         torch.nn.MaxPool3d, torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
-        torch.nn.Dropout,
+        torch.nn.Dropout, torch.nn.Flatten,
         torch.nn.Linear,
     )  # fmt: skip
     for name in ZOO:
