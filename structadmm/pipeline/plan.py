@@ -225,6 +225,11 @@ class PruningPlan:
                 if kind in (Sparsity.FILTER, Sparsity.CHANNEL):
                     role = "out" if kind is Sparsity.FILTER else "in"
                     groups = graph.groups_of(layer, role)
+                    if not groups:  # the trace never saw this layer's weight used as a layer's weight
+                        notes = sorted((n for n in graph.notes if f"'{layer}'" in n), key=lambda n: "computed" not in n)
+                        why = next((note.split(": channels reaching")[0] for note in notes),
+                                   "the trace does not see this layer's weight used as a Conv or Linear weight")
+                        skipped.append((f"{layer} ({kind.value})", why))
                     for group in groups:
                         if not group.prunable:
                             skipped.append((f"{layer} ({kind.value})", group.frozen))
