@@ -8,6 +8,7 @@ import torch
 import torch.fx
 
 import structadmm.models.zoo  # noqa: F401  (registers the zoo)
+from structadmm.layers import CONVS
 from structadmm.models.registry import get_spec
 
 ZOO = [
@@ -70,7 +71,7 @@ def test_build_is_fresh_and_seeded() -> None:
 
 def test_only_standard_modules() -> None:
     allowed = (
-        torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d,
+        *CONVS, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d,
         torch.nn.BatchNorm3d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.MaxPool1d, torch.nn.MaxPool2d,
         torch.nn.MaxPool3d, torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
         torch.nn.Dropout, torch.nn.Flatten,
