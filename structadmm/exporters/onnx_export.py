@@ -182,8 +182,10 @@ def verify_onnx(
 ) -> float:
     """Run ``model`` (in eval mode) and the ONNX file on ``inputs``; return the max abs difference.
 
-    Outputs match when ``|onnx − torch| <= atol + rtol·|torch|`` elementwise (numpy.isclose);
-    otherwise :class:`ParityError` is raised with the max abs diff, the tolerance and the path.
+    Outputs match when ``|onnx − torch| <= atol + rtol·max|torch|`` for every element of each
+    output (float32 rounding grows with the magnitude of the computation, not of each element:
+    an output near zero among outputs of 1e6 carries errors of 1e6's order); otherwise
+    :class:`ParityError` is raised with the max abs diff, the tolerance and the path.
     """
     inputs = _as_tuple(inputs)
     with eval_mode(model):
@@ -203,10 +205,12 @@ def verify_onnx(
             )
         diff = _max_abs_diff(got, want)
         worst = max(worst, diff)
-        if not np.isclose(got, want, rtol=rtol, atol=atol, equal_nan=True).all():
+        finite = want[np.isfinite(want)]
+        limit = atol + rtol * (float(np.abs(finite).max()) if finite.size else 0.0)
+        if not (np.isnan(got) == np.isnan(want)).all() or not diff <= limit:
             raise ParityError(
                 f"{path}: at batch {batch}, ONNX output {index} differs from torch: max abs "
-                f"diff {diff:.3g} exceeds tolerance atol={atol:g} + rtol={rtol:g}*|torch|"
+                f"diff {diff:.3g} exceeds tolerance {limit:.3g} (atol={atol:g} + rtol={rtol:g}*max|torch|)"
             )
     return worst
 
