@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP ?= $(VENV)/.installed
 # The pinned torch first, with the torchvision built against it (timm, onnx2torch and the
 # test zoos need torchvision; its wheels load only beside the torch release they were built for).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
