@@ -31,15 +31,16 @@ def is_depthwise(conv: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Every model in eval mode for the duration; each gets its own train/eval mode back."""
-    modes = [model.training for model in models]
+    """Every model in eval mode for the duration; every module gets its own mode back (a user's
+    BatchNorm frozen in eval inside a training model stays frozen)."""
+    modes = {module: module.training for model in models for module in model.modules()}
     for model in models:
         model.eval()
     try:
         yield
     finally:
-        for model, training in zip(models, modes):
-            model.train(training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:

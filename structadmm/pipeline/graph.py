@@ -31,7 +31,6 @@ rules do not cover *freezes* every group that reaches it (never pruned), with th
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -41,7 +40,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import StructADMMError, one_line
-from ..layers import quiet_torch
+from ..layers import eval_mode, quiet_torch
 
 @dataclass(frozen=True, eq=False)
 class Slice:
@@ -182,12 +181,10 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     The model runs in eval mode for the trace (no BatchNorm statistics change) and is left in
     the mode it was in; nothing else about it is touched.
     """
-    from . import oprules  # noqa: F401  (registers the op rules)
+    from . import oprules  # noqa: F401  (importing it registers the op rules)
 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         try:
             with quiet_torch(), torch.no_grad():
                 program = torch.export.export(model, inputs, strict=False)
@@ -197,9 +194,6 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
                 f"cannot trace {type(model).__name__} with torch.export ({one_line(exc)}); "
                 "models with data-dependent Python control flow need that logic moved out of forward()"
             ) from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return Walk(program, model).run()
 
 

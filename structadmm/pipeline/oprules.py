@@ -368,39 +368,24 @@ def getitem(w: Walk, node: Node) -> Any:
     return value[index] if isinstance(value, (list, tuple)) else None
 
 
-@rule(aten.slice)
-def slice_(w: Walk, node: Node) -> Chan | None:
+@rule(aten.slice, aten.select, aten.index)
+def indexing(w: Walk, node: Node) -> Chan | None:
+    """``x[..., a:b]``, ``x[..., i]``, ``x[..., idx]``: fine on any axis but the channel axes
+    (a slice that takes a channel axis whole is fine too); ``select`` drops its axis."""
     a = w.bind(node)
     chan, shape = w.chan(a["self"]), w.shape(a["self"])
     if chan is None:
         return None
+    op = node.target.overloadpacket
+    if op is aten.index:
+        dims = [d for d, i in enumerate(a["indices"]) if i is not None]
+        if len(dims) == 1 and 0 < dims[0] < chan.axis:  # one tensor index on an axis between batch and channels
+            return chan
+        return w.unsupported(node, "indexing that selects channels")
     dim = a.get("dim", 0) % len(shape)
-    if dim not in chan.dims() or w.shape(node)[dim] == shape[dim]:
-        return chan
-    return w.unsupported(node, "indexing that selects channels")
-
-
-@rule(aten.select)
-def select(w: Walk, node: Node) -> Chan | None:
-    a = w.bind(node)
-    chan, shape = w.chan(a["self"]), w.shape(a["self"])
-    if chan is None:
-        return None
-    dim = a["dim"] % len(shape)
     if dim not in chan.dims():
-        return Chan(chan.entries, chan.axis - (dim < chan.axis))
-    return w.unsupported(node, "indexing that selects channels")
-
-
-@rule(aten.index)
-def index(w: Walk, node: Node) -> Chan | None:
-    a = w.bind(node)
-    chan = w.chan(a["self"])
-    indexed = [d for d, i in enumerate(a["indices"]) if i is not None]
-    if chan is None:
-        return None
-    if indexed and max(indexed) < chan.axis and len(indexed) == 1 and w.shape(node)[0] == w.shape(a["self"])[0] \
-            and indexed != [0]:
+        return Chan(chan.entries, chan.axis - (op is aten.select and dim < chan.axis))
+    if op is aten.slice and w.shape(node)[dim] == shape[dim]:
         return chan
     return w.unsupported(node, "indexing that selects channels")
 

@@ -269,14 +269,8 @@ def _one_fewer(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor | None:
 
 
 def _eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return flat_outputs(model(*inputs))
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        return flat_outputs(model(*inputs))
 
 
 def _positions_kept(graph: ChannelGraph, s: Slice, keep: dict[int, torch.Tensor]) -> torch.Tensor:
