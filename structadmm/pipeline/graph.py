@@ -23,6 +23,12 @@ supporting a new op is one function there). In short:
 * a parameter used twice (shared weights, one BatchNorm applied to two tensors) ties the
   entries of its uses.
 
+Values that carry no entries are of two kinds. A :class:`ParamView` is a parameter seen through
+ops that only move its values (``cls_token.expand``, a relative-position table gathered and
+permuted): where one of its axes lines up with a channel axis it gets a *through* slice. An
+:class:`Opaque` tensor is one whose layout the rules cannot follow (a model input, an op without
+a rule): whatever it meets is frozen, and a layer reading it just cannot lose input channels.
+
 Tied entries form one *channel* (an atom: kept or removed together). Channels linked
 through any producer or tie form a :class:`ChannelGroup`, the unit a plan prunes. An op the
 rules do not cover *freezes* every group that reaches it (never pruned), with the reason.
@@ -218,12 +224,35 @@ def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
 RULES: dict[Any, Callable[["Walk", torch.fx.Node], Any]] = {}
 
 
-def rule(*ops: Any) -> Callable:
+#: rules that decide themselves what a tensor the rules could not follow (:class:`Opaque`) means to
+#: them (a layer reading it, an element-wise op meeting it); for every other op such an input makes
+#: the result opaque too
+READS_OPAQUE: set[Callable] = set()
+
+#: ATen op -> how it moves a :class:`ParamView`'s axes (view, permute, expand, indexing); returns
+#: the result's ParamView, or None where the axes are lost
+PARAM_VIEWS: dict[Any, Callable[["Walk", torch.fx.Node], "ParamView | None"]] = {}
+
+
+def rule(*ops: Any, reads_opaque: bool = False) -> Callable:
     """Register the decorated function as the rule of ``ops``."""
 
     def register(fn: Callable) -> Callable:
         for op in ops:
             RULES[op] = fn
+        if reads_opaque:
+            READS_OPAQUE.add(fn)
+        return fn
+
+    return register
+
+
+def param_view(*ops: Any) -> Callable:
+    """Register the decorated function as how ``ops`` move a parameter's axes."""
+
+    def register(fn: Callable) -> Callable:
+        for op in ops:
+            PARAM_VIEWS[op] = fn
         return fn
 
     return register
@@ -276,6 +305,22 @@ class Param:
     tensor: str
 
 
+@dataclass(frozen=True)
+class ParamView:
+    """A tensor made from one parameter by ops that only move its values: ``axes[d]`` is the
+    parameter axis that dimension ``d`` runs along (None where it runs along none)."""
+
+    param: Param
+    axes: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A tensor whose channel layout the rules cannot follow; ``reason`` freezes what it meets."""
+
+    reason: str
+
+
 class Walk:
     """One pass over an exported program: the rules' shared state and the tools they use."""
 
@@ -297,11 +342,54 @@ class Walk:
         self.values: dict[torch.fx.Node, Any] = {}
         self.notes: list[str] = []
         self.sized_entries: dict[int, str] = {}
+        self.materialised: dict[tuple[torch.fx.Node, int], Chan] = {}
 
     # -- what rules read -------------------------------------------------------------------
     def chan(self, arg: Any) -> Chan | None:
         value = self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
         return value if isinstance(value, Chan) else None
+
+    def value(self, arg: Any) -> Any:
+        return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    def view(self, arg: Any) -> ParamView | None:
+        value = self.value(arg)
+        return value if isinstance(value, ParamView) else None
+
+    def read(self, arg: Any, axis: int) -> Chan | None:
+        """The layout of ``arg`` for a layer that reads it along ``axis``: its :class:`Chan`, or,
+        for a tensor the rules could not follow, new frozen entries along ``axis``."""
+        chan = self.chan(arg)
+        value = self.value(arg)
+        if chan is not None or not isinstance(value, Opaque):
+            return chan
+        key = (arg, axis % len(self.shape(arg)))
+        if key not in self.materialised:
+            self.materialised[key] = Chan(self.new(self.shape(arg)[key[1]], frozen=value.reason), key[1])
+        return self.materialised[key]
+
+    def align(self, arg: Any, chan: Chan, rank: int) -> bool:
+        """Line ``arg`` up with ``chan`` in an op whose result has ``rank`` axes (element-wise
+        broadcasting): True when it is the same for every channel, a parameter whose matching
+        axis follows the channels (it gets a *through* slice), or a tensor the rules could not
+        follow (the channels are frozen); False for per-channel values it cannot follow."""
+        shape = self.shape(arg)
+        if shape is None:
+            return True
+        offset = rank - len(shape)
+        dims = [d - offset for d in chan.dims()]
+        if any(d < 0 for d in dims) or all(shape[d] == 1 for d in dims):
+            return True
+        value = self.value(arg)
+        if isinstance(value, Opaque):
+            self.freeze([chan], value.reason)
+            return True
+        if isinstance(value, ParamView) and chan.entries.ndim == 1:
+            axis = value.axes[dims[0]]
+            if axis is not None and shape[dims[0]] == len(chan.entries) == self.tensor_of(value.param).shape[axis]:
+                self.slice(value.param, axis, chan.entries, "through")
+                return True
+        return False
 
     def param(self, arg: Any) -> Param | None:
         return self.params.get(arg.name) if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" else None
@@ -367,7 +455,7 @@ class Walk:
         if any(flatten_chans(t) for t in touched):
             self.notes.append(f"{reason}: channels reaching it are not pruned")
         self.freeze(touched, reason)
-        return self.fresh(node, frozen=reason)
+        return Opaque(reason)
 
     def mixing(self, node: torch.fx.Node, chan: Chan | None, what: str) -> Chan | None:
         """An op that mixes values across channels but keeps the layout: freeze, pass on."""
@@ -390,6 +478,11 @@ class Walk:
         first = int(blocks[0].flat[0])
         for e in np.concatenate([b.ravel() for b in blocks]).tolist():
             self.groups.union(first, e)
+
+    def one_channel_along(self, entries: np.ndarray, axis: int) -> bool:
+        """Whether ``entries`` are one channel (tied already) all along ``axis``."""
+        roots = np.vectorize(self.atoms.find, otypes=[np.int64])(entries) if entries.size else entries
+        return bool((np.take(roots, [0], axis=axis) == roots).all())
 
     def sized(self, node: torch.fx.Node, chan: Chan) -> None:
         """``node`` states ``chan``'s channel count as a number: a size the code may hard-code."""
@@ -417,17 +510,33 @@ class Walk:
 
     def visit(self, node: torch.fx.Node) -> Any:
         if node.op == "placeholder":
-            return None if node.name in self.params or self.shape(node) is None else self.fresh(node, frozen="model input")
+            if node.name in self.params:
+                p = self.params[node.name]
+                return ParamView(p, tuple(range(self.tensor_of(p).ndim)))
+            return None if self.shape(node) is None else Opaque("model input")
         if node.op == "output":
             self.freeze([self.values.get(a) for a in node.all_input_nodes], "model output")
             return None
         if node.op != "call_function":
             return None
         found = rule_of(node.target)
+        inputs = [self.values.get(a) for a in node.all_input_nodes]
+        if not any(flatten_chans(v) for v in inputs) and found not in READS_OPAQUE:
+            # nothing with channels reaches it: it passes on what it was made from
+            opaque = next((v for v in inputs if isinstance(v, Opaque)), None)
+            views = [v for v in inputs if isinstance(v, ParamView)]
+            if opaque is None and views:
+                made = PARAM_VIEWS.get(getattr(node.target, "overloadpacket", node.target))
+                source = node.args[0] if node.args else None  # the viewed tensor; others index it
+                view = made(self, node) if made is not None and self.view(source) is not None else None
+                opaque = view if view is not None else Opaque(f"values computed from '{views[0].param.module}."
+                                                              f"{views[0].param.tensor}' in forward()")
+            if opaque is not None:
+                return [opaque] * len(node.meta["val"]) if isinstance(node.meta.get("val"), (tuple, list)) else opaque
         if found is not None:
             return found(self, node)
-        if not any(flatten_chans(self.values.get(a)) for a in node.all_input_nodes):
-            return self.fresh(node)  # nothing with channels reaches it: a constant, a new tensor
+        if not any(flatten_chans(v) for v in inputs):
+            return None  # a new tensor made from constants
         return self.unsupported(node, f"'{op_name(node)}'")
 
     def build(self) -> ChannelGraph:

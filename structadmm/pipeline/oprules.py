@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from ..layers import CONVS
-from .graph import Chan, Walk, rule
+from .graph import Chan, Opaque, ParamView, Walk, param_view, rule
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -25,7 +25,8 @@ Node = torch.fx.Node
 
 # -- ops that keep every value where it is ---------------------------------------------------
 
-@rule(aten.relu, aten.relu_, aten.relu6, aten.gelu, aten.gelu_, aten.silu, aten.silu_, aten.sigmoid, aten.sigmoid_,
+#: ops that map every value on its own (their channels, and a parameter's axes, stay put)
+ELEMENTWISE = (aten.relu, aten.relu_, aten.relu6, aten.gelu, aten.gelu_, aten.silu, aten.silu_, aten.sigmoid, aten.sigmoid_,
       aten.tanh, aten.tanh_, aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.hardtanh,
       aten.hardtanh_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_, aten.celu, aten.selu, aten.mish,
       aten.mish_, aten.softplus, aten.log_sigmoid, aten.abs, aten.neg, aten.exp, aten.log, aten.sqrt, aten.rsqrt,
@@ -33,6 +34,9 @@ Node = torch.fx.Node
       aten.clamp_max, aten.dropout, aten.dropout_, aten.feature_dropout, aten.alpha_dropout, aten.alias, aten.clone,
       aten.contiguous, aten.detach, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.lift_fresh_copy,
       aten.nan_to_num, aten.threshold)
+
+
+@rule(*ELEMENTWISE)
 def elementwise(w: Walk, node: Node) -> Chan | None:
     if node.target.overloadpacket is aten.pow and isinstance(node.args[1], Node):
         return binary(w, node)
@@ -42,88 +46,62 @@ def elementwise(w: Walk, node: Node) -> Chan | None:
 # -- element-wise binary ops: tie the operands position by position --------------------------
 
 @rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub, aten.mul, aten.mul_, aten.div, aten.div_,
-      aten.maximum, aten.minimum, aten.where, aten.eq, aten.ne, aten.gt, aten.lt, aten.ge, aten.le)
-def binary(w: Walk, node: Node) -> Chan | None:
+      aten.maximum, aten.minimum, aten.where, aten.eq, aten.ne, aten.gt, aten.lt, aten.ge, aten.le, reads_opaque=True)
+def binary(w: Walk, node: Node) -> Any:
     out_shape = w.shape(node)
     if out_shape is None:
         return None
     rank = len(out_shape)
+    name = node.target.overloadpacket.__name__
     result: Chan | None = None
-    params, untracked = [], []
+    others = []
     for arg in node.args[:3]:
-        if w.param(arg) is not None:
-            params.append(w.param(arg))
-            continue
         shape, chan = w.shape(arg), w.chan(arg)
         if shape is None:
             continue
         if chan is None:
-            untracked.append(arg)
+            others.append(arg)
             continue
         if len(shape) != rank:
-            return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' broadcasting a lower-rank tensor")
+            return w.unsupported(node, f"'{name}' broadcasting a lower-rank tensor")
         if any(shape[d] == 1 and out_shape[d] != 1 for d in chan.dims()):
             continue  # broadcast along the channel axis: scales every channel alike
         if result is None:
             result = chan
         elif result.axis != chan.axis or result.entries.shape != chan.entries.shape:
-            return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' of tensors with different channel layouts")
+            return w.unsupported(node, f"'{name}' of tensors with different channel layouts")
         else:
             w.tie(result.entries, chan.entries)
-    for p in params:
-        if result is not None and not per_channel_param(w, p, result, rank):
-            return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' with parameter '{p.module}.{p.tensor}'")
-    for arg in untracked:
-        if result is not None and not untracked_operand(w, arg, result, rank):
-            return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' with per-channel values it cannot follow")
-    return result if result is not None else w.fresh(node)
+    if result is None:
+        return without_channels(w, node, others)
+    for arg in others:
+        if not w.align(arg, result, rank):
+            return w.unsupported(node, f"'{name}' with per-channel values it cannot follow")
+    return result
 
 
-#: ops that only relabel a tensor's shape or dtype: a parameter seen through them is still itself
-_RELABELS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten, aten.alias,
-             aten.detach, aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.type_as, aten.expand)
-
-
-def untracked_operand(w: Walk, arg: Node, chan: Chan, rank: int) -> bool:
-    """An operand that carries no channel entries: fine when it is the same for every channel,
-    or a 1-D parameter reshaped to line up with them (``gamma.view(1, -1, 1, 1)``)."""
-    shape = w.shape(arg)
-    offset = rank - len(shape)
-    if chan.entries.ndim != 1 or chan.axis < offset or shape[chan.axis - offset] == 1:
-        return True
-    source = arg
-    while isinstance(source, Node) and source.op == "call_function" and \
-            getattr(source.target, "overloadpacket", None) in _RELABELS:
-        source = source.args[0]
-    p = w.param(source)
-    if p is None or w.tensor_of(p).ndim != 1 or w.tensor_of(p).numel() != len(chan.entries) \
-            or shape[chan.axis - offset] != len(chan.entries) or math.prod(shape) != len(chan.entries):
-        return False
-    w.slice(p, 0, chan.entries, "through")
-    return True
-
-
-def per_channel_param(w: Walk, p: Any, chan: Chan, rank: int) -> bool:
-    """A parameter broadcast against the channels (layer scale, a position embedding): its
-    axis that lines up with the channel axis follows the channels (a *through* slice)."""
-    value = w.tensor_of(p)
-    if value.ndim > rank or chan.entries.ndim != 1:
-        return False
-    offset = rank - value.ndim
-    if chan.axis < offset or value.shape[chan.axis - offset] == 1:
-        return True  # the same value for every channel
-    if value.shape[chan.axis - offset] != len(chan.entries):
-        return False
-    w.slice(p, chan.axis - offset, chan.entries, "through")
-    return True
+def without_channels(w: Walk, node: Node, operands: list[Node]) -> Any:
+    """An element-wise op none of whose operands has channels: a parameter combined with
+    numbers is still that parameter's view; anything else is opaque (or plain constants)."""
+    values = [w.value(a) for a in operands]
+    opaque = next((v for v in values if isinstance(v, Opaque)), None)
+    if opaque is not None:
+        return opaque
+    views = [(a, v) for a, v in zip(operands, values) if isinstance(v, ParamView)]
+    if not views:
+        return None
+    arg, view = views[0]
+    if len(views) == 1 and w.shape(arg) == w.shape(node):
+        return view
+    return Opaque(f"values computed from '{view.param.module}.{view.param.tensor}' in forward()")
 
 
 # -- layers with weights ---------------------------------------------------------------------
 
-@rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+@rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, reads_opaque=True)
 def conv(w: Walk, node: Node) -> Chan | None:
     a = w.bind(node)
-    chan, weight = w.chan(a["input"]), w.param(a["weight"])
+    chan, weight = w.read(a["input"], 1), w.param(a["weight"])
     if a.get("transposed"):
         return w.unsupported(node, "transposed convolution")
     if weight is None:
@@ -153,10 +131,10 @@ def conv(w: Walk, node: Node) -> Chan | None:
     return out
 
 
-@rule(aten.linear)
+@rule(aten.linear, reads_opaque=True)
 def linear(w: Walk, node: Node) -> Chan | None:
     a = w.bind(node)
-    chan, weight, bias = w.chan(a["input"]), w.param(a["weight"]), w.param(a.get("bias"))
+    chan, weight, bias = w.read(a["input"], -1), w.param(a["weight"]), w.param(a.get("bias"))
     rank = len(w.shape(node))
     if weight is None:
         return w.unsupported(node, "linear layer whose weight is computed in forward()")
@@ -319,22 +297,38 @@ def softmax(w: Walk, node: Node) -> Chan | None:
 
 # -- concatenation and splitting -------------------------------------------------------------
 
-@rule(aten.cat, aten.concat)
-def cat(w: Walk, node: Node) -> Chan | None:
+@rule(aten.cat, aten.concat, reads_opaque=True)
+def cat(w: Walk, node: Node) -> Any:
     a = w.bind(node)
-    tensors, dim = a["tensors"], a.get("dim", 0) % len(w.shape(node))
-    parts = [w.chan(t) for t in tensors]
-    if any(p is None for p in parts) or len({(p.axis, p.entries.ndim) for p in parts}) != 1:
+    tensors, rank = list(a["tensors"]), len(w.shape(node))
+    dim = a.get("dim", 0) % rank
+    chans = [w.chan(t) for t in tensors]
+    known = [c for c in chans if c is not None]
+    if not known:
+        return without_channels(w, node, tensors) if len(tensors) == 1 else \
+            Opaque("values concatenated in forward()") if any(w.value(t) is not None for t in tensors) else None
+    first = known[0]
+    if any(c.axis != first.axis or c.entries.shape[1:] != first.entries.shape[1:] for c in known):
         return w.unsupported(node, "'cat' of tensors with different channel layouts")
-    first = parts[0]
     if first.entries.ndim == 1 and dim == first.axis:
-        return Chan(np.concatenate([p.entries for p in parts]), first.axis)
-    if dim in first.dims() or dim == 0:
+        parts = []
+        for t, c in zip(tensors, chans):
+            if c is None:  # channels no layer makes (an input, a constant): a frozen block of their own
+                value = w.value(t)
+                reason = value.reason if isinstance(value, Opaque) else "channels concatenated from values no layer makes"
+                c = Chan(w.new(w.shape(t)[dim], frozen=reason), dim)
+            parts.append(c.entries)
+        return Chan(np.concatenate(parts), dim)
+    if dim in first.dims():
         return w.unsupported(node, f"'cat' along axis {dim}")
-    for part in parts[1:]:
-        if part.entries.shape != first.entries.shape:
+    for t, c in zip(tensors, chans):
+        if c is None:
+            if not w.align(t, first, rank):  # a class token or padding joined along another axis
+                return w.unsupported(node, "'cat' with per-channel values it cannot follow")
+        elif c.entries.shape != first.entries.shape:
             return w.unsupported(node, "'cat' of tensors with different channel layouts")
-        w.tie(first.entries, part.entries)
+        else:
+            w.tie(first.entries, c.entries)
     return first
 
 
@@ -392,26 +386,30 @@ def indexing(w: Walk, node: Node) -> Chan | None:
 
 # -- layout changes --------------------------------------------------------------------------
 
-@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze, aten.squeeze,
-      aten.view_as, aten.reshape_as)
+_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze, aten.squeeze,
+             aten.view_as, aten.reshape_as)
+_PERMUTES = (aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes)
+
+
+@rule(*_RESHAPES)
 def reshape(w: Walk, node: Node) -> Chan | None:
     src = node.args[0]
     before, after = w.shape(src), w.shape(node)
     chan = w.chan(src)
     if chan is None:
         return None
-    if before is None or after is None or not after or after[0] != before[0]:
-        return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' that changes the batch axis")
+    if before is None or after is None or not after:
+        return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' to a scalar")
     if node.target.overloadpacket in (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten):
         w.sized(node, chan)
     # the entry of every element, moved with the data
-    full = np.broadcast_to(chan.entries.reshape(layout(before, chan)), before[1:]).reshape(after[1:])
-    dims = [d + 1 for d in range(full.ndim) if full.shape[d] > 1 and not constant_along(full, d)]
+    full = np.broadcast_to(chan.entries.reshape(layout(before, chan)), before).reshape(after)
+    dims = [d for d in range(full.ndim) if full.shape[d] > 1 and not constant_along(full, d)]
     if not dims:
-        return Chan(full.reshape(-1)[:1], 1) if full.size else None
+        return Chan(full.reshape(-1)[:1], min(1, full.ndim - 1)) if full.size else None
     if dims != list(range(dims[0], dims[-1] + 1)):
         return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' that interleaves channels with other axes")
-    index = tuple(slice(None) if d + 1 in dims else 0 for d in range(full.ndim))
+    index = tuple(slice(None) if d in dims else 0 for d in range(full.ndim))
     entries = np.ascontiguousarray(full[index])
     if entries.ndim > chan.entries.ndim and chan.entries.ndim == 1 and entries.size == chan.entries.size:
         # the channel axis is split into blocks: tie each column so the blocks stay aligned
@@ -421,43 +419,151 @@ def reshape(w: Walk, node: Node) -> Chan | None:
     return Chan(entries, dims[0])
 
 
-@rule(aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes)
+def order_of(node: Node, rank: int) -> list[int]:
+    """For a permute-like node: the source axis of each result axis."""
+    op = node.target.overloadpacket
+    if op is aten.permute:
+        return [d % rank for d in node.args[1]]
+    order = list(range(rank))
+    if op is aten.t:
+        return order[::-1]
+    if op is aten.movedim:
+        src, dst = node.args[1] % rank, node.args[2] % rank
+        order.remove(src)
+        order.insert(dst, src)
+        return order
+    a, b = (d % rank for d in node.args[1:3])
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+@rule(*_PERMUTES)
 def permute(w: Walk, node: Node) -> Chan | None:
-    src = node.args[0]
-    chan, rank = w.chan(src), len(w.shape(node))
+    """Axes move with the data. Where a move separates the channel axes (a ``[.., heads,
+    head_dim]`` split moved to ``[heads, tokens, head_dim]``), the inner axes join their outer
+    one: every head becomes one channel, removed whole."""
+    chan = w.chan(node.args[0])
     if chan is None:
         return None
-    op = node.target.overloadpacket
-    if op in (aten.permute,):
-        order = [d % rank for d in node.args[1]]
-    else:
-        order = list(range(rank))
-        if op is aten.t:
-            order = order[::-1]
-        elif op is aten.movedim:
-            order = [d for d in range(rank) if d != node.args[1] % rank]
-            order.insert(node.args[2] % rank, node.args[1] % rank)
-        else:
-            a, b = (d % rank for d in node.args[1:3])
-            order[a], order[b] = order[b], order[a]
-    if order[0] != 0:
-        return w.unsupported(node, f"'{op.__name__}' that moves the batch axis")
-    new_positions = [order.index(d) for d in chan.dims()]
-    lo = min(new_positions)
-    if sorted(new_positions) != list(range(lo, lo + len(new_positions))):
-        return w.unsupported(node, f"'{op.__name__}' that separates the channel axes")
-    return Chan(np.ascontiguousarray(chan.entries.transpose(np.argsort(new_positions))), lo)
+    order = order_of(node, len(w.shape(node)))
+    entries = chan.entries
+    position = [order.index(d) for d in chan.dims()]  # where each entry axis goes
+    axes = [k for k in range(entries.ndim) if not w.one_channel_along(entries, k)]
+    if not axes:
+        axes = [0]
+    if not contiguous([position[k] for k in axes]):
+        run = [axes[0]]  # the outermost axis, and those that stay next to it
+        for k in sorted(axes, key=lambda k: position[k]):
+            if k not in run and (position[k] == max(position[r] for r in run) + 1 or
+                                 position[k] == min(position[r] for r in run) - 1):
+                run.append(k)
+        axes = sorted(run)
+    rest = [k for k in range(entries.ndim) if k not in axes]
+    moved = entries.transpose(axes + rest).reshape([entries.shape[k] for k in axes] + [-1])
+    for row in moved.reshape(-1, moved.shape[-1]):
+        w.tie(row[:1].repeat(len(row)), row)  # inner axes join their outer one
+    kept = moved[..., 0]
+    by_position = sorted(range(len(axes)), key=lambda i: position[axes[i]])
+    return Chan(np.ascontiguousarray(kept.transpose(by_position)), min(position[k] for k in axes))
+
+
+def contiguous(positions: list[int]) -> bool:
+    return sorted(positions) == list(range(min(positions), min(positions) + len(positions)))
 
 
 @rule(aten.expand, aten.expand_as, aten.repeat)
 def expand(w: Walk, node: Node) -> Chan | None:
     chan, before, after = w.chan(node.args[0]), w.shape(node.args[0]), w.shape(node)
     if chan is None:
-        return w.fresh(node)
+        return None
     if len(before) != len(after) or any(before[d] != after[d] for d in chan.dims()):
         return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' along the channel axis")
     w.sized(node, chan)
     return chan
+
+
+# -- attention: products over the last two axes ----------------------------------------------
+
+@rule(aten.matmul, aten.bmm, reads_opaque=True)
+def matmul(w: Walk, node: Node) -> Any:
+    """``a @ b`` over [..., n, k] x [..., k, m]: channels on the leading (batch) axes pass
+    through and tie between the operands; channels on ``n`` (of ``a``) or ``m`` (of ``b``)
+    become the result's; channels on the contracted ``k`` are mixed away."""
+    a, b = node.args[:2]
+    out = w.shape(node)
+    if out is None or len(out) < 2 or len(w.shape(a) or ()) < 2 or len(w.shape(b) or ()) < 2:
+        return w.unsupported(node, "'matmul' of vectors") if any(w.chan(x) for x in (a, b)) else None
+    rank = len(out)
+    leading: Chan | None = None
+    free: Chan | None = None
+    for arg, own in ((a, -2), (b, -1)):
+        chan = w.chan(arg)
+        if chan is None:
+            continue
+        shape = w.shape(arg)
+        offset = rank - len(shape)
+        dims = [d for d in chan.dims()]
+        if max(dims) < len(shape) - 2:
+            shifted = Chan(chan.entries, chan.axis + offset)
+            if leading is None:
+                leading = shifted
+            elif leading.axis != shifted.axis or leading.entries.shape != shifted.entries.shape:
+                return w.unsupported(node, "'matmul' of tensors with different channel layouts")
+            else:
+                w.tie(leading.entries, shifted.entries)
+        elif dims == [len(shape) + own] and free is None:
+            free = Chan(chan.entries, rank + own)
+        else:
+            return w.unsupported(node, "'matmul' over the channel axis")
+    if leading is not None and free is not None:
+        return w.unsupported(node, "'matmul' with channels on two axes")
+    result = leading or free
+    if result is None:
+        return Opaque("values multiplied in forward()") if any(w.value(x) is not None for x in (a, b)) else None
+    if leading is not None:
+        for arg in (a, b):
+            if w.chan(arg) is None and not w.align(arg, leading, rank):
+                return w.unsupported(node, "'matmul' with per-channel values it cannot follow")
+    return result
+
+
+@rule(aten.scaled_dot_product_attention, reads_opaque=True)
+def attention(w: Walk, node: Node) -> Any:
+    """softmax(q kᵀ / √d + mask) v over [..., tokens, features]: channels (heads) on the
+    leading axes tie across q, k, v and the mask and pass on; channels on v's features become
+    the result's; channels on q's or k's features would change the scale √d, so they freeze."""
+    a = w.bind(node)
+    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    rank = len(w.shape(node))
+    leading: Chan | None = None
+    free: Chan | None = None
+    for arg in (q, k, v):
+        chan = w.chan(arg)
+        if chan is None:
+            continue
+        shape = w.shape(arg)
+        if max(chan.dims()) < len(shape) - 2 and len(shape) == rank:
+            if leading is None:
+                leading = chan
+            elif leading.axis != chan.axis or leading.entries.shape != chan.entries.shape:
+                return w.unsupported(node, "attention over tensors with different head layouts")
+            else:
+                w.tie(leading.entries, chan.entries)
+        elif arg is v and list(chan.dims()) == [rank - 1]:
+            free = chan
+        else:
+            return w.unsupported(node, "attention whose queries or keys carry channels in their features")
+    if leading is not None and free is not None:
+        return w.unsupported(node, "attention with channels on two axes")
+    result = leading or free
+    for arg in (q, k, v, mask):
+        if result is None or arg is None or w.chan(arg) is not None:
+            continue
+        if leading is not None and not w.align(arg, leading, rank):
+            return w.unsupported(node, "attention with per-head values it cannot follow")
+    if result is None:
+        return Opaque("attention over values the tracer cannot follow") if w.value(v) is not None else None
+    return result
 
 
 # -- tensors made from nothing, and shape queries --------------------------------------------
@@ -471,9 +577,71 @@ def constant(w: Walk, node: Node) -> Chan | None:
 
 
 def layout(shape: tuple[int, ...], chan: Chan) -> tuple[int, ...]:
-    """``shape[1:]`` with 1 on every axis that is not a channel axis (for broadcasting)."""
-    return tuple(s if d in chan.dims() else 1 for d, s in enumerate(shape) if d > 0)
+    """``shape`` with 1 on every axis that is not a channel axis (for broadcasting)."""
+    return tuple(s if d in chan.dims() else 1 for d, s in enumerate(shape))
 
 
 def constant_along(array: np.ndarray, axis: int) -> bool:
     return bool((np.take(array, [0], axis=axis) == array).all())
+
+
+# -- parameters seen through ops that move their values (graph.PARAM_VIEWS) -----------------
+
+#: a parameter view larger than this many elements is not followed through a reshape
+_MAX_VIEW_ELEMENTS = 1 << 22
+
+
+@param_view(*ELEMENTWISE)
+def same_axes(w: Walk, node: Node) -> ParamView | None:
+    return w.view(node.args[0])
+
+
+@param_view(*_RESHAPES)
+def reshaped_view(w: Walk, node: Node) -> ParamView | None:
+    view, before, after = w.view(node.args[0]), w.shape(node.args[0]), w.shape(node)
+    if before is None or after is None or math.prod(before) > _MAX_VIEW_ELEMENTS:
+        return None
+    axes: list[int | None] = [None] * len(after)
+    for d, axis in enumerate(view.axes):
+        if axis is None or before[d] == 1:
+            continue
+        index = np.broadcast_to(np.arange(before[d]).reshape([-1 if i == d else 1 for i in range(len(before))]),
+                                before).reshape(after)
+        varying = [e for e in range(len(after)) if after[e] > 1 and not constant_along(index, e)]
+        if len(varying) == 1 and after[varying[0]] == before[d]:
+            axes[varying[0]] = axis
+    return ParamView(view.param, tuple(axes))
+
+
+@param_view(*_PERMUTES)
+def permuted_view(w: Walk, node: Node) -> ParamView | None:
+    view = w.view(node.args[0])
+    return ParamView(view.param, tuple(view.axes[d] for d in order_of(node, len(view.axes))))
+
+
+@param_view(aten.expand, aten.expand_as, aten.repeat)
+def expanded_view(w: Walk, node: Node) -> ParamView | None:
+    view, before, after = w.view(node.args[0]), w.shape(node.args[0]), w.shape(node)
+    new = len(after) - len(before)
+    return ParamView(view.param, (None,) * new + tuple(
+        None if before[d] == 1 or after[new + d] != before[d] else axis for d, axis in enumerate(view.axes)))
+
+
+@param_view(aten.index, aten.select, aten.slice)
+def indexed_view(w: Walk, node: Node) -> ParamView | None:
+    """Rows picked along one axis (a relative-position table gathered by an index buffer):
+    that axis's mapping is lost, the others keep theirs."""
+    view, a = w.view(node.args[0]), w.bind(node)
+    op = node.target.overloadpacket
+    if op is aten.index:
+        picked = [d for d, i in enumerate(a["indices"]) if i is not None]
+        if len(picked) != 1:
+            return None
+        d = picked[0]
+        rank = len(w.shape(a["indices"][d]) or ())
+        return ParamView(view.param, view.axes[:d] + (None,) * rank + view.axes[d + 1:])
+    d = a.get("dim", 0) % len(view.axes)
+    if op is aten.select:
+        return ParamView(view.param, view.axes[:d] + view.axes[d + 1:])
+    whole = w.shape(node)[d] == w.shape(node.args[0])[d]
+    return ParamView(view.param, view.axes[:d] + ((view.axes[d] if whole else None),) + view.axes[d + 1:])

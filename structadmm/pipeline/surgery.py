@@ -27,9 +27,10 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ParityError, StructADMMError
-from ..layers import CONVS, eval_mode, flat_outputs, is_depthwise
+from ..layers import eval_mode, flat_outputs
 from .graph import ChannelGraph, ChannelGroup, Slice, trace, slice_groups
 from .lowering import MIN_GAIN, lower_convs
+from .resize import fix_sizes
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,12 @@ def _remove_channels(small: nn.Module, example_inputs: Any) -> tuple[nn.Module, 
 
 def _cut(modules: dict[str, nn.Module], plans: dict[tuple[str, str], list]) -> None:
     """Apply the position selections of :func:`_selections` to ``modules``' tensors, in place."""
-    resized: dict[str, nn.Module] = {}
+    before: dict[str, torch.Size] = {}
     with torch.no_grad():
         for (module_name, tensor_name), selections in plans.items():
             module = modules[module_name]
             tensor = getattr(module, tensor_name)
+            before[f"{module_name}.{tensor_name}" if module_name else tensor_name] = tensor.shape
             new = tensor.detach()
             for s, keep_pos in sorted(selections, key=lambda sel: sel[0].role == "in"):
                 new = s.select(new, keep_pos)
@@ -202,9 +204,7 @@ def _cut(modules: dict[str, nn.Module], plans: dict[tuple[str, str], list]) -> N
                 setattr(module, tensor_name, nn.Parameter(new, requires_grad=tensor.requires_grad))
             else:
                 setattr(module, tensor_name, new)
-            resized[module_name] = module
-    for module in resized.values():
-        _fix_sizes(module)
+    fix_sizes(modules[""], before)
 
 
 def freeze_fixed_sizes(model: nn.Module, example_inputs: Any, graph: ChannelGraph) -> None:
@@ -310,29 +310,6 @@ def _unbalanced_groups(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> se
             touched = set(np.unique(slice_groups(graph, s)).tolist()) & set(keep)
             return {min(touched)}
     return set()
-
-
-def _fix_sizes(module: nn.Module) -> None:
-    """Make a resized module's size attributes agree with its new tensors."""
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, CONVS):
-        depthwise = is_depthwise(module)
-        multiplier = module.out_channels // module.in_channels if depthwise else 1
-        module.out_channels = module.weight.shape[0]
-        if depthwise:
-            module.in_channels = module.groups = module.out_channels // multiplier
-        else:
-            module.in_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.GroupNorm):
-        group_size = module.num_channels // module.num_groups
-        module.num_channels = module.weight.shape[0]
-        module.num_groups = module.num_channels // group_size
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        tensors = [t for t in (module.weight, module.running_mean) if t is not None]
-        module.num_features = tensors[0].shape[0]
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = module.weight.shape[0]
 
 
 def check_same_function(reference: nn.Module, candidate: nn.Module, example_inputs: Any, *,
