@@ -1,4 +1,4 @@
-"""Models nobody here wrote: timm and torchvision CNNs through the public flow, as README documents it.
+"""Models nobody here wrote: timm, torchvision and transformers models through the public flow, as README documents it.
 
     .venv/bin/python benchmarks/model_zoos.py                    # every family below, ONNX included
     .venv/bin/python benchmarks/model_zoos.py --models timm:resnet18 torchvision:shufflenet_v2_x1_0
@@ -49,10 +49,23 @@ TORCHVISION_CNNS = [
 ]
 
 
+#: transformers: attention heads and MLP neurons are the groups (issue: transformers too)
+TIMM_TRANSFORMERS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_small_patch16_224",
+                     "swin_tiny_patch4_window7_224"]
+TORCHVISION_TRANSFORMERS = ["vit_b_16", "swin_t"]
+HF_ENCODERS = ["bert"]
+
+
 def build(name: str, size: int | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
-    """``zoo:model`` with random weights and an input of its default size (or ``size``), batch 2."""
+    """``zoo:model`` with random weights and an input of its default size (or ``size``), batch 2.
+    ``hf:bert`` is a BERT-base encoder from ``transformers`` built from its config, fed token ids
+    (``size`` tokens, 128 by default)."""
     zoo, _, model_name = name.partition(":")
     torch.manual_seed(0)
+    if zoo == "hf":
+        from transformers import BertConfig, BertModel
+        model = BertModel(BertConfig(), add_pooling_layer=False)
+        return model, torch.randint(0, model.config.vocab_size, (2, size or 128))
     if zoo == "timm":
         import timm
 
@@ -144,7 +157,9 @@ def run(name: str, onnx: bool, size: int | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*",
-                        default=[f"timm:{m}" for m in TIMM_CNNS] + [f"torchvision:{m}" for m in TORCHVISION_CNNS])
+                        default=[f"timm:{m}" for m in TIMM_CNNS + TIMM_TRANSFORMERS]
+                        + [f"torchvision:{m}" for m in TORCHVISION_CNNS + TORCHVISION_TRANSFORMERS]
+                        + [f"hf:{m}" for m in HF_ENCODERS])
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--tag", default="")
     parser.add_argument("--size", type=int, default=None, help="input height and width instead of each model's default")

@@ -78,7 +78,7 @@ class MacModel:
         # group-local channel index at each of the positions it holds
         self.sides: dict[str, dict[str, tuple[int, list[tuple[int, np.ndarray]]]]] = {}
         for s in graph.slices:
-            if s.tensor != "weight" or s.module not in self.base:
+            if not s.weight or s.module not in self.base:
                 continue
             atoms = graph.atom_of[s.entries]
             groups = slice_groups(graph, s)

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import StructADMMError, one_line
 from ..layers import eval_mode, quiet_torch
+from .heads import traced_as_heads
 
 @dataclass(frozen=True, eq=False)
 class Slice:
@@ -65,6 +66,7 @@ class Slice:
     entries: np.ndarray
     role: str
     groups: int = 1
+    weight: bool = False  #: the weight matrix of a Conv or Linear (not its bias or a norm's tensor)
 
     @property
     def name(self) -> str:
@@ -160,7 +162,7 @@ class ChannelGraph:
         """Per producing layer, the group's channels it makes (each must keep at least one:
         a layer with no outputs cannot exist)."""
         return [torch.from_numpy(np.unique(local)) for s, _, local in self.slices_of(group)
-                if s.role == "out" and s.tensor == "weight"]
+                if s.role == "out" and s.weight]
 
     def slices_of(self, group: ChannelGroup) -> list[tuple[Slice, np.ndarray, np.ndarray]]:
         """(slice, positions in the group, their channel index within the group) per slice."""
@@ -185,12 +187,14 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     """Trace ``model`` with ``torch.export`` and return its channel graph (module docstring).
 
     The model runs in eval mode for the trace (no BatchNorm statistics change) and is left in
-    the mode it was in; nothing else about it is touched.
+    the mode it was in. Its ``nn.MultiheadAttention`` modules are traced as the
+    :class:`~.heads.HeadAttention` that surgery turns them into (same parameters, same names)
+    and are back in place afterwards; nothing else about the model is touched.
     """
     from . import oprules  # noqa: F401  (importing it registers the op rules)
 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with eval_mode(model):
+    with eval_mode(model), traced_as_heads(model):
         try:
             with quiet_torch(), torch.no_grad():
                 program = torch.export.export(model, inputs, strict=False)
@@ -200,7 +204,7 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
                 f"cannot trace {type(model).__name__} with torch.export ({one_line(exc)}); "
                 "models with data-dependent Python control flow need that logic moved out of forward()"
             ) from None
-    return Walk(program, model).run()
+        return Walk(program, model).run()
 
 
 def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
@@ -288,10 +292,16 @@ class UnionFind:
 
 @dataclass(frozen=True)
 class Chan:
-    """A tensor's channel layout: ``entries`` occupies dims ``axis .. axis + entries.ndim``."""
+    """A tensor's channel layout: ``entries`` occupies dims ``axis .. axis + entries.ndim``.
+
+    ``split``: the layout comes from splitting one channel axis into blocks (``[heads,
+    head_dim]``) and the blocks are not aligned yet; reading it through :meth:`Walk.chan` ties
+    each column across the blocks, unless a permute first makes each block one channel (a head).
+    """
 
     entries: np.ndarray
     axis: int
+    split: bool = False
 
     def dims(self) -> range:
         return range(self.axis, self.axis + self.entries.ndim)
@@ -347,7 +357,13 @@ class Walk:
     # -- what rules read -------------------------------------------------------------------
     def chan(self, arg: Any) -> Chan | None:
         value = self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
-        return value if isinstance(value, Chan) else None
+        if not isinstance(value, Chan):
+            return None
+        if value.split:  # blocks of a split channel axis stay aligned: tie each column across them
+            for column in value.entries.reshape(value.entries.shape[0], -1).T:
+                self.tie(column[:1].repeat(len(column)), column)
+            value = self.values[arg] = Chan(value.entries, value.axis)
+        return value
 
     def value(self, arg: Any) -> Any:
         return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
@@ -490,7 +506,7 @@ class Walk:
         for e in np.unique(chan.entries).tolist():
             self.sized_entries.setdefault(e, what)
 
-    def slice(self, p: Param, axis: int, entries: np.ndarray, role: str, groups: int = 1) -> None:
+    def slice(self, p: Param, axis: int, entries: np.ndarray, role: str, groups: int = 1, weight: bool = False) -> None:
         """Record that ``axis`` of parameter ``p`` follows ``entries``; a parameter used again
         (shared weights) ties the new entries to the first use's instead."""
         entries = np.asarray(entries).ravel()
@@ -500,7 +516,7 @@ class Walk:
                     self.tie(s.entries, entries)
                     return
                 raise StructADMMError(f"'{s.name}' is used with two different channel layouts")
-        self.slices.append(Slice(p.module, p.tensor, axis, entries, role, groups))
+        self.slices.append(Slice(p.module, p.tensor, axis, entries, role, groups, weight))
 
     # -- the walk --------------------------------------------------------------------------
     def run(self) -> ChannelGraph:

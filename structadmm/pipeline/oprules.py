@@ -116,13 +116,13 @@ def conv(w: Walk, node: Node) -> Chan | None:
     if groups > 1 and groups == cin:
         # depthwise: output channel o reads input channel o // (cout / cin) alone
         entries = np.repeat(chan.entries, cout // cin)
-        for p in (weight, bias):
-            if p is not None:
-                w.slice(p, 0, entries, "through")
+        w.slice(weight, 0, entries, "through", weight=True)
+        if bias is not None:
+            w.slice(bias, 0, entries, "through")
         return Chan(entries, 1)
-    w.slice(weight, 1, chan.entries, "in", groups)
+    w.slice(weight, 1, chan.entries, "in", groups, weight=True)
     out = w.fresh(node, producer=weight.module)
-    w.slice(weight, 0, out.entries, "out")
+    w.slice(weight, 0, out.entries, "out", weight=True)
     if bias is not None:
         w.slice(bias, 0, out.entries, "out")
     if groups > 1:  # every group of the conv must keep the same number of inputs and outputs
@@ -140,9 +140,9 @@ def linear(w: Walk, node: Node) -> Chan | None:
         return w.unsupported(node, "linear layer whose weight is computed in forward()")
     if chan is None or chan.entries.ndim != 1 or chan.axis != rank - 1:
         return w.unsupported(node, f"Linear '{weight.module}' whose input features are not channels")
-    w.slice(weight, 1, chan.entries, "in")
+    w.slice(weight, 1, chan.entries, "in", weight=True)
     out = w.fresh(node, producer=weight.module, axis=rank - 1)
-    w.slice(weight, 0, out.entries, "out")
+    w.slice(weight, 0, out.entries, "out", weight=True)
     if bias is not None:
         w.slice(bias, 0, out.entries, "out")
     return out
@@ -411,12 +411,9 @@ def reshape(w: Walk, node: Node) -> Chan | None:
         return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' that interleaves channels with other axes")
     index = tuple(slice(None) if d in dims else 0 for d in range(full.ndim))
     entries = np.ascontiguousarray(full[index])
-    if entries.ndim > chan.entries.ndim and chan.entries.ndim == 1 and entries.size == chan.entries.size:
-        # the channel axis is split into blocks: tie each column so the blocks stay aligned
-        columns = entries.reshape(entries.shape[0], -1)
-        for col in columns.T:
-            w.tie(col[:1].repeat(len(col)), col)
-    return Chan(entries, dims[0])
+    # the channel axis split into blocks: aligned when read (Walk.chan), or heads (permute)
+    split = entries.ndim > chan.entries.ndim and chan.entries.ndim == 1 and entries.size == chan.entries.size
+    return Chan(entries, dims[0], split)
 
 
 def order_of(node: Node, rank: int) -> list[int]:
@@ -442,15 +439,20 @@ def permute(w: Walk, node: Node) -> Chan | None:
     """Axes move with the data. Where a move separates the channel axes (a ``[.., heads,
     head_dim]`` split moved to ``[heads, tokens, head_dim]``), the inner axes join their outer
     one: every head becomes one channel, removed whole."""
-    chan = w.chan(node.args[0])
-    if chan is None:
+    raw = w.value(node.args[0])
+    if not isinstance(raw, Chan):
         return None
     order = order_of(node, len(w.shape(node)))
-    entries = chan.entries
-    position = [order.index(d) for d in chan.dims()]  # where each entry axis goes
-    axes = [k for k in range(entries.ndim) if not w.one_channel_along(entries, k)]
-    if not axes:
-        axes = [0]
+    position = [order.index(d) for d in raw.dims()]  # where each entry axis goes
+    if raw.split and not contiguous(position):
+        # a channel axis split into [.., heads, head_dim] and the heads moved apart from their
+        # features: each head (the axis before the innermost) is one channel, removed whole
+        axes = [raw.entries.ndim - 2]
+        entries = raw.entries
+    else:
+        chan = w.chan(node.args[0])
+        entries = chan.entries
+        axes = [k for k in range(entries.ndim) if not w.one_channel_along(entries, k)] or [0]
     if not contiguous([position[k] for k in axes]):
         run = [axes[0]]  # the outermost axis, and those that stay next to it
         for k in sorted(axes, key=lambda k: position[k]):

@@ -197,7 +197,7 @@ class PruningPlan:
         units: list[Unit] = []
         skipped: list[tuple[str, str]] = []
         weighted = {name for name, m in graph.modules.items() if isinstance(m, _WEIGHTED)} | {
-            s.module for s in graph.slices if s.tensor == "weight" and s.role in ("in", "out")}
+            s.module for s in graph.slices if s.weight}
         rules = _parse_rules(layers)
         for pattern in rules:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in weighted):
@@ -241,7 +241,8 @@ class PruningPlan:
                         else:
                             claimed[group.id] = ChannelUnit(group, kind, ratio, graph, multiple)
                 else:
-                    units.append(TensorUnit(f"{layer}.weight", kind, ratio))
+                    tensor = next((s.tensor for s in graph.slices if s.module == layer and s.weight), "weight")
+                    units.append(TensorUnit(f"{layer}.{tensor}" if layer else tensor, kind, ratio))
         units.extend(claimed.values())
         return cls(graph, units, skipped)
 

@@ -110,6 +110,12 @@ def fused_qkv_attention(module: nn.Module, was: Callable) -> None:
         module.attn_dim = module.qkv.out_features // 3
 
 
+@size_rule(_has("num_heads", "head_dim", "in_proj_weight"))
+def packed_attention(module: nn.Module, was: Callable) -> None:
+    """:class:`~.heads.HeadAttention`: a packed ``in_proj_weight`` of 3 x heads x head_dim rows."""
+    module.num_heads = module.in_proj_weight.shape[0] // (3 * module.head_dim)
+
+
 @size_rule(_has("num_attention_heads", "attention_head_size", "query"))
 def separate_qkv_attention(module: nn.Module, was: Callable) -> None:
     """transformers' self-attention (BERT and kin): ``query``/``key``/``value`` Linears."""

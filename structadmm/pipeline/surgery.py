@@ -28,6 +28,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ParityError, StructADMMError
 from ..layers import eval_mode, flat_outputs
+from .heads import heads_attention
 from .graph import ChannelGraph, ChannelGroup, Slice, trace, slice_groups
 from .lowering import MIN_GAIN, lower_convs
 from .resize import fix_sizes
@@ -99,7 +100,7 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
 def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
                         verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> tuple[nn.Module, list[GroupCut]]:
     """:func:`compact`, also returning the channels kept per group."""
-    small, cuts = _remove_channels(independent_copy(model), example_inputs)
+    small, cuts = _remove_channels(heads_attention(independent_copy(model)), example_inputs)
     # removing a layer's outputs can leave channels it alone read with no reader: repeat to a fixed point
     while cuts:
         small, more = _remove_channels(small, example_inputs)
@@ -234,7 +235,7 @@ def _fixed_size_groups(model: nn.Module, example_inputs: Any, graph: ChannelGrap
         plans = None if keep[group.id] is None else _selections(graph, keep)
         if plans is None:
             continue
-        trial = independent_copy(model)
+        trial = heads_attention(independent_copy(model))
         _cut(dict(trial.named_modules()), plans)
         try:
             shapes = [tuple(t.shape) for t in _eval_outputs(trial, inputs)]
