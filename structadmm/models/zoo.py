@@ -349,6 +349,42 @@ def mnist1d_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
     return init_weights(nn.Sequential(features, nn.Flatten(), nn.Linear(4 * width * 5, num_classes)))
 
 
+class _EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patches -> class token + position embedding -> pre-norm blocks -> class-token head."""
+
+    def __init__(self, image: int = 16, patch: int = 4, channels: int = 1, dim: int = 64, depth: int = 4,
+                 heads: int = 8, hidden: int = 256, num_classes: int = 10) -> None:
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.patch = nn.Conv2d(channels, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(_EncoderBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
 # --- registration ----------------------------------------------------------------------------
 
 _IMAGENET = (3, 224, 224)
@@ -376,6 +412,10 @@ for _spec in (
         "ResNet-56 for CIFAR-10 (option-B shortcuts)", 10,
     ),
     ModelSpec("mobilenetv2", mobilenet_v2, _IMAGENET, "MobileNetV2 1.0 (torchvision layout)", 1000),
+    ModelSpec(
+        "vit-digits", VisionTransformer, (1, 16, 16),
+        "ViT for the built-in digits (4x4 patches, 4 blocks of 8 heads, width 64, MLP 256)", 10,
+    ),
     ModelSpec("mnist1d-cnn", mnist1d_cnn, (1, 40), "4-conv 1-D CNN for the built-in MNIST-1D data (1x40)", 10),
     ModelSpec("c3d-small", c3d_small, (3, 8, 56, 56), "Small C3D for UCF101 8-frame clips", 101),
 ):  # fmt: skip

@@ -18,8 +18,10 @@ by the layer that produces the channels, ``channel`` by a layer that reads them.
 
 from __future__ import annotations
 
+
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,6 +96,13 @@ class ChannelUnit:
             keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
             keep_pos[pos] = keep[local]
             masks[s.name] = masks[s.name] * s.mask(values[s.name].shape, keep_pos)
+
+
+def channel_multiple(graph: ChannelGraph, group: ChannelGroup, multiple: int) -> int:
+    """``multiple`` counts a layer's output rows; a channel that is several rows of its layer
+    (a head: head_dim rows each of q, k and v) needs only ``multiple / gcd(multiple, rows)``."""
+    rows = [len(pos) // len(np.unique(local)) for s, pos, local in graph.slices_of(group) if s.role == "out" and s.weight]
+    return multiple // math.gcd(multiple, min(rows)) if rows else multiple
 
 
 def constrained_topk(scores: torch.Tensor, k: int, alive: torch.Tensor, blocks: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -239,7 +248,8 @@ class PruningPlan:
                             # a residual stage names one group from several layers: keep the larger ratio
                             claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)
                         else:
-                            claimed[group.id] = ChannelUnit(group, kind, ratio, graph, multiple)
+                            claimed[group.id] = ChannelUnit(group, kind, ratio, graph,
+                                                            channel_multiple(graph, group, multiple))
                 else:
                     tensor = next((s.tensor for s in graph.slices if s.module == layer and s.weight), "weight")
                     units.append(TensorUnit(f"{layer}.{tensor}" if layer else tensor, kind, ratio))
