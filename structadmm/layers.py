@@ -2,6 +2,7 @@
 
 * :data:`CONVS` — the convolution types the pipeline prunes, lowers and counts;
 * :func:`is_depthwise` — whether a convolution reads every input channel on its own;
+* :func:`replace_module` — put a module in another's place in a model;
 * :func:`eval_mode` — eval mode for a forward pass, each model's own mode restored after
   (callers measure, export or check models in the middle of training);
 * :func:`flat_outputs` — a model's output tensors in order, for parity checks.
@@ -76,3 +77,13 @@ def quiet_torch() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model``'s submodule ``name`` is (a child of a Sequential/ModuleList too)."""
+    owner, _, attr = name.rpartition(".")
+    parent = model.get_submodule(owner)
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)

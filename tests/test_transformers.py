@@ -19,6 +19,7 @@ from torch import nn
 
 import structadmm as sa
 from structadmm.pipeline.heads import HeadAttention, heads_attention
+from structadmm.pipeline.norms import WidthLayerNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import model_zoos  # noqa: E402
@@ -180,3 +181,51 @@ def test_tracing_puts_the_users_attention_back() -> None:
     sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5)
     assert [type(m) for m in model.modules()] == before
     assert any(type(m) is nn.MultiheadAttention for m in model.modules())
+
+
+def bert_classifier() -> tuple[nn.Module, torch.Tensor]:  # BertModel's output is the stream itself
+    model, x = small_bert()
+    return transformers.BertForSequenceClassification(model.config), x
+
+
+@pytest.mark.parametrize("family", ["timm-vit", "torchvision-vit", "bert"])
+def test_residual_stream_is_one_optional_group_pruned_exactly(family: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = bert_classifier() if family == "bert" else FAMILIES[family]()
+    model.eval()
+    without = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5)
+    plan = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5, residual=True)
+    width = 64  # every small model here has a 64-wide residual stream
+    stream = [u for u in plan.units if u.group.size == width and u.group.id in plan.graph.normalised]
+    assert len(stream) == 1, [(u.name, u.group.size) for u in plan.units]  # one group across every block
+    assert {u.group.id for u in without.units} == {u.group.id for u in plan.units} - {stream[0].group.id}
+    plan.project(model)
+    small = sa.compact(model, x)
+    norms = [m for m in small.modules() if isinstance(m, WidthLayerNorm)]
+    assert norms and all(m.weight.shape[0] == width // 2 and m.width == width for m in norms)
+    result = sa.export_onnx(small, x, tmp_path / "pruned.onnx")  # ONNX Runtime against torch
+    with torch.no_grad():
+        expected, got = model(x), small(x)
+    expected = expected if isinstance(expected, torch.Tensor) else expected[0]
+    got = got if isinstance(got, torch.Tensor) else got[0]
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+
+
+def test_a_stream_that_is_not_zero_keeps_its_channels() -> None:
+    # readers all zero but the stream itself is not: a LayerNorm's statistics still read it
+    torch.manual_seed(0)
+    model, x = small_vit()
+    model.eval()
+    plan = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5, residual=True)
+    stream = next(u for u in plan.units if u.group.id in plan.graph.normalised)
+    with torch.no_grad():
+        for s, pos, local in plan.graph.slices_of(stream.group):
+            if s.role == "in":
+                tensor = plan.graph.tensor(s)
+                keep = torch.ones(len(s.entries), dtype=torch.bool)
+                keep[torch.from_numpy(pos[local < 8])] = False
+                tensor.mul_(s.mask(tensor.shape, keep))
+    small = sa.compact(model, x)
+    assert not any(isinstance(m, WidthLayerNorm) for m in small.modules())
+    assert small.norm.weight.shape[0] == 64

@@ -132,20 +132,28 @@ class TorchCost:
 
 def count_torch(model: nn.Module, example_inputs: Any) -> TorchCost:
     """Count the per-sample MACs of ``model`` on ``example_inputs`` (a tensor or a tuple; dim 0 is
-    the batch) with one eval-mode forward pass; the model's train/eval mode is restored."""
+    the batch) with one eval-mode forward pass; the model's train/eval mode is restored.
+
+    ``layers`` holds each module's own MACs, those of its children excluded (an attention
+    module's products around its projection layers). The pass runs with autograd on, as training
+    does, so that fused inference kernels without a MAC formula (``nn.MultiheadAttention``'s fast
+    path) are not taken; no gradient is computed."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     batch = inputs[0].shape[0]
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter:
+    with eval_mode(model), torch.enable_grad(), counter:
         model(*inputs)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
+
+    def total(name: str) -> int:
+        return sum(counts.get(f"{prefix}.{name}" if name else prefix, {}).values())
+
     layers = {}
     for name, module in model.named_modules():
-        if name and not next(module.children(), None):  # a leaf
-            flops = sum(counts.get(f"{prefix}.{name}", {}).values())
-            if flops:
-                layers[name] = _per_sample(flops, batch)
+        own = total(name) - sum(total(f"{name}.{child}" if name else child) for child, _ in module.named_children())
+        if name and own > 0:
+            layers[name] = _per_sample(own, batch)
     return TorchCost(_per_sample(counter.get_total_flops(), batch), layers)
 
 

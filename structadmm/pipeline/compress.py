@@ -250,9 +250,10 @@ class _Pipeline:
     def _plan(self) -> PruningPlan:
         config, model = self.config, self.model
         multiple = config.channel_multiple
-        plan = (PruningPlan.from_file(model, self.example, config.plan, multiple=multiple) if config.plan
+        plan = (PruningPlan.from_file(model, self.example, config.plan, multiple=multiple,
+                                      residual=config.prune_residual) if config.plan
                 else PruningPlan.uniform(model, self.example, config.sparsity, config.ratio, multiple=multiple,
-                                         keep_ends=not config.prune_ends))
+                                         keep_ends=not config.prune_ends, residual=config.prune_residual))
         if not plan.units:
             reasons = "; ".join(f"{layer}: {why}" for layer, why in plan.skipped[:3]) or "no Conv/Linear layers"
             raise StructADMMError(f"nothing in {self.name} can be pruned with this plan ({reasons})")

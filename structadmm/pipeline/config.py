@@ -84,6 +84,7 @@ class CompressConfig(BaseModel):
     distill: float = Field(0.0, ge=0, lt=1)  # weight of distillation from the dense model in masked retraining; 0: off
     distill_temperature: float = Field(4.0, gt=0)
     prune_ends: bool = False  # False: the first layer and the classifier are left whole by uniform plans
+    prune_residual: bool = False  # also prune a transformer's residual stream (channels its LayerNorms normalise)
     # --- end of the ADMM recipe ----------------------------------------------------------------------
 
     def __init__(self, **values: Any) -> None:

@@ -144,6 +144,9 @@ class ChannelGraph:
     #: group id -> the first op that gives the group's channel count as a number (view, reshape,
     #: expand): the model's code may have written that number down (see ``surgery.freeze_fixed_sizes``)
     sized: dict[int, str] = field(default_factory=dict)
+    #: group id -> the first LayerNorm that normalises over the group's channels (a transformer's
+    #: residual stream): prunable only as a whole stream, and only when asked (``residual``)
+    normalised: dict[int, str] = field(default_factory=dict)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -352,6 +355,7 @@ class Walk:
         self.values: dict[torch.fx.Node, Any] = {}
         self.notes: list[str] = []
         self.sized_entries: dict[int, str] = {}
+        self.normalised_entries: dict[int, str] = {}
         self.materialised: dict[tuple[torch.fx.Node, int], Chan] = {}
 
     # -- what rules read -------------------------------------------------------------------
@@ -500,6 +504,12 @@ class Walk:
         roots = np.vectorize(self.atoms.find, otypes=[np.int64])(entries) if entries.size else entries
         return bool((np.take(roots, [0], axis=axis) == roots).all())
 
+    def normalised(self, node: torch.fx.Node, chan: Chan) -> None:
+        """``node`` normalises over ``chan``'s channels (a LayerNorm over a residual stream)."""
+        what = f"layer norm over the channel axis {where(node)}"
+        for e in np.unique(chan.entries).tolist():
+            self.normalised_entries.setdefault(e, what)
+
     def sized(self, node: torch.fx.Node, chan: Chan) -> None:
         """``node`` states ``chan``'s channel count as a number: a size the code may hard-code."""
         what = f"'{op_name(node)}' {where(node)}"
@@ -603,8 +613,11 @@ class Walk:
         sized: dict[int, str] = {}
         for entry, what in self.sized_entries.items():
             sized.setdefault(int(group_of_entry[entry]), what)
+        normalised: dict[int, str] = {}
+        for entry, what in self.normalised_entries.items():
+            normalised.setdefault(int(group_of_entry[entry]), what)
         return ChannelGraph(groups, self.slices, atom_of, local_of, group_of, blocks, self.modules,
-                            list(dict.fromkeys(self.notes)), sized)
+                            list(dict.fromkeys(self.notes)), sized, normalised)
 
 
 def equal_count_atoms(blocks: list[np.ndarray]) -> list[np.ndarray] | None:

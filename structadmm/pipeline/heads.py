@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import replace_module
+
 
 class HeadAttention(nn.Module):
     """What ``nn.MultiheadAttention`` computes, with the number of heads free of ``embed_dim``.
@@ -117,7 +119,7 @@ def heads_attention(model: nn.Module) -> nn.Module:
     holding its parameters, in place; returns ``model``."""
     for name, module in list(model.named_modules()):
         if name and supported(module):
-            _swap(model, name, HeadAttention(module))
+            replace_module(model, name, HeadAttention(module))
     return model
 
 
@@ -128,17 +130,8 @@ def traced_as_heads(model: nn.Module) -> Iterator[nn.Module]:
     swapped = [(name, module) for name, module in model.named_modules() if name and supported(module)]
     try:
         for name, module in swapped:
-            _swap(model, name, HeadAttention(module))
+            replace_module(model, name, HeadAttention(module))
         yield model
     finally:
         for name, module in swapped:
-            _swap(model, name, module)
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    parent = model.get_submodule(owner)
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
+            replace_module(model, name, module)

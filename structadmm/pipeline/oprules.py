@@ -148,6 +148,17 @@ def linear(w: Walk, node: Node) -> Chan | None:
     return out
 
 
+@rule(aten.embedding, reads_opaque=True)
+def embedding(w: Walk, node: Node) -> Chan | None:
+    """A lookup table makes new channels: its columns, one per feature of the looked-up rows."""
+    weight = w.param(w.bind(node)["weight"])
+    if weight is None or w.tensor_of(weight).ndim != 2:
+        return w.unsupported(node, "embedding whose table is computed in forward()")
+    out = w.fresh(node, producer=weight.module, axis=len(w.shape(node)) - 1)
+    w.slice(weight, 1, out.entries, "out", weight=True)
+    return out
+
+
 # -- per-channel normalisation ---------------------------------------------------------------
 
 @rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
@@ -186,12 +197,24 @@ def group_norm(w: Walk, node: Node) -> Chan | None:
 
 @rule(aten.layer_norm, aten.rms_norm)
 def layer_norm(w: Walk, node: Node) -> Chan | None:
+    """Normalising over the channel axis mixes the channels (the statistics): a group that
+    reaches it is only prunable as a whole residual stream whose removed channels are zero, and
+    only through a ``nn.LayerNorm`` that surgery can make keep its statistics (:mod:`.norms`)."""
     a = w.bind(node)
     chan = w.chan(a["input"])
     rank = len(w.shape(node))
     normalised = set(range(rank - len(a["normalized_shape"]), rank))
-    if chan is not None and normalised & set(chan.dims()):
+    if chan is None or not normalised & set(chan.dims()):
+        return chan
+    weight, bias = w.param(a.get("weight")), w.param(a.get("bias"))
+    module = w.modules.get(weight.module) if weight is not None else None
+    if node.target.overloadpacket is not aten.layer_norm or not isinstance(module, torch.nn.LayerNorm) or \
+            normalised != {rank - 1} or list(chan.dims()) != [rank - 1] or (bias is not None and bias.module != weight.module):
         return w.mixing(node, chan, "layer norm over the channel axis")
+    for p in (weight, bias):
+        if p is not None:
+            w.slice(p, 0, chan.entries, "through")
+    w.normalised(node, chan)
     return chan
 
 

@@ -167,18 +167,18 @@ class PruningPlan:
     # -- construction ------------------------------------------------------------------
     @classmethod
     def uniform(cls, model: nn.Module, example_inputs: Any, sparsity: str = "filter", ratio: float = 0.5, *,
-                multiple: int = 1, keep_ends: bool = False) -> "PruningPlan":
+                multiple: int = 1, keep_ends: bool = False, residual: bool = False) -> "PruningPlan":
         """The same sparsity type(s) and ratio for every layer that can take them.
 
         ``multiple``: round every group's kept channel count up to a multiple of it.
         ``keep_ends``: leave the first layer and the classifier whole (see :meth:`from_dict`).
         """
         return cls.from_dict(model, example_inputs, {"*": {"sparsity": sparsity, "ratio": ratio}}, multiple=multiple,
-                             keep_ends=keep_ends)
+                             keep_ends=keep_ends, residual=residual)
 
     @classmethod
     def from_file(cls, model: nn.Module, example_inputs: Any, path: str | Path, *, multiple: int = 1,
-                  keep_ends: bool = False) -> "PruningPlan":
+                  keep_ends: bool = False, residual: bool = False) -> "PruningPlan":
         """A TOML plan: ``[layers."<glob>"]`` tables with ``sparsity`` and ``ratio`` keys."""
         data = read_toml(path, "plan file")
         unknown = set(data) - {"layers"}
@@ -186,11 +186,12 @@ class PruningPlan:
             raise StructADMMError(
                 f"plan file {path} must hold only [layers.\"<pattern>\"] tables with sparsity and ratio"
             )
-        return cls.from_dict(model, example_inputs, data["layers"], multiple=multiple, keep_ends=keep_ends)
+        return cls.from_dict(model, example_inputs, data["layers"], multiple=multiple, keep_ends=keep_ends,
+                             residual=residual)
 
     @classmethod
     def from_dict(cls, model: nn.Module, example_inputs: Any, layers: Mapping[str, Any], *,
-                  multiple: int = 1, keep_ends: bool = False) -> "PruningPlan":
+                  multiple: int = 1, keep_ends: bool = False, residual: bool = False) -> "PruningPlan":
         """Per-layer plan: ``{"conv1": {"sparsity": "filter", "ratio": 0.5}, "layer*.conv2": ...}``.
 
         Keys are layer names or glob patterns; the most specific match (an exact name beats
@@ -200,8 +201,17 @@ class PruningPlan:
         reader names them as channels) and the last one, the classifier, are left whole unless
         the plan names them exactly, as the reference implementations do: both are small and
         the accuracy depends on them most.
+
+        ``residual``: also prune the channels a LayerNorm normalises over (a transformer's residual
+        stream, one group across all its blocks); otherwise that group is left whole.
         """
         graph = trace(model, example_inputs)
+        if not residual:
+            for gid, where in graph.normalised.items():
+                group = graph.groups[gid]
+                if group.prunable:
+                    group.frozen = f"{where}: a residual stream, pruned only with residual=True"
+                    graph.notes.append(f"{group.frozen}: channels of {group.name} are not pruned")
         freeze_fixed_sizes(model, example_inputs, graph)
         units: list[Unit] = []
         skipped: list[tuple[str, str]] = []

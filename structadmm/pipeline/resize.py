@@ -126,3 +126,10 @@ def separate_qkv_attention(module: nn.Module, was: Callable) -> None:
         module.all_head_size = module.query.out_features
     if isinstance(getattr(module, "num_key_value_heads", None), int):
         module.num_key_value_heads = module.key.out_features // module.attention_head_size
+
+
+@size_rule(_has("hidden_dim", "conv_proj"))
+def patch_embedding_width(module: nn.Module, was: Callable) -> None:
+    """torchvision's ``VisionTransformer``: ``hidden_dim`` (its residual width) reshapes the patches."""
+    if isinstance(module.conv_proj, CONVS):
+        module.hidden_dim = module.conv_proj.out_channels

@@ -31,6 +31,7 @@ from ..layers import eval_mode, flat_outputs
 from .heads import heads_attention
 from .graph import ChannelGraph, ChannelGroup, Slice, trace, slice_groups
 from .lowering import MIN_GAIN, lower_convs
+from .norms import keep_statistics
 from .resize import fix_sizes
 
 
@@ -50,8 +51,11 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
     channels of the smaller blocks are kept (keeping a channel is always exact).
     """
     dead = torch.ones(group.size, dtype=torch.bool)
+    # a LayerNorm's statistics read every channel of a residual stream: there a channel must
+    # also be zero itself (every producer and every added parameter), not only unread
+    roles = ("in", "out", "through") if group.id in graph.normalised else ("in",)
     for s, pos, local in graph.slices_of(group):
-        if s.role == "in":
+        if s.role in roles:
             read = (s.norms(graph.tensor(s))[torch.from_numpy(pos)] > 0).numpy()
             dead[torch.from_numpy(local[read])] = False
     constraints = graph.blocks_in(group)
@@ -206,6 +210,7 @@ def _cut(modules: dict[str, nn.Module], plans: dict[tuple[str, str], list]) -> N
             else:
                 setattr(module, tensor_name, new)
     fix_sizes(modules[""], before)
+    keep_statistics(modules[""], before)
 
 
 def freeze_fixed_sizes(model: nn.Module, example_inputs: Any, graph: ChannelGraph) -> None:
