@@ -125,7 +125,9 @@ def test_a_staged_run_resumes_inside_a_stage_to_the_uninterrupted_result(tmp_pat
     state = torch.load(tmp_path / ".run.partial" / "checkpoint" / "state.pt", weights_only=True)
     assert (state["phase"], state["epoch"]) == ("admm-2", 1) and state["masks"] is not None
     assert list(state["facts"]["stages"]) == ["1"]
-    resumed = _compress(tmp_path, "run", resume=True).report
+    counter = _StopAt(0)
+    resumed = _compress(tmp_path, "run", progress=counter, resume=True).report
+    assert counter.steps == 2 + 2 + 4 + 2  # the rest of stage 2 (ADMM, retrain), the final ADMM and retrain
     for key in ("admm_stages", "groups", "admm", "admm_outcome", "mac_ratio"):
         assert resumed[key] == full[key], key
     for key in ("accuracy", "hard_pruned_accuracy", "weight_sparsity"):

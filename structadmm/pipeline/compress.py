@@ -2,8 +2,9 @@
 ONNX export → ONNX Runtime benchmark → report. With ``admm_stages``, ADMM → hard prune →
 short masked retrain runs once per earlier stage's ratio before the final ADMM, each stage
 within the masks of the one before. Once the plan is fixed, what it keeps is compared with the
-ratio asked (:mod:`.reach`); a shortfall is a warning and goes into the report. :func:`compact_run` is the conversion stage
-alone (surgery → export → benchmark → report) for a model pruned in the caller's own loop.
+ratio asked (:mod:`.reach`); a shortfall is a warning and goes into the report.
+:func:`compact_run` is the conversion stage alone (surgery → export → benchmark → report)
+for a model pruned in the caller's own loop.
 
 Each stage is a library call of its own (plan.py, admm.py, masks.py, surgery.py,
 exporters, bench); this module only wires them together and owns the run folder, which is
@@ -404,6 +405,8 @@ class _Pipeline:
     def _retrain(self, masks: Masks, teacher: nn.Module | None, phase: str, epochs: int, offset: int) -> None:
         config = self.config
         self.state.masks = masks
+        if self.state.done(phase):  # an earlier stage's retrain, finished before the run was interrupted
+            return
         guard = apply_masks(self.model, masks)  # re-applied after every optimizer step
         self._train(phase, epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
                     description="masked retraining", teacher=teacher, distill=config.distill,
