@@ -42,7 +42,8 @@ def test_channel_multiple_makes_0875_keep_what_075_keeps_and_says_so() -> None:
     reached = 3 * 16 * 9 * 64 + 16 * 16 * 9 * 64 + 16 * 10
     assert (short["macs"]["dense"], short["macs"]["requested"], short["macs"]["reached"]) == (DENSE, requested, reached)
     assert short["macs"]["reduction"] == pytest.approx(DENSE / reached)  # 7.05x, where 48.6x was asked
-    rows = [(g["group"], g["channels"], g["requested_kept"], g["kept"], g["ratio"], g["reasons"]) for g in short["groups"]]
+    rows = [(g["group"], g["channels"], g["requested_kept"], g["kept"], g["ratio"], g["reasons"])
+            for g in short["groups"]]
     assert rows == [("0", 32, 4.0, 16, 0.5, [multiple_reason(16)]), ("3", 64, 8.0, 16, 0.75, [multiple_reason(16)])]
     assert short["message"] == ("ratio 0.875 not reached: 0.667 of the channels removed (0.875 asked), 7.05x fewer "
                                 "MACs (48.60x asked); rounded up to a multiple of channel_multiple = 16: 0, 3")
@@ -87,9 +88,9 @@ def test_every_reason_is_the_plans_own() -> None:
     assert tiny["6"] == (1, [AT_LEAST_ONE]) and tiny["0"] == (2, [BLOCKS])
     # the first layer kept whole by keep_ends (the classifier's outputs are the model's: never counted)
     ends = _reach(two_convs(), 0.875, keep_ends=True)
-    assert [(g.group, g.kept, g.reasons) for g in ends.groups] == [("3", 8, []),
-                                                                    ("0", 32, ["first layer, kept whole (keep_ends)"])]
-    assert not ends.reached and "first layer, kept whole (keep_ends): 0" in ends.message()
+    first = "first layer, kept whole (keep_ends; prune_ends = true prunes it)"
+    assert [(g.group, g.kept, g.reasons) for g in ends.groups] == [("3", 8, []), ("0", 32, [first])]
+    assert not ends.reached and f"{first}: 0" in ends.message()
 
 
 FAST = dict(dense_epochs=1, admm_rounds=2, admm_epochs=1, retrain_epochs=1, batch_size=32, rho=0.5, rho_growth=2.0,

@@ -231,7 +231,7 @@ class _Pipeline:
         return before + (self.admm_schedule(config).max_epochs() if phase == "retrain" else 0)
 
     def _check_reach(self, plan: PruningPlan) -> None:
-        """Compare what the plan keeps with the ratio asked, once; a shortfall is a warning (every time the run starts)."""
+        """Compare what the plan keeps with the ratio asked (once per run); a shortfall is a warning."""
         from .reach import check_reach
 
         facts, config = self.state.facts, self.config

@@ -277,7 +277,8 @@ class PruningPlan:
                     if kind in (Sparsity.FILTER, Sparsity.CHANNEL):
                         for group in graph.groups_of(layer, "out" if kind is Sparsity.FILTER else "in"):
                             if group.frozen not in NOT_PRUNABLE:
-                                wanted.setdefault(group.id, LeftWhole(group, rule[1], f"{role}, kept whole (keep_ends)"))
+                                why = f"{role}, kept whole (keep_ends; prune_ends = true prunes it)"
+                                wanted.setdefault(group.id, LeftWhole(group, rule[1], why))
 
         claimed: dict[int, ChannelUnit] = {}
         for layer, (kinds, ratio) in sorted(per_layer.items()):
