@@ -109,6 +109,9 @@ def run(
     quantize: Optional[str] = typer.Option(None, "--quantize", help=(
         "int8: also quantize pruned.onnx and dense.onnx with ONNX Runtime (static QDQ, per-channel, calibrated "
         "on training batches), measure them in ONNX Runtime and gate the pruned INT8 model.")),
+    admm_stages: Optional[str] = typer.Option(None, "--admm-stages", help=(
+        "Progressive stages before --ratio, e.g. 0.5,0.75,0.875: ADMM, hard prune and a short masked retrain at "
+        "each, then ADMM at --ratio with what they pruned held at zero.")),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with any of the settings."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: a new folder under ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (training device)."),
@@ -129,7 +132,8 @@ def run(
         raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
                                          target_macs=target_macs, target_latency=target_latency, quantize=quantize,
-                                         plan=str(plan) if plan else None).items() if v is not None}
+                                         plan=str(plan) if plan else None,
+                                         admm_stages=_ratios(admm_stages, "--admm-stages")).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
     torch.manual_seed(cfg.seed)  # before building, so a model's initial weights are the same every run
     loaded = _load_model(model, checkpoint, input_shape)
@@ -188,6 +192,16 @@ def compact(
     result = compact_run(loaded.module, example, cfg, val_data=held_out, out_dir=out_dir, model_name=loaded.name)
     out.print(render_table(result.report))
     out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png, accuracy.png)")
+
+
+def _ratios(text: Optional[str], flag: str) -> Optional[list[float]]:
+    """A comma-separated list of ratios (``0.5,0.75``); None when the flag is not given."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise StructADMMError(f"{flag} takes ratios separated by commas, e.g. 0.5,0.75,0.875; got {text!r}") from None
 
 
 def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[str]):

@@ -15,6 +15,15 @@ def chain2d() -> nn.Module:
     )
 
 
+def two_convs(in_channels: int = 3, classes: int = 10) -> nn.Module:
+    """Convs of 32 and 64 channels, global pooling, a classifier: narrow enough for channel_multiple to matter."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes),
+    )
+
+
 def chain1d() -> nn.Module:
     return nn.Sequential(
         nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(),

@@ -102,6 +102,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{_parity_text(report)}.",
         "",
+        *_shortfall_section(report),
+        *_stages_section(report),
         f"## Latency (ONNX Runtime, dense and pruned {_mode_text(report.get('latency') or [])})",
         "",
         *_latency_table(report.get("latency") or []),
@@ -122,6 +124,55 @@ def _markdown(report: Mapping[str, Any]) -> str:
         *_layer_table(report.get("layers") or []),
     ]
     return "\n".join(lines)
+
+
+def _shortfall_section(report: Mapping[str, Any]) -> list[str]:
+    """The requested ratio against what the plan keeps, per group with the plan's reasons (only when short)."""
+    short = _side(report, "ratio_shortfall")
+    if not short:
+        return []
+    channels, macs = _side(short, "channels"), _side(short, "macs")
+    lines = [
+        "## Requested ratio not reached",
+        "",
+        f"{short.get('message', NA)}.",
+        "",
+        "| | asked | reached |",
+        "|---|---:|---:|",
+        f"| channels removed | {_number3(channels.get('requested_removed'))} | {_number3(channels.get('removed'))} |",
+        f"| channels kept | {_number(channels.get('requested_kept'))} of {channels.get('total', NA)} "
+        f"| {channels.get('kept', NA)} of {channels.get('total', NA)} |",
+        f"| MACs / sample | {_si(macs.get('requested'))} ({_ratio(macs.get('requested_reduction'))} fewer) "
+        f"| {_si(macs.get('reached'))} ({_ratio(macs.get('reduction'))} fewer) |",
+        "",
+        "| group | channels | ratio asked | kept asked | kept | ratio reached | why more are kept |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for g in short.get("groups") or []:
+        lines.append(f"| {g.get('group')} | {g.get('channels')} | {_number3(g.get('requested_ratio'))} "
+                     f"| {_number(g.get('requested_kept'))} | {g.get('kept')} | {_number3(g.get('ratio'))} "
+                     f"| {'; '.join(g.get('reasons') or []) or '-'} |")
+    lines += ["", "MACs here are the plan's own count (before surgery); the table above is the exported models'.", ""]
+    return lines
+
+
+def _stages_section(report: Mapping[str, Any]) -> list[str]:
+    """Progressive ADMM stages (``admm_stages``): each earlier stage's ratio, residual and accuracies."""
+    stages = report.get("admm_stages") or []
+    if not stages:
+        return []
+    lines = ["## ADMM stages", "",
+             "| stage | ratio | rounds | final primal residual | hard-pruned accuracy | after short retrain |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for st in stages:
+        outcome = _side(st, "admm_outcome")
+        lines.append(f"| {st.get('stage')} | {_number3(st.get('ratio'))} | {outcome.get('rounds', NA)} "
+                     f"| {_number3(outcome.get('primal_residual'))} | {_percent(st.get('hard_pruned_accuracy'))} "
+                     f"| {_percent(st.get('retrained_accuracy'))} |")
+    ratio = _side(report, "config").get("ratio")
+    lines += ["", f"Then ADMM at the final ratio {ratio if ratio is not None else NA} within the last stage's masks "
+              "(see `admm` and `admm_outcome` in report.json).", ""]
+    return lines
 
 
 _VARIANTS = ("dense FP32", "pruned FP32", "pruned INT8", "dense INT8")
@@ -392,6 +443,10 @@ def _ratio(value: Any) -> str:
 
 def _number(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else NA
+
+
+def _number3(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else NA
 
 
 def _bytes(value: Any) -> str:

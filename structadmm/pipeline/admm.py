@@ -18,6 +18,12 @@ a plan part of the way to its ratios (:meth:`PruningPlan.on_the_way`, round r ke
 in steps (0.9375: keep 1/2, 1/4, 1/8, then 1/16) instead of at once. The hard prune always
 uses the plan itself.
 
+Stages (``within``): an ADMM run inside the masks of an earlier hard prune projects Z, and
+hard-prunes W, only among the weights those masks kept (:meth:`PruningPlan.masks_for`), so the
+pruned set of every stage contains the previous stage's; the caller holds the pruned weights at
+zero while it trains (:func:`~.masks.apply_masks`). The pipeline's ``admm_stages`` runs such
+stages at rising ratios (ADMM, hard prune, a short masked retrain, ADMM at the next ratio).
+
 :class:`AdmmSchedule` is the training recipe around it, as the reference implementations run
 it: ``rounds`` rounds of ``epochs_per_round`` epochs of W-steps, the learning rate restarted
 (one cosine) every round, and no hard prune until the primal residual is at most
@@ -50,13 +56,14 @@ class ADMM:
     """ADMM state (Z, U, rho) for the parameters a plan constrains."""
 
     def __init__(self, model: nn.Module, plan: PruningPlan, *, rho: float = 0.05,
-                 rho_growth: float = 1.6, rho_max: float = 5.0, ramp_rounds: int = 0):
+                 rho_growth: float = 1.6, rho_max: float = 5.0, ramp_rounds: int = 0, within: Masks | None = None):
         if not (rho > 0 and rho_growth >= 1 and rho_max >= rho):
             raise ValueError("need rho > 0, rho_growth >= 1 and rho_max >= rho")
         if ramp_rounds < 0:
             raise ValueError(f"ramp_rounds must be >= 0, got {ramp_rounds}")
         self.plan = plan
         self.ramp_rounds = ramp_rounds
+        self.within = within  # the masks of an earlier stage: what they pruned stays pruned
         named = dict(model.named_parameters())
         self.params = {name: named[name] for name in plan.param_names()}
         if not self.params:
@@ -77,7 +84,7 @@ class ADMM:
         return self.plan.on_the_way((self.round + 1) / self.ramp_rounds)
 
     def _project(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        masks = self.target().masks_for(values)
+        masks = self.target().masks_for(values, within=self.within)
         return {n: v * masks[n].to(v.device, v.dtype) for n, v in values.items()}
 
     def _follow_device(self) -> None:
@@ -117,7 +124,7 @@ class ADMM:
     @torch.no_grad()
     def hard_prune(self) -> Masks:
         """Project W onto the sparse set in place (W = Proj_S(W)) and return the masks."""
-        masks = self.plan.masks_for({n: p.detach() for n, p in self.params.items()})
+        masks = self.plan.masks_for({n: p.detach() for n, p in self.params.items()}, within=self.within)
         for n, p in self.params.items():
             p.mul_(masks[n].to(p.device, p.dtype))
         return masks

@@ -85,6 +85,18 @@ class MacModel:
             locals_ = [(gid, graph.local_of[atoms[groups == gid]]) for gid in np.unique(groups).tolist()]
             self.sides.setdefault(s.module, {})["in" if s.role == "in" else "out"] = (len(groups), locals_)
 
+    def expected_macs(self, ratios: Mapping[int, float]) -> float:
+        """Total MACs when group ``g`` loses exactly the fraction ``ratios[g]`` of its channels at every
+        position it holds (fractions of a channel allowed: what a ratio asks, before any rounding)."""
+        total = self.fixed
+        for module, base in self.base.items():
+            factor = 1.0
+            for positions, locals_ in self.sides.get(module, {}).values():
+                removed = sum(ratios[gid] * len(local) for gid, local in locals_ if gid in ratios)
+                factor *= (positions - removed) / positions
+            total += base * factor
+        return total
+
     def macs(self, keep: Mapping[int, Any]) -> float:
         """Total MACs when group ``g`` keeps the channels where ``keep[g]`` (a boolean vector over the
         group's channels) is true; groups not in ``keep`` keep every channel."""

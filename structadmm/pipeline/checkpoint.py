@@ -8,7 +8,7 @@ Inside it, ``checkpoint/`` holds
 
 * ``state.pt``: everything needed to continue (see :meth:`RunState.save`), rewritten
   atomically (temp file, fsync, ``os.replace``) at the start of each phase (dense, admm,
-  retrain) and at the end of each of its epochs — so also after every ADMM round. It is read
+  retrain; with ``admm_stages`` also each earlier stage's admm-i and retrain-i) and at the end of each of its epochs — so also after every ADMM round. It is read
   with ``torch.load(weights_only=True)``: RNG states are stored as tensors, numbers and lists;
 * ``lock``: held with ``flock`` by the process writing the run. The kernel releases it when
   that process dies, even by SIGKILL, which tells a live run from an interrupted one.
@@ -42,6 +42,11 @@ except ImportError:  # Windows: no advisory locks, so two processes on one run g
     fcntl = None
 
 PHASES = ("dense", "admm", "retrain")
+
+
+def phases_of(stages: int) -> tuple[str, ...]:
+    """The phases of a run with ``stages`` ADMM stages: every stage but the last adds ``admm-i`` and ``retrain-i``."""
+    return ("dense", *(f"{name}-{i}" for i in range(1, stages) for name in ("admm", "retrain")), "admm", "retrain")
 FORMAT = 2  # 2: the pruning plan is saved (facts["plan"]) once fixed, and a resume uses it
 
 
@@ -214,14 +219,16 @@ class RunState:
     """
 
     def __init__(self, folder: RunFolder | None, identity: dict[str, Any], model: nn.Module,
-                 generator: torch.Generator | None, resumed: dict[str, Any] | None):
+                 generator: torch.Generator | None, resumed: dict[str, Any] | None,
+                 phases: tuple[str, ...] = PHASES):
+        self.phases = phases  # in order (see phases_of)
         self.folder = folder  # None on ranks other than 0, which never write
         self.identity = identity
         self.model = model
         self.generator = generator  # the training loader's, whose state decides the shuffle
         self.resumed = resumed
         # results of finished phases: dense_accuracy, plan (PruningPlan.to_state), budget,
-        # hard_pruned_accuracy, timings
+        # ratio_shortfall, stages, hard_pruned_accuracy, timings
         self.facts: dict[str, Any] = dict(resumed["facts"]) if resumed else {"timings": {}}
         self.admm: ADMM | None = None
         self.masks: Masks | None = None
@@ -229,7 +236,7 @@ class RunState:
 
     def done(self, phase: str) -> bool:
         """Whether the checkpoint resumed from is past ``phase`` (so it is skipped)."""
-        return self.resumed is not None and PHASES.index(self.resumed["phase"]) > PHASES.index(phase)
+        return self.resumed is not None and self.phases.index(self.resumed["phase"]) > self.phases.index(phase)
 
     def resumed_masks(self) -> Masks:
         return {n: m.float() for n, m in self.resumed["masks"].items()}

@@ -1,6 +1,10 @@
 """The whole pipeline in one call: train → ADMM → hard prune → masked retrain → surgery →
-ONNX export → ONNX Runtime benchmark → report. :func:`compact_run` is the conversion stage
-alone (surgery → export → benchmark → report) for a model pruned in the caller's own loop.
+ONNX export → ONNX Runtime benchmark → report. With ``admm_stages``, ADMM → hard prune →
+short masked retrain runs once per earlier stage's ratio before the final ADMM, each stage
+within the masks of the one before. Once the plan is fixed, what it keeps is compared with the
+ratio asked (:mod:`.reach`); a shortfall is a warning and goes into the report.
+:func:`compact_run` is the conversion stage alone (surgery → export → benchmark → report)
+for a model pruned in the caller's own loop.
 
 Each stage is a library call of its own (plan.py, admm.py, masks.py, surgery.py,
 exporters, bench); this module only wires them together and owns the run folder, which is
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +31,11 @@ from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import StructADMMError
+from ..errors import StructADMMError, StructADMMWarning
 from ..models.validate import check_data
 from . import distributed
 from .admm import ADMM, AdmmRound, AdmmSchedule
-from .checkpoint import ResumeMismatch, RunFolder, RunState, final_of, run_identity, staging_of
+from .checkpoint import ResumeMismatch, RunFolder, RunState, final_of, phases_of, run_identity, staging_of
 from .config import CompressConfig
 from .masks import apply_masks, sparsity_of
 from .plan import Masks, PruningPlan
@@ -160,6 +165,14 @@ def _new_run_dir(out_dir: str | Path | None, name: str) -> Path:
 _TIMINGS = {"dense": "dense_training_s", "admm": "admm_s", "retrain": "retrain_s"}
 
 
+def _timing_key(phase: str) -> str:
+    """report.json's timings key of a phase; an earlier stage's ``admm-2`` is ``admm_stage2_s``."""
+    if phase in _TIMINGS:
+        return _TIMINGS[phase]
+    name, stage = phase.rsplit("-", 1)
+    return f"{name}_stage{stage}_s"
+
+
 class _Pipeline:
     """One run, phase by phase, checkpointed as it goes (see :class:`.checkpoint.RunState`)."""
 
@@ -183,16 +196,22 @@ class _Pipeline:
         self.train = distributed.shard(loader, self.ctx, seed=config.seed)
         self.val = make_loader(val_data, 256, shuffle=False) if val_data is not None else None
         self.example = first_batch(self.train, 8)
-        self.state = RunState(self.folder, self.identity, model, self.train.generator, self.resumed)
+        stages = config.stage_ratios()
+        self.state = RunState(self.folder, self.identity, model, self.train.generator, self.resumed,
+                              phases_of(len(stages)))
 
         plan = self._plan()  # depends on the structure only: fail before training, not after
         dense_acc = self._dense()
         plan = self._final_plan(plan)
+        self._check_reach(plan)
         teacher = self._teacher()
-        admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max)
+        within = None  # the masks of the stage before: what it pruned stays pruned
+        for stage, ratio in enumerate(stages[:-1], 1):
+            within = self._stage(stage, plan.at_ratio(ratio), within, teacher)
+        admm = ADMM(model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max, within=within)
         self.state.admm = admm
-        masks = self._admm(admm)
-        self._retrain(masks, teacher)
+        masks = self._admm(admm, within, "admm", self._offset(len(stages), "admm"))
+        self._retrain(masks, teacher, "retrain", config.retrain_epochs, self._offset(len(stages), "retrain"))
         report = distributed.on_main(lambda: self._publish(plan, admm, masks, dense_acc), self.ctx)
         return CompressResult(self.small, masks, self.run_dir, report, admm.history, self.ctx.rank)
 
@@ -202,7 +221,47 @@ class _Pipeline:
         train_epochs(self.model, self.train, epochs, resume=resume, epoch_offset=epoch_offset,
                      on_epoch_end=lambda trainer: self.state.save(phase, trainer), **kwargs, **self.fit)
         self.model.cpu()
-        self.state.leave(_TIMINGS[phase])
+        self.state.leave(_timing_key(phase))
+
+    def _offset(self, stage: int, phase: str) -> int:
+        """Epochs trained before ``phase`` of ``stage`` (1-based): the DistributedSampler's epoch offset."""
+        config = self.config
+        per_stage = self.admm_schedule(config).max_epochs() + config.admm_stage_retrain_epochs
+        before = config.dense_epochs + (stage - 1) * per_stage
+        return before + (self.admm_schedule(config).max_epochs() if phase == "retrain" else 0)
+
+    def _check_reach(self, plan: PruningPlan) -> None:
+        """Compare what the plan keeps with the ratio asked (once per run); a shortfall is a warning."""
+        from .reach import check_reach
+
+        facts, config = self.state.facts, self.config
+        if "ratio_shortfall" not in facts:
+            uniform = not (config.plan or config.target_macs or config.target_latency)
+            reach = check_reach(self.model, self.example, plan, config.ratio if uniform else None)
+            facts["ratio_shortfall"] = None if reach.reached else reach.to_dict()
+        if facts["ratio_shortfall"] is not None and self.ctx.is_main:
+            warnings.warn(StructADMMWarning(facts["ratio_shortfall"]["message"]), stacklevel=2)
+
+    def _stage(self, stage: int, plan: PruningPlan, within: Masks | None, teacher: nn.Module | None) -> Masks:
+        """One earlier ADMM stage (``admm_stages``): ADMM within the last stage's masks, hard prune, short retrain."""
+        from .reach import kept_channels
+
+        config = self.config
+        admm = ADMM(self.model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max,
+                    within=within)
+        self.state.admm = admm
+        masks = self._admm(admm, within, f"admm-{stage}", self._offset(stage, "admm"))
+        record = self.state.facts.setdefault("stages", {}).setdefault(str(stage), {})
+        if "ratio" not in record:  # the stage's ADMM ran now, not in an interrupted earlier run
+            record.update(ratio=plan.units[0].ratio, admm=[r.__dict__ for r in admm.history],
+                          admm_outcome=self.state.facts.pop("admm_outcome"),
+                          hard_pruned_accuracy=self.state.facts.pop("hard_pruned_accuracy"),
+                          kept=kept_channels(plan, masks))
+        self._retrain(masks, teacher, f"retrain-{stage}", config.admm_stage_retrain_epochs,
+                      self._offset(stage, "retrain"))
+        if "retrained_accuracy" not in record:
+            record["retrained_accuracy"] = self._evaluate()
+        return masks
 
     def _evaluate(self) -> float | None:
         """Held-out accuracy, measured on rank 0 with rank 0's BatchNorm statistics."""
@@ -273,7 +332,10 @@ class _Pipeline:
             self.state.facts["plan"] = plan.to_state()
             return plan
         budget = config.target_macs or config.target_latency
-        if not budget and plan.to_state() != saved:
+        current = plan.to_state()
+        if "left_whole" not in saved:  # a checkpoint from before plans recorded the groups they keep whole
+            current.pop("left_whole")
+        if not budget and current != saved:
             raise ResumeMismatch(f"cannot resume {self.run_dir}: the pruning plan differs from the interrupted run's "
                                  "(a changed --plan file?); resume with the plan it was started with")
         try:
@@ -310,8 +372,9 @@ class _Pipeline:
                                       "measured_speedup": result.speedup, "measurements": result.measurements}
         return result.plan
 
-    def _admm(self, admm: ADMM) -> Masks:
-        if self.state.done("admm"):
+    def _admm(self, admm: ADMM, within: Masks | None, phase: str, offset: int) -> Masks:
+        """ADMM, then the hard prune; ``within``: an earlier stage's masks, held at zero while it trains."""
+        if self.state.done(phase):
             return self.state.resumed_masks()
         config, ctx = self.config, self.ctx
         schedule = self.admm_schedule(config)
@@ -319,8 +382,16 @@ class _Pipeline:
         def check(admm: ADMM) -> None:
             distributed.check_identical([*admm.Z.values(), *admm.U.values()], ctx, "ADMM's Z and U")
 
-        self._train("admm", schedule.max_epochs(), config.dense_epochs, lr=config.admm_lr,
-                    description="ADMM", **schedule.train_kwargs(admm, check))
+        self.state.masks = within  # saved with this phase's checkpoints, for a resume inside it
+        guard = apply_masks(self.model, within) if within is not None else None
+        try:
+            self._train(phase, schedule.max_epochs(), offset, lr=config.admm_lr,
+                        description="ADMM" if phase == "admm" else f"ADMM stage {phase.rsplit('-', 1)[1]}",
+                        after_step=guard.enforce if guard is not None else None,
+                        **schedule.train_kwargs(admm, check))
+        finally:
+            if guard is not None:
+                guard.remove()
         self.state.facts["admm_outcome"] = schedule.outcome(admm)
         masks = admm.hard_prune()
         distributed.check_identical(masks.values(), ctx, "the masks")
@@ -332,12 +403,13 @@ class _Pipeline:
         return AdmmSchedule(config.admm_rounds, config.admm_epochs, tolerance=config.admm_tolerance,
                             extra_rounds=config.admm_extra_rounds, restart=config.admm_lr_restart)
 
-    def _retrain(self, masks: Masks, teacher: nn.Module | None) -> None:
+    def _retrain(self, masks: Masks, teacher: nn.Module | None, phase: str, epochs: int, offset: int) -> None:
         config = self.config
         self.state.masks = masks
+        if self.state.done(phase):  # an earlier stage's retrain, finished before the run was interrupted
+            return
         guard = apply_masks(self.model, masks)  # re-applied after every optimizer step
-        offset = config.dense_epochs + self.admm_schedule(config).max_epochs()
-        self._train("retrain", config.retrain_epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
+        self._train(phase, epochs, offset, lr=config.retrain_lr, after_step=guard.enforce,
                     description="masked retraining", teacher=teacher, distill=config.distill,
                     temperature=config.distill_temperature)
         guard.enforce()
@@ -407,6 +479,9 @@ class _Pipeline:
             "skipped_providers": [{"provider": p, "reason": r} for p, r in latency.skipped],
             "admm": [r.__dict__ for r in admm.history] if admm is not None else [],
             "admm_outcome": self.state.facts.get("admm_outcome"),
+            "admm_stages": [{"stage": int(k), **v} for k, v in sorted(self.state.facts.get("stages", {}).items(),
+                                                                       key=lambda kv: int(kv[0]))],
+            "ratio_shortfall": self.state.facts.get("ratio_shortfall"),
             "groups": [cut.__dict__ for cut in cuts],
             "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped] if plan is not None else [],
             "budget": self.state.facts.get("budget"),

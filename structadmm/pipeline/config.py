@@ -85,6 +85,11 @@ class CompressConfig(BaseModel):
     distill_temperature: float = Field(4.0, gt=0)
     prune_ends: bool = False  # False: the first layer and the classifier are left whole by uniform plans
     prune_residual: bool = False  # also prune a transformer's residual stream (channels its LayerNorms normalise)
+    # progressive stages for extreme ratios: ADMM at each of these ratios in turn, each followed by a hard
+    # prune and admm_stage_retrain_epochs of masked retraining, then ADMM at `ratio` with what the stages
+    # pruned held at zero; every stage runs the whole ADMM schedule (admm_rounds x admm_epochs)
+    admm_stages: list[float] = Field(default_factory=list)
+    admm_stage_retrain_epochs: int = Field(1, ge=0)
     # --- end of the ADMM recipe ----------------------------------------------------------------------
 
     def __init__(self, **values: Any) -> None:
@@ -108,6 +113,20 @@ class CompressConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("admm_stages", mode="before")
+    @classmethod
+    def _stages_as_list(cls, value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    @field_validator("admm_stages")
+    @classmethod
+    def _rising_stages(cls, value: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in value):
+            raise ValueError("every stage is a ratio in (0, 1)")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("stages must rise strictly (each prunes more than the one before)")
+        return value
+
     @field_validator("bench_batches", mode="before")
     @classmethod
     def _batches_as_list(cls, value: Any) -> Any:
@@ -126,7 +145,24 @@ class CompressConfig(BaseModel):
             raise ValueError("give target_macs or target_latency, not both")
         if self.rho_max < self.rho:
             raise ValueError(f"rho_max ({self.rho_max}) must be >= rho ({self.rho})")
+        if self.admm_stages:
+            self._check_stages()
         return self
+
+    def _check_stages(self) -> None:
+        """admm_stages rise to the run's uniform ratio, channel by channel: what it can be combined with."""
+        other = [key for key in ("plan", "target_macs", "target_latency") if getattr(self, key) is not None]
+        if other:
+            raise ValueError(f"admm_stages stages the uniform ratio; it cannot be combined with {', '.join(other)}")
+        kinds = [k.value for k in parse_sparsity(self.sparsity) if k.value not in ("filter", "channel")]
+        if kinds:
+            raise ValueError(f"admm_stages works with filter and channel sparsity only, not {'+'.join(kinds)}")
+        if self.admm_stages[-1] > self.ratio or any(r >= self.ratio for r in self.admm_stages[:-1]):
+            raise ValueError(f"admm_stages {self.admm_stages} must rise to ratio {self.ratio}, the last stage")
+
+    def stage_ratios(self) -> list[float]:
+        """The ratio of every ADMM stage, ending at ``ratio`` (just ``[ratio]`` without admm_stages)."""
+        return [r for r in self.admm_stages if r < self.ratio] + [self.ratio]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "CompressConfig":

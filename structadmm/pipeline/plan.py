@@ -52,9 +52,27 @@ Masks = dict[str, torch.Tensor]
 _WEIGHTED = (*CONVS, nn.Linear)
 
 
+@dataclass(frozen=True)
+class KeepDecision:
+    """Which channels of one group a projection keeps, and how the count came about, step by step."""
+
+    keep: torch.Tensor  # bool [size]: the channels kept
+    target: float  # size * (1 - ratio): the exact count the ratio asks for
+    whole: int  # the nearest whole count, at least one (keep_count without a multiple)
+    rounded: int  # rounded up to a multiple of the unit's ``multiple`` (at most size)
+    alive: int  # channels still alive in the masks the projection started from
+    balanced: int  # after the equal-count blocks (grouped convs, chunks) are evened out
+    kept: int  # after every producing layer has kept at least one channel
+
+
 @dataclass
 class ChannelUnit:
-    """Keep at most k channels of a coupled group; scored over all its slices."""
+    """Keep at most k channels of a coupled group; scored over all its slices.
+
+    k counts from the group's full size (``keep_count(size, ratio, multiple)``), so a plan
+    projected within masks that already removed channels (:meth:`PruningPlan.masks_for`'s
+    ``within``) keeps the same count as from scratch, chosen among the channels still alive.
+    """
 
     group: ChannelGroup
     kind: Sparsity
@@ -78,20 +96,37 @@ class ChannelUnit:
 
     def keep(self, values: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Boolean [size]: which channels survive the projection of ``values``."""
-        scores = torch.zeros(self.group.size, dtype=torch.float64)
+        return self.decide(values, masks).keep
+
+    def alive(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean [size]: the channels ``masks`` have not removed (some slice of theirs is non-zero)."""
         alive = torch.zeros(self.group.size, dtype=torch.bool)
         for s, pos, local in self._slices():
-            scores.index_add_(0, local, s.norms(values[s.name])[pos])
             alive.index_fill_(0, local[s.norms(masks[s.name])[pos] > 0], True)
-        k = keep_count(int(alive.sum()), self.ratio, self.multiple)
-        keep = constrained_topk(scores, k, alive, self.graph.blocks_in(self.group))
+        return alive
+
+    def decide(self, values: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> KeepDecision:
+        """The channels kept (as :meth:`keep`) and each step that set their number."""
+        size = self.group.size
+        scores = torch.zeros(size, dtype=torch.float64)
+        for s, pos, local in self._slices():
+            scores.index_add_(0, local, s.norms(values[s.name])[pos])
+        alive = self.alive(masks)
+        n_alive = int(alive.sum())
+        rounded = keep_count(size, self.ratio, self.multiple)
+        keep = constrained_topk(scores, min(rounded, n_alive), alive, self.graph.blocks_in(self.group))
+        balanced = int(keep.sum())
         for block in self.graph.producer_blocks(self.group):
             if not keep[block].any() and alive[block].any():
                 keep[block[torch.argmax(torch.where(alive[block], scores[block], -1.0))]] = True
-        return keep
+        return KeepDecision(keep, size * (1.0 - self.ratio), keep_count(size, self.ratio), rounded, n_alive,
+                            balanced, int(keep.sum()))
 
     def project(self, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
-        keep = self.keep(values, masks)
+        self.apply(self.keep(values, masks), values, masks)
+
+    def apply(self, keep: torch.Tensor, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
+        """Zero the masks of every channel of the group that ``keep`` does not keep."""
         for s, pos, local in self._slices():
             keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
             keep_pos[pos] = keep[local]
@@ -155,14 +190,33 @@ class TensorUnit:
 
 Unit = ChannelUnit | TensorUnit
 
+#: Frozen-group reasons of channels no plan can remove: the model's own input and output channels.
+NOT_PRUNABLE = ("model input", "model output")
+
+
+@dataclass(frozen=True)
+class LeftWhole:
+    """A channel group a rule of the plan asked to prune that the plan keeps whole, and why."""
+
+    group: ChannelGroup
+    ratio: float  # what the rule asked
+    reason: str
+
 
 class PruningPlan:
-    """What to prune in one model: a list of units plus what was left alone and why."""
+    """What to prune in one model: a list of units plus what was left alone and why.
 
-    def __init__(self, graph: ChannelGraph, units: list[Unit], skipped: list[tuple[str, str]]):
+    ``left_whole``: the channel groups a rule named (at the rule's ratio) that the plan keeps
+    whole: frozen groups with the graph's reason, the ends kept whole (``keep_ends``). The
+    model's own input and output channels are not among them: no plan can remove those.
+    """
+
+    def __init__(self, graph: ChannelGraph, units: list[Unit], skipped: list[tuple[str, str]],
+                 left_whole: list[LeftWhole] | None = None):
         self.graph = graph
         self.units = sorted(units, key=lambda u: PROJECTION_ORDER.index(u.kind))
         self.skipped = skipped
+        self.left_whole = list(left_whole or [])
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -226,17 +280,24 @@ class PruningPlan:
                 )
         per_layer = {name: rule for name in weighted if (rule := _match(name, rules)) is not None}
         protected: dict[int, str] = {}  # group id -> why it is kept whole
+        wanted: dict[int, LeftWhole] = {}  # groups a rule asked for that stay whole (unless another rule prunes them)
         if keep_ends:
             order = list(dict.fromkeys(s.module for s in graph.slices if s.module in weighted))
             ends = {order[0]: "first layer", order[-1]: "classifier"} if order else {}
             for layer, role in ends.items():
                 if layer in rules:
                     continue  # named exactly: the user asked for it
-                per_layer.pop(layer, None)
+                rule = per_layer.pop(layer, None)
                 if role == "first layer":
                     protected.update({g.id: f"{layer} is the first layer, kept whole (keep_ends)"
                                       for g in graph.groups_of(layer, "out")})
                 skipped.append((layer, f"{role}, kept whole (keep_ends)"))
+                for kind in (rule[0] if rule else ()):
+                    if kind in (Sparsity.FILTER, Sparsity.CHANNEL):
+                        for group in graph.groups_of(layer, "out" if kind is Sparsity.FILTER else "in"):
+                            if group.frozen not in NOT_PRUNABLE:
+                                why = f"{role}, kept whole (keep_ends; prune_ends = true prunes it)"
+                                wanted.setdefault(group.id, LeftWhole(group, rule[1], why))
 
         claimed: dict[int, ChannelUnit] = {}
         for layer, (kinds, ratio) in sorted(per_layer.items()):
@@ -252,8 +313,11 @@ class PruningPlan:
                     for group in groups:
                         if not group.prunable:
                             skipped.append((f"{layer} ({kind.value})", group.frozen))
+                            if group.frozen not in NOT_PRUNABLE:
+                                wanted.setdefault(group.id, LeftWhole(group, ratio, f"frozen: {group.frozen}"))
                         elif group.id in protected:
                             skipped.append((f"{layer} ({kind.value})", protected[group.id]))
+                            wanted.setdefault(group.id, LeftWhole(group, ratio, protected[group.id]))
                         elif group.id in claimed:
                             # a residual stage names one group from several layers: keep the larger ratio
                             claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)
@@ -264,19 +328,45 @@ class PruningPlan:
                     tensor = next((s.tensor for s in graph.slices if s.module == layer and s.weight), "weight")
                     units.append(TensorUnit(f"{layer}.{tensor}" if layer else tensor, kind, ratio))
         units.extend(claimed.values())
-        return cls(graph, units, skipped)
+        return cls(graph, units, skipped, [w for gid, w in sorted(wanted.items()) if gid not in claimed])
 
     # -- use -------------------------------------------------------------------------
     def param_names(self) -> list[str]:
         return sorted({p for u in self.units for p in u.params()})
 
-    def masks_for(self, values: Mapping[str, torch.Tensor]) -> Masks:
-        """Masks of the projection of ``values`` (parameter name -> tensor) onto the plan (on the CPU)."""
+    def masks_for(self, values: Mapping[str, torch.Tensor], within: Masks | None = None) -> Masks:
+        """Masks of the projection of ``values`` (parameter name -> tensor) onto the plan (on the CPU).
+
+        ``within``: masks of an earlier pruning (the plan's parameters); what they removed stays
+        removed, and the plan's kept channels are chosen among the rest (the masks returned are
+        contained in them).
+        """
+        return self._projection(values, within)[0]
+
+    def channel_decisions(self, values: Mapping[str, torch.Tensor],
+                          within: Masks | None = None) -> dict[int, KeepDecision]:
+        """Per channel group the plan prunes (group id): what :meth:`masks_for` keeps of it, and why that many."""
+        return self._projection(values, within)[1]
+
+    def _projection(self, values: Mapping[str, torch.Tensor],
+                    within: Masks | None) -> tuple[Masks, dict[int, KeepDecision]]:
         values = {p: values[p].detach().cpu() for p in self.param_names()}
-        masks: Masks = {p: torch.ones_like(values[p], dtype=torch.float32) for p in self.param_names()}
+        masks: Masks = {p: (within[p].detach().cpu().float().clone() if within is not None
+                            else torch.ones_like(values[p], dtype=torch.float32)) for p in self.param_names()}
+        decisions: dict[int, KeepDecision] = {}
         for unit in self.units:
-            unit.project(values, masks)
-        return masks
+            if isinstance(unit, ChannelUnit):
+                decision = decisions[unit.group.id] = unit.decide(values, masks)
+                unit.apply(decision.keep, values, masks)
+            else:
+                unit.project(values, masks)
+        return masks, decisions
+
+    def at_ratio(self, ratio: float) -> "PruningPlan":
+        """The same units, every one at ``ratio`` (a stage of progressive pruning)."""
+        check_ratio(ratio)
+        return PruningPlan(self.graph, [dataclasses.replace(u, ratio=ratio) for u in self.units], self.skipped,
+                           [dataclasses.replace(w, ratio=ratio) for w in self.left_whole])
 
     def project(self, model: nn.Module) -> Masks:
         """One-shot magnitude pruning: zero the model's pruned weights in place, return masks."""
@@ -299,7 +389,7 @@ class PruningPlan:
         if progress == 1:
             return self
         units = [dataclasses.replace(u, ratio=1 - (1 - u.ratio) ** progress) for u in self.units]
-        return PruningPlan(self.graph, units, self.skipped)
+        return PruningPlan(self.graph, units, self.skipped, self.left_whole)
 
     def to_state(self) -> dict[str, Any]:
         """The plan as plain numbers and strings (what a checkpoint stores): every unit, exactly."""
@@ -310,24 +400,31 @@ class PruningPlan:
                               "sparsity": u.kind.value, "ratio": u.ratio, "multiple": u.multiple})
             else:
                 units.append({"param": u.param, "sparsity": u.kind.value, "ratio": u.ratio})
-        return {"units": units, "skipped": [[layer, why] for layer, why in self.skipped]}
+        left_whole = [{"group": w.group.id, "name": w.group.name, "channels": w.group.size, "ratio": w.ratio,
+                       "reason": w.reason} for w in self.left_whole]
+        return {"units": units, "skipped": [[layer, why] for layer, why in self.skipped], "left_whole": left_whole}
 
     @classmethod
     def from_state(cls, graph: ChannelGraph, state: Mapping[str, Any]) -> "PruningPlan":
         """The plan :meth:`to_state` wrote, on ``graph`` (a trace of the same model); its groups must match."""
         groups = {g.id: g for g in graph.groups}
+
+        def group_of(row: Mapping[str, Any]) -> ChannelGroup:
+            group = groups.get(row["group"])
+            if group is None or (group.name, group.size) != (row["name"], row["channels"]):
+                raise StructADMMError(f"the saved plan's channel group {row['name']} ({row['channels']} channels) "
+                                      "is not in this model's channel graph")
+            return group
+
         units: list[Unit] = []
         for row in state["units"]:
             kind = Sparsity(row["sparsity"])
             if "group" not in row:
                 units.append(TensorUnit(row["param"], kind, row["ratio"]))
                 continue
-            group = groups.get(row["group"])
-            if group is None or (group.name, group.size) != (row["name"], row["channels"]):
-                raise StructADMMError(f"the saved plan's channel group {row['name']} ({row['channels']} channels) "
-                                      "is not in this model's channel graph")
-            units.append(ChannelUnit(group, kind, row["ratio"], graph, row["multiple"]))
-        return cls(graph, units, [(layer, why) for layer, why in state["skipped"]])
+            units.append(ChannelUnit(group_of(row), kind, row["ratio"], graph, row["multiple"]))
+        left_whole = [LeftWhole(group_of(row), row["ratio"], row["reason"]) for row in state.get("left_whole", [])]
+        return cls(graph, units, [(layer, why) for layer, why in state["skipped"]], left_whole)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per unit: name, sparsity, ratio and group size (channels) or weights."""
