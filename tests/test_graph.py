@@ -211,3 +211,69 @@ def test_per_channel_values_it_cannot_follow_freeze_the_channels() -> None:
     plan = PruningPlan.uniform(Computed(), torch.randn(1, 3, 9, 9), "filter", 0.5)
     assert not any(u.name == "a" for u in plan.units)
     assert any("cannot follow" in why for _, why in plan.skipped)
+
+
+class TinyAttention(nn.Module):
+    """Separate q/k/v Linears, heads split with a computed count, attention written out by hand."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.head_dim = dim // heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_heads_are_channels_of_one_group_over_q_k_v_and_the_output_columns() -> None:
+    graph = trace(TinyAttention(), torch.randn(2, 5, 16))
+    heads = next(g for g in graph.groups if "q" in g.producers)
+    assert heads.prunable and heads.size == 4 and set(heads.producers) == {"q", "k", "v"}
+    # every head is 4 rows of q, of k and of v and 4 input columns of the output projection
+    out_columns = next(local for s, _, local in graph.slices_of(heads) if s.module == "out" and s.role == "in")
+    assert out_columns.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+
+
+class TokenStream(nn.Module):
+    """Patches -> class token joined on the token axis -> position embedding -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.fc(x[:, 0])
+
+
+def test_class_token_and_position_embedding_follow_the_channels() -> None:
+    graph = trace(TokenStream(), torch.randn(2, 3, 8, 8))
+    stream = next(g for g in graph.groups if "patch" in g.producers)
+    assert stream.prunable
+    assert {("", "cls_token", "through"), ("", "pos_embed", "through")} <= members(graph, stream)
+    axes = {s.tensor: s.axis for s, _, _ in graph.slices_of(stream) if s.role == "through"}
+    assert axes == {"cls_token": 2, "pos_embed": 2}
+
+
+class AfterUnknownOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.cumprod(-1))))  # cumprod has no rule
+
+
+def test_a_layer_reading_what_the_rules_cannot_follow_still_loses_outputs() -> None:
+    graph = trace(AfterUnknownOp(), torch.randn(2, 6))
+    hidden = next(g for g in graph.groups if "fc1" in g.producers)
+    assert hidden.prunable and hidden.size == 8
+    inputs = next(g for g in graph.groups if "fc1" in g.consumers)
+    assert not inputs.prunable
