@@ -1,4 +1,4 @@
-"""Models nobody here wrote (timm, torchvision) through README's public flow.
+"""Models nobody here wrote (timm, torchvision, transformers) through README's public flow.
 
 The flow lives in benchmarks/model_zoos.py (the script that measures README's coverage
 figure): plan → ADMM steps → hard prune → masks applied, guard attached → masked step →
@@ -40,8 +40,9 @@ def test_zoo_model_prunes_compacts_and_exports(name: str, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [f"timm:{m}" for m in model_zoos.TIMM_CNNS]
-                         + [f"torchvision:{m}" for m in model_zoos.TORCHVISION_CNNS])
+@pytest.mark.parametrize("name", [f"timm:{m}" for m in model_zoos.TIMM_CNNS + model_zoos.TIMM_TRANSFORMERS]
+                         + [f"torchvision:{m}" for m in model_zoos.TORCHVISION_CNNS + model_zoos.TORCHVISION_TRANSFORMERS]
+                         + [f"hf:{m}" for m in model_zoos.HF_ENCODERS])
 def test_every_zoo_family_at_its_default_size(name: str, tmp_path: Path) -> None:
     row = model_zoos.run(name, onnx=True)
     # a model we do not prune gets a one-line reason of ours; never a crash, never a wrong export
