@@ -33,6 +33,7 @@ it: ``rounds`` rounds of ``epochs_per_round`` epochs of W-steps, the learning ra
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,7 +69,11 @@ class ADMM:
         self.params = {name: named[name] for name in plan.param_names()}
         if not self.params:
             reasons = [why for _, why in plan.skipped if why != "model output"] or [why for _, why in plan.skipped]
-            why = f" (most often: {max(set(reasons), key=reasons.count)})" if reasons else ""
+            why = ""
+            if reasons:  # one reason at many layers is one kind of reason: name the commonest, at its first layer
+                kinds = [r.split(" in '")[0] for r in reasons]
+                top = Counter(kinds).most_common(1)[0][0]
+                why = f" (most often: {reasons[kinds.index(top)]})"
             raise StructADMMError(f"the plan prunes nothing in this model{why}; `structadmm inspect` lists every reason")
         self.rho, self.rho_growth, self.rho_max = rho, rho_growth, rho_max
         self.round = 0

@@ -472,8 +472,7 @@ class Walk:
         """An op the rules cannot follow: freeze what reaches it; its result is new and frozen."""
         reason = f"{what} {where(node)}"
         touched = [self.values.get(a) for a in node.all_input_nodes if self.values.get(a) is not None]
-        if any(flatten_chans(t) for t in touched):
-            self.notes.append(f"{reason}: channels reaching it are not pruned")
+        self.notes.append(f"{reason}: channels reaching it are not pruned")
         self.freeze(touched, reason)
         return Opaque(reason)
 

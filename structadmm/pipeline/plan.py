@@ -264,7 +264,7 @@ class PruningPlan:
             for gid, where in graph.normalised.items():
                 group = graph.groups[gid]
                 if group.prunable:
-                    group.frozen = f"{where}: a residual stream, pruned only with residual=True"
+                    group.frozen = f"{where}: a residual stream, pruned only when asked (prune_residual = true; residual=True)"
                     graph.notes.append(f"{group.frozen}: channels of {group.name} are not pruned")
         freeze_fixed_sizes(model, example_inputs, graph)
         units: list[Unit] = []
