@@ -63,8 +63,21 @@ def small_bert() -> tuple[nn.Module, torch.Tensor]:
     return transformers.BertModel(config, add_pooling_layer=False), torch.randint(0, 100, (2, 16))
 
 
+def small_distilbert() -> tuple[nn.Module, torch.Tensor]:  # q_lin/k_lin/v_lin, heads split with its own code
+    config = transformers.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                           max_position_embeddings=64)
+    return transformers.DistilBertModel(config), torch.randint(0, 100, (2, 16))
+
+
+def small_hf_vit() -> tuple[nn.Module, torch.Tensor]:
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128)
+    return transformers.ViTModel(config, add_pooling_layer=False), torch.randn(2, 3, 32, 32)
+
+
 FAMILIES = {"timm-vit": small_vit, "timm-deit": small_deit, "timm-swin": small_swin,
-            "torchvision-vit": small_tv_vit, "torchvision-swin": small_tv_swin, "bert": small_bert}
+            "torchvision-vit": small_tv_vit, "torchvision-swin": small_tv_swin, "bert": small_bert,
+            "distilbert": small_distilbert, "transformers-vit": small_hf_vit}
 
 
 def heads_of(model: nn.Module) -> list[tuple[str, int, int]]:
