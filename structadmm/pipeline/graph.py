@@ -469,7 +469,7 @@ class Walk:
                     self.frozen.setdefault(e, reason)
 
     def unsupported(self, node: torch.fx.Node, what: str) -> Chan | None:
-        """An op the rules cannot follow: freeze what reaches it; its result is new and frozen."""
+        """An op the rules cannot follow: freeze what reaches it; its result is opaque."""
         reason = f"{what} {where(node)}"
         touched = [self.values.get(a) for a in node.all_input_nodes if self.values.get(a) is not None]
         self.notes.append(f"{reason}: channels reaching it are not pruned")

@@ -371,8 +371,7 @@ def split(w: Walk, node: Node) -> list[Chan | None] | None:
     # chunk(n) recomputes its sizes from the tensor; split(size) keeps a literal size
     even = op is aten.chunk or (op is aten.split and w.called_as(node) == "chunk")
     if not (even and chan.entries.ndim == 1 and len(set(sizes)) == 1):
-        w.unsupported(node, f"'{w.called_as(node) or op.__name__}' of the channel axis into fixed sizes")
-        return [None] * len(pieces)
+        return [w.unsupported(node, f"'{w.called_as(node) or op.__name__}' of the channel axis into fixed sizes")] * len(pieces)
     blocks = np.split(chan.entries, len(pieces))
     w.equal_counts(blocks)  # chunk splits the pruned axis evenly: blocks keep equal counts
     return [Chan(b, chan.axis) for b in blocks]
