@@ -206,8 +206,9 @@ def test_residual_stream_is_one_optional_group_pruned_exactly(family: str, tmp_p
     torch.manual_seed(0)
     model, x = bert_classifier() if family == "bert" else FAMILIES[family]()
     model.eval()
-    without = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5)
-    plan = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5, residual=True)
+    without = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5, keep_ends=True)
+    # asked for, the stream is pruned even where the first layer (a patch embedding) writes it
+    plan = sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5, residual=True, keep_ends=True)
     width = 64  # every small model here has a 64-wide residual stream
     stream = [u for u in plan.units if u.group.size == width and u.group.id in plan.graph.normalised]
     assert len(stream) == 1, [(u.name, u.group.size) for u in plan.units]  # one group across every block

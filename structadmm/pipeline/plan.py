@@ -288,9 +288,10 @@ class PruningPlan:
                 if layer in rules:
                     continue  # named exactly: the user asked for it
                 rule = per_layer.pop(layer, None)
-                if role == "first layer":
+                if role == "first layer":  # its outputs, unless they are the residual stream asked for
                     protected.update({g.id: f"{layer} is the first layer, kept whole (keep_ends)"
-                                      for g in graph.groups_of(layer, "out")})
+                                      for g in graph.groups_of(layer, "out")
+                                      if not (residual and g.id in graph.normalised)})
                 skipped.append((layer, f"{role}, kept whole (keep_ends)"))
                 for kind in (rule[0] if rule else ()):
                     if kind in (Sparsity.FILTER, Sparsity.CHANNEL):
