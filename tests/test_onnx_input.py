@@ -21,7 +21,7 @@ from structadmm.cli import app
 from structadmm.errors import ParityError, StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, onnx_signature
 from structadmm.models import get_spec
-from structadmm.models.onnx_input import example_inputs, load_onnx_model
+from structadmm.models.onnx_input import StaticReshape, clear_inert_allowzero, example_inputs, load_onnx_model
 from structadmm.pipeline import CompressConfig, PruningPlan, compact, compress
 
 FAST = dict(dense_epochs=2, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
@@ -33,9 +33,11 @@ runner = CliRunner()
 
 
 def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: str | None = None,
-                  spatial: tuple = (16, 16), reduce_mean: bool = False) -> Path:
+                  spatial: tuple = (16, 16), reduce_mean: bool = False, reshape: list[int] | None = None,
+                  allowzero: int = 0) -> Path:
     """Conv-BN-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm written node by node with onnx.helper,
-    with the input named 'pixels' (batch axis 'N') and the output 'logits'."""
+    with the input named 'pixels' (batch axis 'N') and the output 'logits'. With ``reshape``, the
+    Flatten is a Reshape to that constant shape (with ``allowzero``)."""
     rng = np.random.default_rng(0)
 
     def init(name: str, *shape: int, scale: float = 0.3) -> TensorProto:
@@ -45,6 +47,8 @@ def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: st
              numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_s"), init("bn_b", 16),
              init("bn_m", 16, scale=0.1), numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_v"),
              init("w2", 24, 16, 3, 3), init("b2", 24), init("fc_w", 10, 24), init("fc_b", 10)]
+    if reshape is not None:
+        inits.append(numpy_helper.from_array(np.array(reshape, np.int64), "shape"))
     if reduce_mean:  # axes as an input: ReduceMean-18, newer than onnx2torch's
         inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     nodes = [
@@ -55,6 +59,7 @@ def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: st
         helper.make_node(op or "Relu", ["c2"], ["r2"]),
         helper.make_node("ReduceMean", ["r2", "axes"], ["g"], keepdims=1) if reduce_mean else
         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Reshape", ["g", "shape"], ["f"], allowzero=allowzero) if reshape is not None else
         helper.make_node("Flatten", ["g"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
     ]
@@ -184,6 +189,55 @@ def test_legacy_exporter_at_an_older_opset_round_trips(opset: int, tmp_path: Pat
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"] and session.get_inputs()[0].shape[0] == "batch_size"
     assert [o.name for o in session.get_outputs()] == ["scores"]
+
+
+@pytest.mark.parametrize("shape", [[-1, 24], [0, -1], [0, 24]])
+def test_reshape_with_inert_allowzero_converts_and_prunes(shape: list[int], tmp_path: Path) -> None:
+    # what the dynamo exporter writes for torch.flatten: allowzero=1, a constant shape; onnx2torch
+    # converts allowzero=0 only, and without a 0 in the shape the flag changes nothing
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[-1, 24], allowzero=1)
+    proto = load_onnx(path)
+    clear_inert_allowzero(proto, path)
+    assert not [a for n in proto.graph.node if n.op_type == "Reshape" for a in n.attribute if a.name == "allowzero"]
+    # with allowzero=0 a 0 copies the input's dimension: [0, -1] and [0, 24] flatten as well
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=shape, allowzero=int(0 not in shape))
+    loaded = load_onnx_model(path)  # checked against ONNX Runtime on the file itself
+    assert any(isinstance(m, nn.Flatten) for m in loaded.module.modules())  # flattening follows a pruned count
+    ratio, out = _round_trip(path, torch.randn(4, 1, 16, 16), tmp_path)
+    assert ratio > 2.0  # the conv before the Reshape is pruned too
+
+
+def test_reshape_to_a_constant_that_is_no_flatten_is_static(tmp_path: Path) -> None:
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[-1, 4, 6], allowzero=1)
+    model = onnx.load(path)  # ... -> Reshape [-1, 4, 6] -> Flatten -> Gemm
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    reshape.output[0] = "f3"
+    model.graph.node.insert(list(model.graph.node).index(reshape) + 1,
+                            helper.make_node("Flatten", ["f3"], ["f"], axis=1))
+    onnx.save(model, path)
+    module = load_onnx_model(path).module
+    reshapes = [m for m in module.modules() if isinstance(m, StaticReshape)]
+    assert [m.shape for m in reshapes] == [(-1, 4, 6)]
+    x = torch.randn(3, 1, 16, 16)
+    graph = PruningPlan.uniform(module, x, "filter", 0.5).graph  # torch.export traces it
+    assert any("fixed count" in n for n in graph.notes)  # the literal 4x6 keeps that conv whole
+
+
+@pytest.mark.parametrize("case", ["zero", "computed"])
+def test_reshape_whose_allowzero_matters_is_one_line(case: str, tmp_path: Path) -> None:
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[0, 24] if case == "zero" else [-1, 24], allowzero=1)
+    if case == "computed":  # the shape comes from a Shape node: unknown before it runs
+        model = onnx.load(path)
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "shape"))
+        model.graph.node.insert(0, helper.make_node("Shape", ["fc_b"], ["ten"]))  # [10]
+        model.graph.node.insert(1, helper.make_node("Add", ["ten", "fourteen"], ["width"]))  # [24]
+        model.graph.node.insert(2, helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0))
+        model.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n) for n, v in
+                                        (("minus_one", -1), ("fourteen", 14))])
+        onnx.save(model, path)
+        _fails(path, r"Reshape .* has allowzero=1 with a shape computed at run time")
+    else:
+        _fails(path, r"Reshape .* has allowzero=1 and a 0 in its shape \[0, 24\]")
 
 
 def test_dynamic_spatial_axes_need_and_take_an_input_shape(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ every way it can be bad is one line of :class:`~structadmm.errors.StructADMMErro
    matches their declared shape, inputs with a dynamic batch axis (dim 0);
 6. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
    the file's opset, the graph is first moved to the newest opset it covers with
-   ``onnx.version_converter``; otherwise the error names the op.
+   ``onnx.version_converter``; otherwise the error names the op. Before that, ``allowzero=1``
+   is cleared from every Reshape whose shape is a constant without a 0 (where, by the ONNX
+   spec, it has no effect): onnx2torch converts ``allowzero=0`` only.
 
 The converted module is then checked against ONNX Runtime running the file itself, at two
 batch sizes, and a few onnx2torch wrappers are swapped for the equivalent ``torch.nn``
@@ -31,6 +33,7 @@ import onnx
 import torch
 import torch.fx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -71,7 +74,7 @@ def load_onnx_model(
     proto = _read_checked(path, max_bytes)
     signature = onnx_signature(proto)
     shapes = _sample_shapes(signature, input_shape, path)
-    converted = _convert(_at_convertible_opset(proto, path), path)
+    converted = _convert(_at_convertible_opset(clear_inert_allowzero(proto, path), path), path)
     check = [_example_inputs(signature, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
     for inputs in check:
         _check_against_runtime(converted, path, inputs, atol, rtol)
@@ -263,6 +266,39 @@ def _example_inputs(signature: OnnxSignature, shapes: list[tuple[int, ...]], bat
 # --- conversion -----------------------------------------------------------------------------------
 
 
+def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
+    """``proto``, changed in place: ``allowzero=1`` removed from every Reshape whose shape is a constant
+    with no 0 entry.
+
+    ``allowzero`` only decides what a 0 in the shape means (copy the input's dimension, or a
+    dimension of size 0), so without a 0 it has no effect (ONNX spec, Reshape-14) and clearing
+    it is exact. onnx2torch converts ``allowzero=0`` only; the dynamo exporter writes ``allowzero=1``
+    on every Reshape. One line where it does matter: a constant shape with a 0, or a shape
+    computed at run time.
+    """
+    constants = {t.name: t for t in proto.graph.initializer}
+    for node in _all_nodes(proto.graph):
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    for node in _all_nodes(proto.graph):
+        if node.op_type != "Reshape" or node.domain not in _STANDARD_DOMAINS:
+            continue
+        flag = next((a for a in node.attribute if a.name == "allowzero"), None)
+        if flag is None or flag.i == 0:
+            continue
+        where = f"{path}: Reshape {node.name or node.output[0]!r} has allowzero=1"
+        if len(node.input) < 2 or node.input[1] not in constants:
+            raise StructADMMError(f"{where} with a shape computed at run time; onnx2torch converts allowzero=0 only")
+        shape = numpy_helper.to_array(constants[node.input[1]])
+        if (shape == 0).any():
+            raise StructADMMError(
+                f"{where} and a 0 in its shape {shape.tolist()} (a dimension of size 0); onnx2torch converts "
+                "allowzero=0 only"
+            )
+        node.attribute.remove(flag)
+    return proto
+
+
 def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
     opset at which it does; one line naming the op when there is none."""
@@ -363,11 +399,15 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     tracer treats as spatial. A functional ``OnnxBatchNorm`` (emitted where the file shares
     or copies its statistics through Identity nodes, as the legacy exporter does at old
     opsets) whose statistics are constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own
-    copy of them, which surgery can slice. Each swap is kept only where the module's outputs
-    on ``example`` are unchanged.
+    copy of them, which surgery can slice. An ``OnnxReshape`` whose shape is a constant becomes a
+    :class:`StaticReshape` (onnx2torch's looks at the shape tensor's values at run time, which the
+    channel tracer, built on torch.export, cannot follow), or an ``nn.Flatten`` where it flattens
+    each sample (the dynamo exporter writes ``torch.flatten`` so, with the count as a number). Each swap is kept only where the
+    module's outputs on ``example`` are unchanged.
     """
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
+        _static_reshapes(module, example)
     from onnx2torch.node_converters.global_average_pool import (
         OnnxGlobalAveragePool,
         OnnxGlobalAveragePoolWithKnownInputShape,
@@ -413,14 +453,66 @@ def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, .
         undo.append((node, node.args, old))
         _set_submodule(module, node.target, norm)
         node.args = (node.args[0],)
+    _keep_if_same(module, example, reference, undo)
+
+
+class StaticReshape(nn.Module):
+    """ONNX Reshape (``allowzero=0``) to a shape known when the graph is converted: a 0 copies the
+    input's dimension at that index, a -1 is inferred."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+def _static_reshapes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    shapes = _input_shapes(module, example, (OnnxReshape,))
+    with torch.no_grad():
+        reference = module(*example)
+    undo = []
+    for node in module.graph.nodes:
+        if node.op != "call_module" or node.target not in shapes or len(node.args) != 2 or node.kwargs:
+            continue
+        shape = _constant(module, node.args[1])
+        if shape is None or shape.dim() != 1 or shape.dtype.is_floating_point:
+            continue
+        undo.append((node, node.args, module.get_submodule(str(node.target))))
+        _set_submodule(module, str(node.target), _reshape_layer(shape.tolist(), shapes[node.target]))
+        node.args = (node.args[0],)
+    _keep_if_same(module, example, reference, undo)
+
+
+def _reshape_layer(shape: list[int], given: tuple[int, ...]) -> nn.Module:
+    """The layer for a Reshape to the constant ``shape`` of inputs shaped ``given``: ``nn.Flatten()``
+    where it flattens each sample (``[-1, C*H*W]``, ``[0, -1]``: exact for every batch size, and
+    it follows the channel count when surgery changes it), else a :class:`StaticReshape`."""
+    if len(shape) == 2 and len(given) >= 2 and shape[0] in (0, -1) and (
+            shape[1] == math.prod(given[1:]) or shape == [0, -1]):
+        return nn.Flatten()
+    return StaticReshape(shape)
+
+
+def _keep_if_same(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], reference: object,
+                  undo: list) -> None:
+    """Keep the swaps in ``undo`` ((node, old args, old module) each, already made) if the module's
+    outputs on ``example`` are still ``reference``, else undo them all (onnx2torch's modules are
+    exact, if not prunable); then drop what no node uses any more."""
     if not undo:
         return
     module.recompile()
     with torch.no_grad():
         same = _same(reference, module(*example))
-    if not same:  # keep onnx2torch's modules: exact, if not prunable
+    if not same:
         for node, args, old in undo:
-            _set_submodule(module, node.target, old)
+            _set_submodule(module, str(node.target), old)
             node.args = args
         module.recompile()
         return
@@ -447,11 +539,17 @@ def _constant(module: torch.fx.GraphModule, arg: object) -> torch.Tensor | None:
 
 
 def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...]) -> dict[str, int]:
-    ranks: dict[str, int] = {}
+    return {name: len(shape) for name, shape in _input_shapes(module, example, types).items()}
+
+
+def _input_shapes(module: nn.Module, example: tuple[torch.Tensor, ...],
+                  types: tuple[type, ...]) -> dict[str, tuple[int, ...]]:
+    """The shape of the first input of every submodule of one of ``types`` (first call) on ``example``."""
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            ranks.setdefault(name, args[0].dim())
+            shapes.setdefault(name, tuple(args[0].shape))
         return hook
 
     handles = [sub.register_forward_pre_hook(record(name))
@@ -462,7 +560,7 @@ def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tu
     finally:
         for handle in handles:
             handle.remove()
-    return ranks
+    return shapes
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
