@@ -402,7 +402,9 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     copy of them, which surgery can slice. An ``OnnxReshape`` whose shape is a constant becomes a
     :class:`StaticReshape` (onnx2torch's looks at the shape tensor's values at run time, which the
     channel tracer, built on torch.export, cannot follow), or an ``nn.Flatten`` where it flattens
-    each sample (the dynamo exporter writes ``torch.flatten`` so, with the count as a number). Each swap is kept only where the
+    each sample (the dynamo exporter writes ``torch.flatten`` so, with the count as a number); an
+    ``OnnxSlice`` with constant bounds, a :class:`StaticSlice`. ``HardSigmoid(1/6, 1/2)`` becomes
+    ``nn.Hardsigmoid``, which the tracer knows as elementwise. Each swap is kept only where the
     module's outputs on ``example`` are unchanged.
     """
     if isinstance(module, torch.fx.GraphModule):
@@ -413,15 +415,18 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
         OnnxGlobalAveragePoolWithKnownInputShape,
     )
 
+    from onnx2torch.node_converters.activations import OnnxHardSigmoid
+
     pools = {3: nn.AdaptiveAvgPool1d, 4: nn.AdaptiveAvgPool2d, 5: nn.AdaptiveAvgPool3d}
     ranks = _input_ranks(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape))
+    swaps = {name: pools[rank](1) for name, rank in ranks.items() if rank in pools}
+    swaps.update({name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
+                  and math.isclose(sub.alpha, 1 / 6, rel_tol=1e-6) and math.isclose(sub.beta, 0.5, rel_tol=1e-6)})
     with torch.no_grad():
         reference = module(*example)
-    for name, rank in ranks.items():
-        if rank not in pools:
-            continue
+    for name, new in swaps.items():
         old = module.get_submodule(name)
-        _set_submodule(module, name, pools[rank](1))
+        _set_submodule(module, name, new)
         with torch.no_grad():
             if not _same(reference, module(*example)):
                 _set_submodule(module, name, old)
@@ -472,32 +477,140 @@ class StaticReshape(nn.Module):
 
 
 def _static_reshapes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """``OnnxReshape`` and ``OnnxSlice`` nodes whose shape (starts, ends, axes, steps) are constants
+    become layers that hold them as numbers."""
     from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.node_converters.slice import OnnxSlice
 
-    shapes = _input_shapes(module, example, (OnnxReshape,))
+    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice))
     with torch.no_grad():
         reference = module(*example)
     undo = []
     for node in module.graph.nodes:
-        if node.op != "call_module" or node.target not in shapes or len(node.args) != 2 or node.kwargs:
+        if node.op != "call_module" or node.target not in shapes or node.kwargs:
             continue
-        shape = _constant(module, node.args[1])
-        if shape is None or shape.dim() != 1 or shape.dtype.is_floating_point:
+        old = module.get_submodule(str(node.target))
+        values = [_constant(module, arg) for arg in node.args[1:]]
+        if not values or any(v is None or v.dim() != 1 or v.dtype.is_floating_point for v in values):
             continue
-        undo.append((node, node.args, module.get_submodule(str(node.target))))
-        _set_submodule(module, str(node.target), _reshape_layer(shape.tolist(), shapes[node.target]))
+        values = [v.tolist() for v in values]
+        if isinstance(old, OnnxReshape) and len(values) == 1:
+            new = _reshape_layer(values[0], shapes[node.target])
+        elif isinstance(old, OnnxSlice) and len(values) in (2, 3, 4):
+            starts, ends, axes, steps = (values + [None, None])[:4]
+            axes = axes if axes is not None else list(range(len(starts)))
+            steps = steps if steps is not None else [1] * len(starts)
+            if min(steps, default=0) < 1 or not len(starts) == len(ends) == len(axes) == len(steps):
+                continue  # reversed slices stay onnx2torch's
+            new = _slice_layer(list(zip(axes, starts, ends, steps)), shapes[node.target])
+        else:
+            continue
+        undo.append((node, node.args, old))
+        _set_submodule(module, str(node.target), new)
         node.args = (node.args[0],)
     _keep_if_same(module, example, reference, undo)
 
 
+def _slice_layer(slices: list[tuple[int, int, int, int]], given: tuple[int, ...]) -> nn.Module:
+    """The layer for a Slice with constant bounds of inputs shaped ``given``: a :class:`ChunkSlice`
+    where it takes one of ``n`` equal parts of a non-batch axis (``x[:, 24:48]`` of 48 channels:
+    what ``torch.chunk`` exports to), which follows the size of that axis; else a :class:`StaticSlice`."""
+    if len(slices) == 1:
+        axis, start, end, step = slices[0]
+        size = given[axis] if -len(given) <= axis < len(given) else 0
+        start, end = (min(max(b + size if b < 0 else b, 0), size) for b in (start, end))
+        part = end - start
+        if step == 1 and axis % len(given) != 0 and 0 < part < size and size % part == 0 and start % part == 0:
+            return ChunkSlice(axis, size // part, start // part)
+    return StaticSlice(slices)
+
+
+class ChunkSlice(nn.Module):
+    """Part ``index`` of ``chunks`` equal parts of ``axis``: ``torch.chunk(x, chunks, axis)[index]``."""
+
+    def __init__(self, axis: int, chunks: int, index: int) -> None:
+        super().__init__()
+        self.axis, self.chunks, self.index = int(axis), int(chunks), int(index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.chunk(x, self.chunks, self.axis)[self.index]
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, chunks={self.chunks}, index={self.index}"
+
+
+class StaticSlice(nn.Module):
+    """ONNX Slice with constant starts, ends, axes and positive steps, as ``x[start:end:step]`` per axis
+    (the same clamping of out-of-range bounds as ONNX)."""
+
+    def __init__(self, slices) -> None:
+        super().__init__()
+        self.slices = tuple((int(a), int(start), int(end), int(step)) for a, start, end, step in slices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = [slice(None)] * x.dim()
+        for axis, start, end, step in self.slices:
+            index[axis] = slice(start, end, step)
+        return x[tuple(index)]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"axis {a}: {start}:{end}:{step}" for a, start, end, step in self.slices)
+
+
 def _reshape_layer(shape: list[int], given: tuple[int, ...]) -> nn.Module:
-    """The layer for a Reshape to the constant ``shape`` of inputs shaped ``given``: ``nn.Flatten()``
-    where it flattens each sample (``[-1, C*H*W]``, ``[0, -1]``: exact for every batch size, and
-    it follows the channel count when surgery changes it), else a :class:`StaticReshape`."""
+    """The layer for a Reshape to the constant ``shape`` of inputs shaped ``given`` (batch first):
+    ``nn.Flatten()`` where it flattens each sample (``[-1, C*H*W]``, ``[0, -1]``); a
+    :class:`SplitMergeReshape` where it keeps the batch and splits or merges the dims between a
+    kept prefix and suffix (a channel shuffle's ``[-1, g, C/g, H, W]``); else a :class:`StaticReshape`.
+    The first two are exact for every batch size (the other axes of the file's inputs are fixed)
+    and follow the channel count when surgery changes it."""
     if len(shape) == 2 and len(given) >= 2 and shape[0] in (0, -1) and (
             shape[1] == math.prod(given[1:]) or shape == [0, -1]):
         return nn.Flatten()
-    return StaticReshape(shape)
+    out = _resolved(shape, given)
+    if out is None or not given or shape[0] not in (0, -1) or out[0] != given[0]:
+        return StaticReshape(shape)
+    head = 1
+    while head < min(len(given), len(out)) and out[head] == given[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(given), len(out)) - head and out[-1 - tail] == given[-1 - tail]:
+        tail += 1
+    middle = out[head:len(out) - tail]
+    if not middle or len(given) - head - tail < 1:
+        return StaticReshape(shape)
+    return SplitMergeReshape(head, middle[:-1], tail)
+
+
+def _resolved(shape: list[int], given: tuple[int, ...]) -> list[int] | None:
+    """The output shape of an ONNX Reshape (allowzero=0) of a ``given``-shaped input to ``shape``."""
+    out = [given[i] if d == 0 and i < len(given) else d for i, d in enumerate(shape)]
+    known = math.prod(d for d in out if d != -1)
+    if out.count(-1) > 1 or known == 0 or any(d < -1 for d in out):
+        return None
+    if -1 in out:
+        out[out.index(-1)] = math.prod(given) // known
+    return out if math.prod(out) == math.prod(given) else None
+
+
+class SplitMergeReshape(nn.Module):
+    """A Reshape that keeps the first ``head`` and last ``tail`` dims of its input and turns the
+    dims between into ``(*fixed, -1)``: the last new dim follows the input's size, so a channel
+    shuffle ``[-1, g, C/g, H, W]`` or its merge ``[-1, C, H, W]`` stays right when C changes."""
+
+    def __init__(self, head: int, fixed: Sequence[int], tail: int) -> None:
+        super().__init__()
+        self.head, self.fixed, self.tail = int(head), tuple(int(d) for d in fixed), int(tail)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the batch as -1 and the other sizes as numbers: exported files keep their dynamic batch
+        # and their shapes inferable
+        shape = [int(d) for d in x.shape[1:]]
+        middle = math.prod(shape[self.head - 1:len(shape) - self.tail]) // math.prod(self.fixed)
+        return x.reshape([-1, *shape[:self.head - 1], *self.fixed, middle, *shape[len(shape) - self.tail:]])
+
+    def extra_repr(self) -> str:
+        return f"head={self.head}, fixed={self.fixed}, tail={self.tail}"
 
 
 def _keep_if_same(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], reference: object,
