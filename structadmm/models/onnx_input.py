@@ -403,13 +403,14 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     :class:`StaticReshape` (onnx2torch's looks at the shape tensor's values at run time, which the
     channel tracer, built on torch.export, cannot follow), or an ``nn.Flatten`` where it flattens
     each sample (the dynamo exporter writes ``torch.flatten`` so, with the count as a number); an
-    ``OnnxSlice`` with constant bounds, a :class:`StaticSlice`. ``HardSigmoid(1/6, 1/2)`` becomes
+    ``OnnxSlice`` with constant bounds, a :class:`StaticSlice` or :class:`ChunkSlice`; a Squeeze or
+    Unsqueeze with constant axes, onnx2torch's own static-axes module. ``HardSigmoid(1/6, 1/2)`` becomes
     ``nn.Hardsigmoid``, which the tracer knows as elementwise. Each swap is kept only where the
     module's outputs on ``example`` are unchanged.
     """
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
-        _static_reshapes(module, example)
+        _static_arguments(module, example)
     from onnx2torch.node_converters.global_average_pool import (
         OnnxGlobalAveragePool,
         OnnxGlobalAveragePoolWithKnownInputShape,
@@ -470,19 +471,23 @@ class StaticReshape(nn.Module):
         self.shape = tuple(int(d) for d in shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)])
+        # copied sizes other than the batch as numbers: exported files keep their shapes inferable
+        return x.reshape([(x.shape[0] if i == 0 else int(x.shape[i])) if d == 0 else d
+                          for i, d in enumerate(self.shape)])
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
 
 
-def _static_reshapes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
-    """``OnnxReshape`` and ``OnnxSlice`` nodes whose shape (starts, ends, axes, steps) are constants
-    become layers that hold them as numbers."""
+def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """``OnnxReshape``, ``OnnxSlice`` and ``Onnx(Un)SqueezeDynamicAxes`` nodes whose shape (starts,
+    ends, axes, steps) are constants become layers that hold them as numbers."""
     from onnx2torch.node_converters.reshape import OnnxReshape
     from onnx2torch.node_converters.slice import OnnxSlice
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
+    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
 
-    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice))
+    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes))
     with torch.no_grad():
         reference = module(*example)
     undo = []
@@ -503,6 +508,10 @@ def _static_reshapes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, 
             if min(steps, default=0) < 1 or not len(starts) == len(ends) == len(axes) == len(steps):
                 continue  # reversed slices stay onnx2torch's
             new = _slice_layer(list(zip(axes, starts, ends, steps)), shapes[node.target])
+        elif isinstance(old, OnnxSqueezeDynamicAxes) and len(values) == 1 and values[0]:
+            new = OnnxSqueezeStaticAxes(axes=values[0])
+        elif isinstance(old, OnnxUnsqueezeDynamicAxes) and len(values) == 1:
+            new = OnnxUnsqueezeStaticAxes(axes=values[0])
         else:
             continue
         undo.append((node, node.args, old))
