@@ -30,7 +30,8 @@ onnx_pruned's: where the two pruned files are the same layers, the ops that run 
 so its distance from 1 is the measurement's own noise at that budget.
 
 A model that fails on either path is recorded with its one-line reason (coverage). ImageNet
-models run at ``--imagenet-size`` (default 128); ``name@224`` runs one at 224.
+models run at ``--imagenet-size`` (default 128); ``name@224`` runs one at 224. Models over
+``--latency-max-gmacs`` (VGG-16 at 224) get the deterministic comparison only.
 Writes benchmarks/results/onnx_input.json and .md.
 """
 
@@ -55,11 +56,15 @@ from structadmm.models.onnx_input import load_onnx_model
 from structadmm.pipeline import CompressConfig, PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
+# AlexNet and VGG-16 at 224 px: at 128 their adaptive pool upsamples (3x3 -> 6x6, 4x4 -> 7x7), which
+# only the dynamo exporter writes (Transpose + GatherND), which the channel tracer does not follow
+# (--models alexnet vgg16 --no-latency --tag _128 records it).
+# torchvision's alexnet is the zoo's layout; its vgg16 is the zoo's without BN, the same ONNX
+# graph once BN is folded: both are left to the slow test (tests/test_onnx_input.py) to keep the run short.
 ZOO = ["lenet5", "mnist1d-cnn", "alexnet-cifar", "resnet20", "resnet56", "c3d-small", "mobilenetv2", "resnet18",
-       "resnet50", "alexnet", "alexnet@224", "vgg16", "vgg16@224"]
+       "resnet50", "alexnet@224", "vgg16@224"]
 TORCHVISION = ["tv:resnet18", "tv:mobilenet_v2", "tv:mobilenet_v3_small", "tv:squeezenet1_1",
-               "tv:shufflenet_v2_x0_5", "tv:efficientnet_b0", "tv:regnet_x_400mf", "tv:densenet121", "tv:alexnet@224",
-               "tv:vgg16@224"]
+               "tv:shufflenet_v2_x0_5", "tv:efficientnet_b0", "tv:regnet_x_400mf", "tv:densenet121"]
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -130,7 +135,9 @@ def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:
             "pruned_layers": [pruned["torch_pruned"], pruned["onnx_pruned"]],
             "op_count_diff": op_diff,
         }
-        if args.latency:
+        if args.latency and macs["user"] > args.latency_max_gmacs * 1e9:
+            result["not_timed"] = f"{macs['user'] / 1e9:.1f} GMACs, over --latency-max-gmacs"
+        elif args.latency:
             report = benchmark(files, batch_sizes=args.batches, threads=args.threads, min_seconds=args.seconds,
                                min_runs=args.runs, warmup=args.warmup, processes=args.processes, isolate=True)
             result["latency"] = [_latency(report, batch) for batch in args.batches]
@@ -159,7 +166,8 @@ def _table(results: list[dict], batches: list[int]) -> str:
         lat = {row["batch"]: row for row in r.get("latency", [])}
         cells = " | ".join(
             f"{lat[b]['torch_speedup']:.2f}x / {lat[b]['onnx_speedup']:.2f}x ({lat[b]['ratio']:.3f}; "
-            f"{lat[b]['noise']:.3f})" if b in lat else "not timed" for b in batches)
+            f"{lat[b]['noise']:.3f})" if b in lat else f"not timed ({r.get('not_timed', '--no-latency')})"
+            for b in batches)
         same = "yes" if r["same_layers"] else "no"
         same += f" ({r['pruned_layers'][0]}/{r['pruned_layers'][1]} of {r['layers']})"
         if r["op_count_diff"]:
@@ -180,6 +188,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="timed runs per model, at least, over all its processes")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-latency", dest="latency", action="store_false")
+    parser.add_argument("--latency-max-gmacs", type=float, default=5.0, help="time only models with fewer MACs")
     parser.add_argument("--imagenet-size", type=int, default=128)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()

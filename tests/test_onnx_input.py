@@ -21,7 +21,7 @@ from structadmm.cli import app
 from structadmm.errors import ParityError, StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, onnx_signature
 from structadmm.models import get_spec
-from structadmm.models.onnx_input import StaticReshape, clear_inert_allowzero, example_inputs, load_onnx_model
+from structadmm.models.onnx_input import SplitMergeReshape, clear_inert_allowzero, example_inputs, load_onnx_model
 from structadmm.pipeline import CompressConfig, PruningPlan, compact, compress
 
 FAST = dict(dense_epochs=2, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
@@ -164,14 +164,18 @@ def _both_paths(name: str, size: int, opset: int | None, tmp_path: Path) -> tupl
     else:
         spec = get_spec(name)
         net, shape = spec.build().eval(), (spec.input_shape if spec.input_shape != (3, 224, 224) else (3, size, size))
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    return _both_paths_of(net, torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), opset, tmp_path)
+
+
+def _both_paths_of(net: nn.Module, x: torch.Tensor, opset: int | None, tmp_path: Path,
+                   multiple: int = 16) -> tuple[float, float]:
     path = tmp_path / "user.onnx"
     export_onnx(net, x, path, opset=opset)
     export_onnx(net, x, tmp_path / "torch_dense.onnx")
-    PruningPlan.uniform(net, x, "filter", 0.5, multiple=16).project(net)
+    PruningPlan.uniform(net, x, "filter", 0.5, multiple=multiple).project(net)
     export_onnx(compact(net, x), x, tmp_path / "torch_pruned.onnx")
     module = load_onnx_model(path).module
-    PruningPlan.uniform(module, x, "filter", 0.5, multiple=16).project(module)
+    PruningPlan.uniform(module, x, "filter", 0.5, multiple=multiple).project(module)
     out = tmp_path / "onnx_pruned.onnx"
     assert export_onnx(compact(module, x), x, out, signature=onnx_signature(load_onnx(path))).max_abs_diff < 1e-4
     assert onnx_signature(load_onnx(out)) == onnx_signature(load_onnx(path))
@@ -186,6 +190,50 @@ def test_torchvision_model_through_an_opset_13_file_prunes_as_the_torch_model(tm
     # through as the torch model's nn.Hardsigmoid and pooling do (ShuffleNetV2's Reshape/Slice: slow test)
     torch_ratio, onnx_ratio = _both_paths("tv:mobilenet_v3_small", 32, 13, tmp_path)
     assert onnx_ratio == pytest.approx(torch_ratio, rel=1e-9) and onnx_ratio > 1.8
+
+
+class _Shuffle(nn.Module):
+    """A ShuffleNetV2 unit: chunk, branch, concat, channel shuffle by view. With ``batch_view`` the
+    shuffle ends in ``view(b, -1, h, w)``, which the exporter writes as a Reshape to a shape computed
+    from the input's Shape, and the file leaves the rank of what follows unknown."""
+
+    def __init__(self, batch_view: bool = False) -> None:
+        super().__init__()
+        self.batch_view = batch_view
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                    nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        x = torch.cat((x1, self.branch(x2)), dim=1)
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2)
+        x = x.contiguous().view(b, -1, h, w) if self.batch_view else x.reshape(-1, c, h, w)
+        return self.head(x)
+
+
+def test_channel_shuffle_and_split_from_a_file_follow_the_pruned_channels(tmp_path: Path) -> None:
+    # the file states the split as Slice [0:8], [8:16] and the shuffle as Reshape [-1, 2, 8, H, W]:
+    # read as chunk parts and as a split of the channel axis, they prune as the torch model does
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    torch_ratio, onnx_ratio = _both_paths_of(_Shuffle().eval(), x, 13, tmp_path, multiple=1)
+    assert onnx_ratio == pytest.approx(torch_ratio, rel=1e-9) and onnx_ratio > 1.5
+    kinds = {type(m).__name__ for m in load_onnx_model(tmp_path / "user.onnx").module.modules()}
+    assert {"ChunkSlice", "SplitMergeReshape"} <= kinds
+
+
+def test_global_pool_whose_input_rank_the_file_leaves_unknown_converts(tmp_path: Path) -> None:
+    # onnx2torch's GlobalAveragePool averages every axis there (a (1, 1, 1, 1) output); the ONNX
+    # spec's, every axis after the channels: the converted module must match ONNX Runtime
+    path = tmp_path / "m.onnx"
+    torch.manual_seed(0)
+    export_onnx(_Shuffle(batch_view=True).eval(), torch.randn(2, 1, 12, 12), path, opset=13)
+    module = load_onnx_model(path).module
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in module.modules())
 
 
 ROUND_TRIPS = [("lenet5", 0), ("mnist1d-cnn", 0), ("alexnet-cifar", 0), ("resnet20", 0), ("resnet56", 0),
@@ -255,7 +303,7 @@ def test_reshape_with_inert_allowzero_converts_and_prunes(shape: list[int], tmp_
     assert ratio > 2.0  # the conv before the Reshape is pruned too
 
 
-def test_reshape_to_a_constant_that_is_no_flatten_is_static(tmp_path: Path) -> None:
+def test_reshape_that_splits_the_channels_keeps_the_literal_part(tmp_path: Path) -> None:
     path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[-1, 4, 6], allowzero=1)
     model = onnx.load(path)  # ... -> Reshape [-1, 4, 6] -> Flatten -> Gemm
     reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
@@ -264,11 +312,12 @@ def test_reshape_to_a_constant_that_is_no_flatten_is_static(tmp_path: Path) -> N
                             helper.make_node("Flatten", ["f3"], ["f"], axis=1))
     onnx.save(model, path)
     module = load_onnx_model(path).module
-    reshapes = [m for m in module.modules() if isinstance(m, StaticReshape)]
-    assert [m.shape for m in reshapes] == [(-1, 4, 6)]
-    x = torch.randn(3, 1, 16, 16)
-    graph = PruningPlan.uniform(module, x, "filter", 0.5).graph  # torch.export traces it
-    assert any("fixed count" in n for n in graph.notes)  # the literal 4x6 keeps that conv whole
+    # 24 channels (x1x1) into 4 x -1: the 4 stays a number, the rest follows the channel count
+    [split] = [m for m in module.modules() if isinstance(m, SplitMergeReshape)]
+    assert (split.head, split.fixed, split.tail) == (1, (4,), 0)
+    # the tracer keeps the 4 blocks equal; compaction checks the pruned module against the masked one
+    ratio, _ = _round_trip(path, torch.randn(4, 1, 16, 16), tmp_path)
+    assert ratio > 2.0
 
 
 @pytest.mark.parametrize("case", ["zero", "computed"])

@@ -17,8 +17,9 @@ every way it can be bad is one line of :class:`~structadmm.errors.StructADMMErro
    is cleared from every Reshape whose shape is a constant without a 0 (where, by the ONNX
    spec, it has no effect): onnx2torch converts ``allowzero=0`` only.
 
-The converted module is then checked against ONNX Runtime running the file itself, at two
-batch sizes, and a few onnx2torch wrappers are swapped for the equivalent ``torch.nn``
+The converted module's global average pools become ``torch.nn`` ones (exact by the ONNX spec),
+it is checked against ONNX Runtime running the file itself, at two batch sizes, and a few
+more onnx2torch wrappers are swapped for the equivalent ``torch.nn``
 layers (checked numerically) so that the channel tracer and surgery see ordinary layers.
 """
 
@@ -76,6 +77,7 @@ def load_onnx_model(
     shapes = _sample_shapes(signature, input_shape, path)
     converted = _convert(_at_convertible_opset(clear_inert_allowzero(proto, path), path), path)
     check = [_example_inputs(signature, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
+    global_pools(converted, check[0])
     for inputs in check:
         _check_against_runtime(converted, path, inputs, atol, rtol)
     module = replace_wrappers(converted, check[0])
@@ -395,9 +397,8 @@ def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Te
 def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module:
     """Swap onnx2torch wrapper modules for the equivalent ``torch.nn`` layers, in place.
 
-    Global average pooling becomes ``nn.AdaptiveAvgPool{1,2,3}d(1)``, which the channel
-    tracer treats as spatial. A functional ``OnnxBatchNorm`` (emitted where the file shares
-    or copies its statistics through Identity nodes, as the legacy exporter does at old
+    (Global average pools are ``nn.AdaptiveAvgPool{1,2,3}d(1)`` already: :func:`global_pools`.)
+    A functional ``OnnxBatchNorm`` (emitted where the file shares or copies its statistics through Identity nodes, as the legacy exporter does at old
     opsets) whose statistics are constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own
     copy of them, which surgery can slice. An ``OnnxReshape`` whose shape is a constant becomes a
     :class:`StaticReshape` (onnx2torch's looks at the shape tensor's values at run time, which the
@@ -411,18 +412,10 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
         _static_arguments(module, example)
-    from onnx2torch.node_converters.global_average_pool import (
-        OnnxGlobalAveragePool,
-        OnnxGlobalAveragePoolWithKnownInputShape,
-    )
-
     from onnx2torch.node_converters.activations import OnnxHardSigmoid
 
-    pools = {3: nn.AdaptiveAvgPool1d, 4: nn.AdaptiveAvgPool2d, 5: nn.AdaptiveAvgPool3d}
-    ranks = _input_ranks(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape))
-    swaps = {name: pools[rank](1) for name, rank in ranks.items() if rank in pools}
-    swaps.update({name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
-                  and math.isclose(sub.alpha, 1 / 6, rel_tol=1e-6) and math.isclose(sub.beta, 0.5, rel_tol=1e-6)})
+    swaps = {name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
+             and math.isclose(sub.alpha, 1 / 6, rel_tol=1e-6) and math.isclose(sub.beta, 0.5, rel_tol=1e-6)}
     with torch.no_grad():
         reference = module(*example)
     for name, new in swaps.items():
@@ -432,6 +425,31 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
             if not _same(reference, module(*example)):
                 _set_submodule(module, name, old)
     return module
+
+
+def global_pools(module: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
+    """onnx2torch's GlobalAveragePool modules become ``nn.AdaptiveAvgPool{1,2,3}d(1)``, in place.
+
+    By the ONNX spec, GlobalAveragePool averages every axis after the channels, which is what
+    the adaptive pools compute (and the channel tracer knows as spatial). onnx2torch's module
+    averages every axis of the input instead where the file leaves the rank of the pool's input
+    unknown (after a Reshape to a computed shape, say). Run before the check against ONNX Runtime,
+    which then checks this too. Nothing is swapped where the module fails to run: the check says why.
+    """
+    from onnx2torch.node_converters.global_average_pool import (
+        OnnxGlobalAveragePool,
+        OnnxGlobalAveragePoolWithKnownInputShape,
+    )
+
+    pools = {3: nn.AdaptiveAvgPool1d, 4: nn.AdaptiveAvgPool2d, 5: nn.AdaptiveAvgPool3d}
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:  # the pools reached before the module fails (as after a wrong pool) are recorded all the same
+        _input_shapes(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape), shapes)
+    except Exception:  # noqa: BLE001 - the check against ONNX Runtime reports a module that fails to run
+        pass
+    for name, rank in {name: len(shape) for name, shape in shapes.items()}.items():
+        if rank in pools:
+            _set_submodule(module, name, pools[rank](1))
 
 
 def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
@@ -664,10 +682,11 @@ def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tu
     return {name: len(shape) for name, shape in _input_shapes(module, example, types).items()}
 
 
-def _input_shapes(module: nn.Module, example: tuple[torch.Tensor, ...],
-                  types: tuple[type, ...]) -> dict[str, tuple[int, ...]]:
-    """The shape of the first input of every submodule of one of ``types`` (first call) on ``example``."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def _input_shapes(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...],
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape of the first input of every submodule of one of ``types`` (first call) on ``example``,
+    recorded into ``shapes`` as the module runs."""
+    shapes = {} if shapes is None else shapes
 
     def record(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
