@@ -22,12 +22,13 @@ Deterministic comparison: the MAC ratios of the two paths, and the pruned layers
 (op, weight shape) of every Conv/Gemm/MatMul of the two pruned files in graph order must be
 equal ("same layers"), so both paths kept the same widths in every layer.
 
-Latency: the four files are timed in one run with the isolated harness (every model alone in a
+Latency: the four files are timed together with the isolated harness (every model alone in a
 fresh process, processes interleaved round by round, ``--processes`` rounds, medians over all
-runs). ``ratio`` is the ONNX path's speedup (user / onnx_pruned) over the torch path's
-(torch_dense / torch_pruned); the goal is 0.95..1.05. ``noise`` is torch_pruned's median over
-onnx_pruned's: where the two pruned files are the same layers, the ops that run are the same,
-so its distance from 1 is the measurement's own noise at that budget.
+runs), ``--repeats`` times. Per repeat, ``ratio`` is the ONNX path's speedup (user /
+onnx_pruned) over the torch path's (torch_dense / torch_pruned); the goal is 0.95..1.05. The
+table gives the medians over the repeats and the ratio's range. "same-file noise" is
+torch_pruned's median over onnx_pruned's and torch_dense's over user's: where the files are the
+same layers, the same ops run, so their distance from 1 is the measurement's own noise.
 
 A model that fails on either path is recorded with its one-line reason (coverage). ImageNet
 models run at ``--imagenet-size`` (default 128); ``name@224`` runs one at 224. Models over
@@ -46,6 +47,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from structadmm.bench import benchmark
@@ -138,35 +140,46 @@ def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:
         if args.latency and macs["user"] > args.latency_max_gmacs * 1e9:
             result["not_timed"] = f"{macs['user'] / 1e9:.1f} GMACs, over --latency-max-gmacs"
         elif args.latency:
-            report = benchmark(files, batch_sizes=args.batches, threads=args.threads, min_seconds=args.seconds,
-                               min_runs=args.runs, warmup=args.warmup, processes=args.processes, isolate=True)
-            result["latency"] = [_latency(report, batch) for batch in args.batches]
+            repeats = [benchmark(files, batch_sizes=args.batches, threads=args.threads, min_seconds=args.seconds,
+                                 min_runs=args.runs, warmup=args.warmup, processes=args.processes, isolate=True)
+                       for _ in range(args.repeats)]
+            result["latency"] = [_latency(repeats, batch) for batch in args.batches]
     return result | {"seconds": time.perf_counter() - start}
 
 
-def _latency(report, batch: int) -> dict:
-    ms = {e.name: e.median_ms for e in report.entries if e.batch == batch}
-    torch_speedup = ms["torch_dense"] / ms["torch_pruned"]
-    onnx_speedup = ms["user"] / ms["onnx_pruned"]
-    return {"batch": batch, "ms": ms, "torch_speedup": torch_speedup, "onnx_speedup": onnx_speedup,
-            "ratio": onnx_speedup / torch_speedup, "noise": ms["torch_pruned"] / ms["onnx_pruned"]}
+def _latency(reports: list, batch: int) -> dict:
+    """Per repeat: each file's median and the two speedups; then the median over the repeats of
+    every figure, and the range of the ratio over the repeats."""
+    runs = []
+    for report in reports:
+        ms = {e.name: e.median_ms for e in report.entries if e.batch == batch}
+        torch_speedup, onnx_speedup = ms["torch_dense"] / ms["torch_pruned"], ms["user"] / ms["onnx_pruned"]
+        runs.append({"ms": ms, "torch_speedup": torch_speedup, "onnx_speedup": onnx_speedup,
+                     "ratio": onnx_speedup / torch_speedup, "noise": ms["torch_pruned"] / ms["onnx_pruned"],
+                     "dense_noise": ms["torch_dense"] / ms["user"]})
+    ratios = [r["ratio"] for r in runs]
+    return {"batch": batch, "repeats": runs, "ratio_range": [min(ratios), max(ratios)],
+            **{k: float(np.median([r[k] for r in runs]))
+               for k in ("torch_speedup", "onnx_speedup", "ratio", "noise", "dense_noise")}}
 
 
 def _table(results: list[dict], batches: list[int]) -> str:
     head = ("| model | opset (file) | input | MAC ratio torch / ONNX | same layers (pruned of) | "
-            + " | ".join(f"speedup b={b} torch / ONNX (ratio; noise)" for b in batches) + " |")
-    lines = [head, "|---" * (5 + len(batches)) + "|"]
+            + " | ".join(f"speedup b={b} torch / ONNX | ratio (range) | same-file noise pruned / dense"
+                         for b in batches) + " |")
+    lines = [head, "|---" * (5 + 3 * len(batches)) + "|"]
     for r in results:
         shape = "x".join(map(str, r["input"]))
         opset = f"{r['opset']} ({r.get('file_opset', '?')})"
         if not r["ok"]:
             lines.append(f"| {r['model']} | {opset} | {shape} | fails at {r['stage']}: {r['reason']} |"
-                         + " |" * len(batches))
+                         + " |" * (3 * len(batches)))
             continue
         lat = {row["batch"]: row for row in r.get("latency", [])}
         cells = " | ".join(
-            f"{lat[b]['torch_speedup']:.2f}x / {lat[b]['onnx_speedup']:.2f}x ({lat[b]['ratio']:.3f}; "
-            f"{lat[b]['noise']:.3f})" if b in lat else f"not timed ({r.get('not_timed', '--no-latency')})"
+            f"{lat[b]['torch_speedup']:.2f}x / {lat[b]['onnx_speedup']:.2f}x | {lat[b]['ratio']:.3f} "
+            f"({lat[b]['ratio_range'][0]:.2f}..{lat[b]['ratio_range'][1]:.2f}) | {lat[b]['noise']:.3f} / "
+            f"{lat[b]['dense_noise']:.3f}" if b in lat else f"not timed ({r.get('not_timed', '--no-latency')}) | |"
             for b in batches)
         same = "yes" if r["same_layers"] else "no"
         same += f" ({r['pruned_layers'][0]}/{r['pruned_layers'][1]} of {r['layers']})"
@@ -183,9 +196,10 @@ def main() -> None:
     parser.add_argument("--opsets", nargs="+", default=["13", "current"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--processes", type=int, default=3, help="rounds of isolated processes per model")
-    parser.add_argument("--seconds", type=float, default=0.6, help="timed seconds per model, over all its processes")
-    parser.add_argument("--runs", type=int, default=15, help="timed runs per model, at least, over all its processes")
+    parser.add_argument("--repeats", type=int, default=3, help="isolated benchmark runs per model; medians over them")
+    parser.add_argument("--processes", type=int, default=2, help="rounds of isolated processes per model and repeat")
+    parser.add_argument("--seconds", type=float, default=0.4, help="timed seconds per model and repeat")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per model and repeat, at least")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-latency", dest="latency", action="store_false")
     parser.add_argument("--latency-max-gmacs", type=float, default=5.0, help="time only models with fewer MACs")
