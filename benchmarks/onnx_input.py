@@ -163,7 +163,14 @@ def _latency(reports: list, batch: int) -> dict:
                for k in ("torch_speedup", "onnx_speedup", "ratio", "noise", "dense_noise")}}
 
 
-def _table(results: list[dict], batches: list[int]) -> str:
+def _settings(args: argparse.Namespace) -> str:
+    return (f"`benchmarks/onnx_input.py` with OMP_NUM_THREADS=1: ORT CPU, {args.threads} thread(s), isolated harness, "
+            f"{args.repeats} repeats x {args.processes} processes per file, batch {', '.join(map(str, args.batches))}; "
+            f"ImageNet models at {args.imagenet_size} px unless named @224; plan of `structadmm run` "
+            "(ratio 0.75, multiples of 16, ends whole). Shared 2-core machine.")
+
+
+def _table(results: list[dict], batches: list[int], settings: str = "") -> str:
     head = ("| model | opset (file) | input | MAC ratio torch / ONNX | same layers (pruned of) | "
             + " | ".join(f"speedup b={b} torch / ONNX | ratio (range) | same-file noise pruned / dense"
                          for b in batches) + " |")
@@ -187,7 +194,26 @@ def _table(results: list[dict], batches: list[int]) -> str:
             same += "; ops " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in r["op_count_diff"].items())
         lines.append(f"| {r['model']} | {opset} | {shape} | {r['torch_mac_ratio']:.3f}x / "
                      f"{r['onnx_mac_ratio']:.3f}x | {same} | {cells} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(([settings, ""] if settings else []) + _summary(results, batches) + ["", *lines]) + "\n"
+
+
+def _summary(results: list[dict], batches: list[int]) -> list[str]:
+    ok = [r for r in results if r["ok"]]
+    exact = [r for r in ok if r["same_layers"] and abs(r["onnx_mac_ratio"] / r["torch_mac_ratio"] - 1) < 1e-9]
+    lines = [f"{len(results)} model/opset pairs; {len(ok)} load, prune, compact and export with parity; {len(exact)} "
+             "prune to the same layers and MAC ratio as the torch model given directly."]
+    for batch in batches:
+        rows = [row for r in ok for row in r.get("latency", []) if row["batch"] == batch]
+        if not rows:
+            continue
+        ratios = np.array([row["ratio"] for row in rows])
+        noise = np.array([max(abs(row["noise"] - 1), abs(row["dense_noise"] - 1)) for row in rows])
+        lines.append(
+            f"Batch {batch}, {len(rows)} timed: speedup ratio ONNX / torch median {np.median(ratios):.3f}, "
+            f"{int(np.sum(abs(ratios - 1) <= 0.05))} of {len(rows)} within 5 % (range {ratios.min():.2f}.."
+            f"{ratios.max():.2f}); the same-file noise (largest of pruned and dense, |x - 1|) has median "
+            f"{np.median(noise):.3f} and is over 5 % for {int(np.sum(noise > 0.05))}.")
+    return lines
 
 
 def main() -> None:
@@ -205,9 +231,14 @@ def main() -> None:
     parser.add_argument("--latency-max-gmacs", type=float, default=5.0, help="time only models with fewer MACs")
     parser.add_argument("--imagenet-size", type=int, default=128)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--render", type=Path, help="only write the .md of these results (a .json this wrote)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     RESULTS.mkdir(exist_ok=True)
+    if args.render:
+        (RESULTS / f"onnx_input{args.tag}.md").write_text(
+            _table(json.loads(args.render.read_text()), args.batches, _settings(args)))
+        return
     results = []
     started = time.perf_counter()
     for name in args.models:
@@ -221,7 +252,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
             stem = f"onnx_input{args.tag}"
             (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-            (RESULTS / f"{stem}.md").write_text(_table(results, args.batches))
+            (RESULTS / f"{stem}.md").write_text(_table(results, args.batches, _settings(args)))
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
 
 

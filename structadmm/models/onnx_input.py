@@ -278,10 +278,11 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
     on every Reshape. One line where it does matter: a constant shape with a 0, or a shape
     computed at run time.
     """
-    constants = {t.name: t for t in proto.graph.initializer}
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) == 1}
     for node in _all_nodes(proto.graph):
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = node.attribute[0].t
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name in ("value", "value_ints"):
+            attr = node.attribute[0]
+            constants[node.output[0]] = numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(attr.ints)
     for node in _all_nodes(proto.graph):
         if node.op_type != "Reshape" or node.domain not in _STANDARD_DOMAINS:
             continue
@@ -291,7 +292,7 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
         where = f"{path}: Reshape {node.name or node.output[0]!r} has allowzero=1"
         if len(node.input) < 2 or node.input[1] not in constants:
             raise StructADMMError(f"{where} with a shape computed at run time; onnx2torch converts allowzero=0 only")
-        shape = numpy_helper.to_array(constants[node.input[1]])
+        shape = constants[node.input[1]]
         if (shape == 0).any():
             raise StructADMMError(
                 f"{where} and a 0 in its shape {shape.tolist()} (a dimension of size 0); onnx2torch converts "
@@ -398,16 +399,20 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     """Swap onnx2torch wrapper modules for the equivalent ``torch.nn`` layers, in place.
 
     (Global average pools are ``nn.AdaptiveAvgPool{1,2,3}d(1)`` already: :func:`global_pools`.)
-    A functional ``OnnxBatchNorm`` (emitted where the file shares or copies its statistics through Identity nodes, as the legacy exporter does at old
-    opsets) whose statistics are constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own
-    copy of them, which surgery can slice. An ``OnnxReshape`` whose shape is a constant becomes a
-    :class:`StaticReshape` (onnx2torch's looks at the shape tensor's values at run time, which the
-    channel tracer, built on torch.export, cannot follow), or an ``nn.Flatten`` where it flattens
-    each sample (the dynamo exporter writes ``torch.flatten`` so, with the count as a number); an
-    ``OnnxSlice`` with constant bounds, a :class:`StaticSlice` or :class:`ChunkSlice`; a Squeeze or
-    Unsqueeze with constant axes, onnx2torch's own static-axes module. ``HardSigmoid(1/6, 1/2)`` becomes
-    ``nn.Hardsigmoid``, which the tracer knows as elementwise. Each swap is kept only where the
-    module's outputs on ``example`` are unchanged.
+
+    * A functional ``OnnxBatchNorm`` (emitted where the file shares or copies its statistics
+      through Identity nodes, as the legacy exporter does at old opsets) whose statistics are
+      constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own copy of them, which surgery can slice.
+    * onnx2torch's Reshape, Slice, Squeeze and Unsqueeze read their shape, bounds or axes from
+      tensors at run time, which the channel tracer (built on torch.export) cannot follow. Where
+      those are constants: a Reshape that flattens each sample becomes ``nn.Flatten``, one that
+      splits or merges the dims after the batch a :class:`SplitMergeReshape` (both follow a pruned
+      channel count), any other a :class:`StaticReshape`; a Slice that takes one of n equal parts
+      of an axis becomes a :class:`ChunkSlice` (what ``torch.chunk`` exports to), any other a
+      :class:`StaticSlice`; a Squeeze or Unsqueeze, onnx2torch's own static-axes module.
+    * ``HardSigmoid(1/6, 1/2)`` becomes ``nn.Hardsigmoid``, which the tracer knows as elementwise.
+
+    Each swap is kept only where the module's outputs on ``example`` are unchanged.
     """
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
