@@ -85,12 +85,14 @@ def build(name: str, imagenet_size: int) -> tuple[torch.nn.Module, tuple[int, ..
     return spec.build().eval(), shape
 
 
-def prune(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """The default plan of ``structadmm run``, projected in one shot, then compacted."""
+def prune(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, list[str]]:
+    """The default plan of ``structadmm run``, projected in one shot, then compacted; and why the
+    plan left layers whole."""
     cfg = CompressConfig()
-    PruningPlan.uniform(model, x, cfg.sparsity, cfg.ratio, multiple=cfg.channel_multiple,
-                        keep_ends=not cfg.prune_ends).project(model)
-    return compact(model, x)
+    plan = PruningPlan.uniform(model, x, cfg.sparsity, cfg.ratio, multiple=cfg.channel_multiple,
+                               keep_ends=not cfg.prune_ends)
+    plan.project(model)
+    return compact(model, x), [f"{layer}: {why}" for layer, why in plan.skipped]
 
 
 def layers(path: Path) -> list[tuple[str, tuple[int, ...]]]:
@@ -110,13 +112,15 @@ def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:
         files = {k: Path(tmp) / f"{k}.onnx" for k in ("torch_dense", "torch_pruned", "user", "onnx_pruned")}
         result["file_opset"] = export_onnx(model, x, files["user"], opset=opset).opset
         export_onnx(model, x, files["torch_dense"])
-        export_onnx(prune(model, x), x, files["torch_pruned"])
+        small, torch_skipped = prune(model, x)
+        export_onnx(small, x, files["torch_pruned"])
         try:
             loaded = load_onnx_model(files["user"])
         except StructADMMError as exc:
             return result | {"ok": False, "stage": "load", "reason": str(exc).replace(str(files["user"]), "user.onnx")}
         try:
-            parity = export_onnx(prune(loaded.module, x), x, files["onnx_pruned"],
+            small, onnx_skipped = prune(loaded.module, x)
+            parity = export_onnx(small, x, files["onnx_pruned"],
                                  signature=onnx_signature(load_onnx(files["user"]))).max_abs_diff
         except StructADMMError as exc:
             return result | {"ok": False, "stage": "prune", "reason": str(exc)}
@@ -137,6 +141,9 @@ def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:
             "pruned_layers": [pruned["torch_pruned"], pruned["onnx_pruned"]],
             "op_count_diff": op_diff,
         }
+        if not result["same_layers"]:  # why the ONNX path kept more: its skips the torch path does not have
+            reasons = {why.split(": ", 1)[1] for why in torch_skipped}
+            result["why"] = [why for why in onnx_skipped if why.split(": ", 1)[1] not in reasons]
         if args.latency and macs["user"] > args.latency_max_gmacs * 1e9:
             result["not_timed"] = f"{macs['user'] / 1e9:.1f} GMACs, over --latency-max-gmacs"
         elif args.latency:
@@ -192,6 +199,8 @@ def _table(results: list[dict], batches: list[int], settings: str = "") -> str:
         same += f" ({r['pruned_layers'][0]}/{r['pruned_layers'][1]} of {r['layers']})"
         if r["op_count_diff"]:
             same += "; ops " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in r["op_count_diff"].items())
+        if r.get("why"):
+            same += f"; ONNX path keeps whole {r['why'][0]}"
         lines.append(f"| {r['model']} | {opset} | {shape} | {r['torch_mac_ratio']:.3f}x / "
                      f"{r['onnx_mac_ratio']:.3f}x | {same} | {cells} |")
     return "\n".join(([settings, ""] if settings else []) + _summary(results, batches) + ["", *lines]) + "\n"
