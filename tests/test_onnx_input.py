@@ -21,7 +21,7 @@ from structadmm.cli import app
 from structadmm.errors import ParityError, StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, onnx_signature
 from structadmm.models import get_spec
-from structadmm.models.onnx_input import example_inputs, load_onnx_model
+from structadmm.models.onnx_input import SplitMergeReshape, clear_inert_allowzero, example_inputs, load_onnx_model
 from structadmm.pipeline import CompressConfig, PruningPlan, compact, compress
 
 FAST = dict(dense_epochs=2, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
@@ -33,9 +33,11 @@ runner = CliRunner()
 
 
 def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: str | None = None,
-                  spatial: tuple = (16, 16), reduce_mean: bool = False) -> Path:
+                  spatial: tuple = (16, 16), reduce_mean: bool = False, reshape: list[int] | None = None,
+                  allowzero: int = 0) -> Path:
     """Conv-BN-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm written node by node with onnx.helper,
-    with the input named 'pixels' (batch axis 'N') and the output 'logits'."""
+    with the input named 'pixels' (batch axis 'N') and the output 'logits'. With ``reshape``, the
+    Flatten is a Reshape to that constant shape (with ``allowzero``)."""
     rng = np.random.default_rng(0)
 
     def init(name: str, *shape: int, scale: float = 0.3) -> TensorProto:
@@ -45,6 +47,8 @@ def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: st
              numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_s"), init("bn_b", 16),
              init("bn_m", 16, scale=0.1), numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_v"),
              init("w2", 24, 16, 3, 3), init("b2", 24), init("fc_w", 10, 24), init("fc_b", 10)]
+    if reshape is not None:
+        inits.append(numpy_helper.from_array(np.array(reshape, np.int64), "shape"))
     if reduce_mean:  # axes as an input: ReduceMean-18, newer than onnx2torch's
         inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     nodes = [
@@ -55,6 +59,7 @@ def _helper_model(path: Path, *, opset: int = 13, batch: int | str = "N", op: st
         helper.make_node(op or "Relu", ["c2"], ["r2"]),
         helper.make_node("ReduceMean", ["r2", "axes"], ["g"], keepdims=1) if reduce_mean else
         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Reshape", ["g", "shape"], ["f"], allowzero=allowzero) if reshape is not None else
         helper.make_node("Flatten", ["g"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
     ]
@@ -140,18 +145,114 @@ def test_zoo_round_trip_matches_the_torch_path(name: str, opset: int | None, tmp
     assert ratio > 2.5
 
 
+def _layers(path: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(op, weight shape) of every Conv/Gemm/MatMul of an ONNX file, in graph order."""
+    proto = load_onnx(path)
+    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    return [(n.op_type, weights[n.input[1]]) for n in proto.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in weights]
+
+
+def _both_paths(name: str, size: int, opset: int | None, tmp_path: Path) -> tuple[float, float]:
+    """The MAC ratios of a model pruned as torch and pruned from its ONNX export at ``opset`` (same
+    plan: filters, ratio 0.5, multiples of 16); asserts both pruned files have the same layers."""
+    torch.manual_seed(0)
+    if name.startswith("tv:"):
+        import torchvision
+
+        net, shape = torchvision.models.get_model(name[3:], weights=None).eval(), (3, size, size)
+    else:
+        spec = get_spec(name)
+        net, shape = spec.build().eval(), (spec.input_shape if spec.input_shape != (3, 224, 224) else (3, size, size))
+    return _both_paths_of(net, torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), opset, tmp_path)
+
+
+def _both_paths_of(net: nn.Module, x: torch.Tensor, opset: int | None, tmp_path: Path,
+                   multiple: int = 16) -> tuple[float, float]:
+    path = tmp_path / "user.onnx"
+    export_onnx(net, x, path, opset=opset)
+    export_onnx(net, x, tmp_path / "torch_dense.onnx")
+    PruningPlan.uniform(net, x, "filter", 0.5, multiple=multiple).project(net)
+    export_onnx(compact(net, x), x, tmp_path / "torch_pruned.onnx")
+    module = load_onnx_model(path).module
+    PruningPlan.uniform(module, x, "filter", 0.5, multiple=multiple).project(module)
+    out = tmp_path / "onnx_pruned.onnx"
+    assert export_onnx(compact(module, x), x, out, signature=onnx_signature(load_onnx(path))).max_abs_diff < 1e-4
+    assert onnx_signature(load_onnx(out)) == onnx_signature(load_onnx(path))
+    assert _layers(out) == _layers(tmp_path / "torch_pruned.onnx")
+    return (count_onnx(tmp_path / "torch_dense.onnx").macs / count_onnx(tmp_path / "torch_pruned.onnx").macs,
+            count_onnx(path).macs / count_onnx(out).macs)
+
+
+def test_torchvision_model_through_an_opset_13_file_prunes_as_the_torch_model(tmp_path: Path) -> None:
+    # MobileNetV3's squeeze-excitation gates come out of the file as HardSigmoid (alpha 1/6) and, at
+    # 32 px, its last pooling as a Squeeze with its axes as an input: both must let the channel tracer
+    # through as the torch model's nn.Hardsigmoid and pooling do (ShuffleNetV2's Reshape/Slice: slow test)
+    torch_ratio, onnx_ratio = _both_paths("tv:mobilenet_v3_small", 32, 13, tmp_path)
+    assert onnx_ratio == pytest.approx(torch_ratio, rel=1e-9) and onnx_ratio > 1.8
+
+
+class _Shuffle(nn.Module):
+    """A ShuffleNetV2 unit: chunk, branch, concat, channel shuffle by view. With ``batch_view`` the
+    shuffle ends in ``view(b, -1, h, w)``, which the exporter writes as a Reshape to a shape computed
+    from the input's Shape, and the file leaves the rank of what follows unknown."""
+
+    def __init__(self, batch_view: bool = False) -> None:
+        super().__init__()
+        self.batch_view = batch_view
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                    nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        x = torch.cat((x1, self.branch(x2)), dim=1)
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2)
+        x = x.contiguous().view(b, -1, h, w) if self.batch_view else x.reshape(-1, c, h, w)
+        return self.head(x)
+
+
+def test_channel_shuffle_and_split_from_a_file_follow_the_pruned_channels(tmp_path: Path) -> None:
+    # the file states the split as Slice [0:8], [8:16] and the shuffle as Reshape [-1, 2, 8, H, W]:
+    # read as chunk parts and as a split of the channel axis, they prune as the torch model does
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    torch_ratio, onnx_ratio = _both_paths_of(_Shuffle().eval(), x, 13, tmp_path, multiple=1)
+    assert onnx_ratio == pytest.approx(torch_ratio, rel=1e-9) and onnx_ratio > 1.5
+    kinds = {type(m).__name__ for m in load_onnx_model(tmp_path / "user.onnx").module.modules()}
+    assert {"ChunkSlice", "SplitMergeReshape"} <= kinds
+
+
+def test_global_pool_whose_input_rank_the_file_leaves_unknown_converts(tmp_path: Path) -> None:
+    # onnx2torch's GlobalAveragePool averages every axis there (a (1, 1, 1, 1) output); the ONNX
+    # spec's, every axis after the channels: the converted module must match ONNX Runtime
+    path = tmp_path / "m.onnx"
+    torch.manual_seed(0)
+    export_onnx(_Shuffle(batch_view=True).eval(), torch.randn(2, 1, 12, 12), path, opset=13)
+    module = load_onnx_model(path).module
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in module.modules())
+
+
+ROUND_TRIPS = [("lenet5", 0), ("mnist1d-cnn", 0), ("alexnet-cifar", 0), ("resnet20", 0), ("resnet56", 0),
+               ("c3d-small", 0), ("mobilenetv2", 64), ("resnet18", 64), ("resnet50", 64), ("alexnet", 224),
+               ("vgg16", 224), ("tv:resnet18", 64), ("tv:mobilenet_v2", 64), ("tv:mobilenet_v3_small", 64),
+               ("tv:alexnet", 224), ("tv:vgg16", 224), ("tv:squeezenet1_1", 64), ("tv:shufflenet_v2_x0_5", 64),
+               ("tv:efficientnet_b0", 64), ("tv:regnet_x_400mf", 64), ("tv:densenet121", 64)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("opset", [13, None], ids=["opset13", "current"])
-# VGG-16 and AlexNet at small inputs export their adaptive pool as GatherND / Reshape(allowzero=1):
-# see benchmarks/results/onnx_input.md
-@pytest.mark.parametrize("name", ["alexnet-cifar", "resnet56", "mobilenetv2", "resnet18", "resnet50"])
-def test_zoo_round_trip_slow(name: str, opset: int | None, tmp_path: Path) -> None:
-    spec = get_spec(name)
-    torch.manual_seed(0)
-    x = torch.randn(2, *(spec.input_shape[:1] + (64, 64) if spec.input_shape[1] > 64 else spec.input_shape))
-    export_onnx(spec.build().eval(), x, tmp_path / "m.onnx", opset=opset)
-    ratio, _ = _round_trip(tmp_path / "m.onnx", x, tmp_path)
-    assert ratio > 2.0
+@pytest.mark.parametrize("name,size", ROUND_TRIPS, ids=[name for name, _ in ROUND_TRIPS])
+def test_zoo_and_torchvision_round_trips_prune_as_the_torch_models(name: str, size: int, opset: int | None,
+                                                                   tmp_path: Path) -> None:
+    # AlexNet and VGG at 224 px: smaller inputs make their adaptive pool upsample, which only the
+    # dynamo exporter writes (Transpose + GatherND) and the channel tracer does not follow
+    torch_ratio, onnx_ratio = _both_paths(name, size, opset, tmp_path)
+    assert onnx_ratio == pytest.approx(torch_ratio, rel=1e-9)
+    assert onnx_ratio > (1.0 if name == "lenet5" else 1.5)  # lenet5's 6 and 16 filters round up to 16: whole
 
 
 def test_handmade_onnx_helper_model_round_trips(tmp_path: Path) -> None:
@@ -184,6 +285,56 @@ def test_legacy_exporter_at_an_older_opset_round_trips(opset: int, tmp_path: Pat
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"] and session.get_inputs()[0].shape[0] == "batch_size"
     assert [o.name for o in session.get_outputs()] == ["scores"]
+
+
+@pytest.mark.parametrize("shape", [[-1, 24], [0, -1], [0, 24]])
+def test_reshape_with_inert_allowzero_converts_and_prunes(shape: list[int], tmp_path: Path) -> None:
+    # what the dynamo exporter writes for torch.flatten: allowzero=1, a constant shape; onnx2torch
+    # converts allowzero=0 only, and without a 0 in the shape the flag changes nothing
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[-1, 24], allowzero=1)
+    proto = load_onnx(path)
+    clear_inert_allowzero(proto, path)
+    assert not [a for n in proto.graph.node if n.op_type == "Reshape" for a in n.attribute if a.name == "allowzero"]
+    # with allowzero=0 a 0 copies the input's dimension: [0, -1] and [0, 24] flatten as well
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=shape, allowzero=int(0 not in shape))
+    loaded = load_onnx_model(path)  # checked against ONNX Runtime on the file itself
+    assert any(isinstance(m, nn.Flatten) for m in loaded.module.modules())  # flattening follows a pruned count
+    ratio, out = _round_trip(path, torch.randn(4, 1, 16, 16), tmp_path)
+    assert ratio > 2.0  # the conv before the Reshape is pruned too
+
+
+def test_reshape_that_splits_the_channels_keeps_the_literal_part(tmp_path: Path) -> None:
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[-1, 4, 6], allowzero=1)
+    model = onnx.load(path)  # ... -> Reshape [-1, 4, 6] -> Flatten -> Gemm
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    reshape.output[0] = "f3"
+    model.graph.node.insert(list(model.graph.node).index(reshape) + 1,
+                            helper.make_node("Flatten", ["f3"], ["f"], axis=1))
+    onnx.save(model, path)
+    module = load_onnx_model(path).module
+    # 24 channels (x1x1) into 4 x -1: the 4 stays a number, the rest follows the channel count
+    [split] = [m for m in module.modules() if isinstance(m, SplitMergeReshape)]
+    assert (split.head, split.fixed, split.tail) == (1, (4,), 0)
+    # the tracer keeps the 4 blocks equal; compaction checks the pruned module against the masked one
+    ratio, _ = _round_trip(path, torch.randn(4, 1, 16, 16), tmp_path)
+    assert ratio > 2.0
+
+
+@pytest.mark.parametrize("case", ["zero", "computed"])
+def test_reshape_whose_allowzero_matters_is_one_line(case: str, tmp_path: Path) -> None:
+    path = _helper_model(tmp_path / "m.onnx", opset=14, reshape=[0, 24] if case == "zero" else [-1, 24], allowzero=1)
+    if case == "computed":  # the shape comes from a Shape node: unknown before it runs
+        model = onnx.load(path)
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "shape"))
+        model.graph.node.insert(0, helper.make_node("Shape", ["fc_b"], ["ten"]))  # [10]
+        model.graph.node.insert(1, helper.make_node("Add", ["ten", "fourteen"], ["width"]))  # [24]
+        model.graph.node.insert(2, helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0))
+        model.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n) for n, v in
+                                        (("minus_one", -1), ("fourteen", 14))])
+        onnx.save(model, path)
+        _fails(path, r"Reshape .* has allowzero=1 with a shape computed at run time")
+    else:
+        _fails(path, r"Reshape .* has allowzero=1 and a 0 in its shape \[0, 24\]")
 
 
 def test_dynamic_spatial_axes_need_and_take_an_input_shape(tmp_path: Path) -> None:

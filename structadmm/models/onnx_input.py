@@ -13,10 +13,13 @@ every way it can be bad is one line of :class:`~structadmm.errors.StructADMMErro
    matches their declared shape, inputs with a dynamic batch axis (dim 0);
 6. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
    the file's opset, the graph is first moved to the newest opset it covers with
-   ``onnx.version_converter``; otherwise the error names the op.
+   ``onnx.version_converter``; otherwise the error names the op. Before that, ``allowzero=1``
+   is cleared from every Reshape whose shape is a constant without a 0 (where, by the ONNX
+   spec, it has no effect): onnx2torch converts ``allowzero=0`` only.
 
-The converted module is then checked against ONNX Runtime running the file itself, at two
-batch sizes, and a few onnx2torch wrappers are swapped for the equivalent ``torch.nn``
+The converted module's global average pools become ``torch.nn`` ones (exact by the ONNX spec),
+it is checked against ONNX Runtime running the file itself, at two batch sizes, and a few
+more onnx2torch wrappers are swapped for the equivalent ``torch.nn``
 layers (checked numerically) so that the channel tracer and surgery see ordinary layers.
 """
 
@@ -31,6 +34,7 @@ import onnx
 import torch
 import torch.fx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -71,8 +75,9 @@ def load_onnx_model(
     proto = _read_checked(path, max_bytes)
     signature = onnx_signature(proto)
     shapes = _sample_shapes(signature, input_shape, path)
-    converted = _convert(_at_convertible_opset(proto, path), path)
+    converted = _convert(_at_convertible_opset(clear_inert_allowzero(proto, path), path), path)
     check = [_example_inputs(signature, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
+    global_pools(converted, check[0])
     for inputs in check:
         _check_against_runtime(converted, path, inputs, atol, rtol)
     module = replace_wrappers(converted, check[0])
@@ -263,6 +268,40 @@ def _example_inputs(signature: OnnxSignature, shapes: list[tuple[int, ...]], bat
 # --- conversion -----------------------------------------------------------------------------------
 
 
+def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
+    """``proto``, changed in place: ``allowzero=1`` removed from every Reshape whose shape is a constant
+    with no 0 entry.
+
+    ``allowzero`` only decides what a 0 in the shape means (copy the input's dimension, or a
+    dimension of size 0), so without a 0 it has no effect (ONNX spec, Reshape-14) and clearing
+    it is exact. onnx2torch converts ``allowzero=0`` only; the dynamo exporter writes ``allowzero=1``
+    on every Reshape. One line where it does matter: a constant shape with a 0, or a shape
+    computed at run time.
+    """
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) == 1}
+    for node in _all_nodes(proto.graph):
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name in ("value", "value_ints"):
+            attr = node.attribute[0]
+            constants[node.output[0]] = numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(attr.ints)
+    for node in _all_nodes(proto.graph):
+        if node.op_type != "Reshape" or node.domain not in _STANDARD_DOMAINS:
+            continue
+        flag = next((a for a in node.attribute if a.name == "allowzero"), None)
+        if flag is None or flag.i == 0:
+            continue
+        where = f"{path}: Reshape {node.name or node.output[0]!r} has allowzero=1"
+        if len(node.input) < 2 or node.input[1] not in constants:
+            raise StructADMMError(f"{where} with a shape computed at run time; onnx2torch converts allowzero=0 only")
+        shape = constants[node.input[1]]
+        if (shape == 0).any():
+            raise StructADMMError(
+                f"{where} and a 0 in its shape {shape.tolist()} (a dimension of size 0); onnx2torch converts "
+                "allowzero=0 only"
+            )
+        node.attribute.remove(flag)
+    return proto
+
+
 def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
     opset at which it does; one line naming the op when there is none."""
@@ -359,33 +398,63 @@ def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Te
 def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module:
     """Swap onnx2torch wrapper modules for the equivalent ``torch.nn`` layers, in place.
 
-    Global average pooling becomes ``nn.AdaptiveAvgPool{1,2,3}d(1)``, which the channel
-    tracer treats as spatial. A functional ``OnnxBatchNorm`` (emitted where the file shares
-    or copies its statistics through Identity nodes, as the legacy exporter does at old
-    opsets) whose statistics are constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own
-    copy of them, which surgery can slice. Each swap is kept only where the module's outputs
-    on ``example`` are unchanged.
+    (Global average pools are ``nn.AdaptiveAvgPool{1,2,3}d(1)`` already: :func:`global_pools`.)
+
+    * A functional ``OnnxBatchNorm`` (emitted where the file shares or copies its statistics
+      through Identity nodes, as the legacy exporter does at old opsets) whose statistics are
+      constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own copy of them, which surgery can slice.
+    * onnx2torch's Reshape, Slice, Squeeze and Unsqueeze read their shape, bounds or axes from
+      tensors at run time, which the channel tracer (built on torch.export) cannot follow. Where
+      those are constants: a Reshape that flattens each sample becomes ``nn.Flatten``, one that
+      splits or merges the dims after the batch a :class:`SplitMergeReshape` (both follow a pruned
+      channel count), any other a :class:`StaticReshape`; a Slice that takes one of n equal parts
+      of an axis becomes a :class:`ChunkSlice` (what ``torch.chunk`` exports to), any other a
+      :class:`StaticSlice`; a Squeeze or Unsqueeze, onnx2torch's own static-axes module.
+    * ``HardSigmoid(1/6, 1/2)`` becomes ``nn.Hardsigmoid``, which the tracer knows as elementwise.
+
+    Each swap is kept only where the module's outputs on ``example`` are unchanged.
     """
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
+        _static_arguments(module, example)
+    from onnx2torch.node_converters.activations import OnnxHardSigmoid
+
+    swaps = {name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
+             and math.isclose(sub.alpha, 1 / 6, rel_tol=1e-6) and math.isclose(sub.beta, 0.5, rel_tol=1e-6)}
+    with torch.no_grad():
+        reference = module(*example)
+    for name, new in swaps.items():
+        old = module.get_submodule(name)
+        _set_submodule(module, name, new)
+        with torch.no_grad():
+            if not _same(reference, module(*example)):
+                _set_submodule(module, name, old)
+    return module
+
+
+def global_pools(module: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
+    """onnx2torch's GlobalAveragePool modules become ``nn.AdaptiveAvgPool{1,2,3}d(1)``, in place.
+
+    By the ONNX spec, GlobalAveragePool averages every axis after the channels, which is what
+    the adaptive pools compute (and the channel tracer knows as spatial). onnx2torch's module
+    averages every axis of the input instead where the file leaves the rank of the pool's input
+    unknown (after a Reshape to a computed shape, say). Run before the check against ONNX Runtime,
+    which then checks this too. Nothing is swapped where the module fails to run: the check says why.
+    """
     from onnx2torch.node_converters.global_average_pool import (
         OnnxGlobalAveragePool,
         OnnxGlobalAveragePoolWithKnownInputShape,
     )
 
     pools = {3: nn.AdaptiveAvgPool1d, 4: nn.AdaptiveAvgPool2d, 5: nn.AdaptiveAvgPool3d}
-    ranks = _input_ranks(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape))
-    with torch.no_grad():
-        reference = module(*example)
-    for name, rank in ranks.items():
-        if rank not in pools:
-            continue
-        old = module.get_submodule(name)
-        _set_submodule(module, name, pools[rank](1))
-        with torch.no_grad():
-            if not _same(reference, module(*example)):
-                _set_submodule(module, name, old)
-    return module
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:  # the pools reached before the module fails (as after a wrong pool) are recorded all the same
+        _input_shapes(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape), shapes)
+    except Exception:  # noqa: BLE001 - the check against ONNX Runtime reports a module that fails to run
+        pass
+    for name, rank in {name: len(shape) for name, shape in shapes.items()}.items():
+        if rank in pools:
+            _set_submodule(module, name, pools[rank](1))
 
 
 def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
@@ -413,14 +482,182 @@ def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, .
         undo.append((node, node.args, old))
         _set_submodule(module, node.target, norm)
         node.args = (node.args[0],)
+    _keep_if_same(module, example, reference, undo)
+
+
+class StaticReshape(nn.Module):
+    """ONNX Reshape (``allowzero=0``) to a shape known when the graph is converted: a 0 copies the
+    input's dimension at that index, a -1 is inferred."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # copied sizes other than the batch as numbers: exported files keep their shapes inferable
+        return x.reshape([(x.shape[0] if i == 0 else int(x.shape[i])) if d == 0 else d
+                          for i, d in enumerate(self.shape)])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """``OnnxReshape``, ``OnnxSlice`` and ``Onnx(Un)SqueezeDynamicAxes`` nodes whose shape (starts,
+    ends, axes, steps) are constants become layers that hold them as numbers."""
+    from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.node_converters.slice import OnnxSlice
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
+    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
+
+    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes))
+    with torch.no_grad():
+        reference = module(*example)
+    undo = []
+    for node in module.graph.nodes:
+        if node.op != "call_module" or node.target not in shapes or node.kwargs:
+            continue
+        old = module.get_submodule(str(node.target))
+        values = [_constant(module, arg) for arg in node.args[1:]]
+        if not values or any(v is None or v.dim() != 1 or v.dtype.is_floating_point for v in values):
+            continue
+        values = [v.tolist() for v in values]
+        if isinstance(old, OnnxReshape) and len(values) == 1:
+            new = _reshape_layer(values[0], shapes[node.target])
+        elif isinstance(old, OnnxSlice) and len(values) in (2, 3, 4):
+            starts, ends, axes, steps = (values + [None, None])[:4]
+            axes = axes if axes is not None else list(range(len(starts)))
+            steps = steps if steps is not None else [1] * len(starts)
+            if min(steps, default=0) < 1 or not len(starts) == len(ends) == len(axes) == len(steps):
+                continue  # reversed slices stay onnx2torch's
+            new = _slice_layer(list(zip(axes, starts, ends, steps)), shapes[node.target])
+        elif isinstance(old, OnnxSqueezeDynamicAxes) and len(values) == 1 and values[0]:
+            new = OnnxSqueezeStaticAxes(axes=values[0])
+        elif isinstance(old, OnnxUnsqueezeDynamicAxes) and len(values) == 1:
+            new = OnnxUnsqueezeStaticAxes(axes=values[0])
+        else:
+            continue
+        undo.append((node, node.args, old))
+        _set_submodule(module, str(node.target), new)
+        node.args = (node.args[0],)
+    _keep_if_same(module, example, reference, undo)
+
+
+def _slice_layer(slices: list[tuple[int, int, int, int]], given: tuple[int, ...]) -> nn.Module:
+    """The layer for a Slice with constant bounds of inputs shaped ``given``: a :class:`ChunkSlice`
+    where it takes one of ``n`` equal parts of a non-batch axis (``x[:, 24:48]`` of 48 channels:
+    what ``torch.chunk`` exports to), which follows the size of that axis; else a :class:`StaticSlice`."""
+    if len(slices) == 1:
+        axis, start, end, step = slices[0]
+        size = given[axis] if -len(given) <= axis < len(given) else 0
+        start, end = (min(max(b + size if b < 0 else b, 0), size) for b in (start, end))
+        part = end - start
+        if step == 1 and axis % len(given) != 0 and 0 < part < size and size % part == 0 and start % part == 0:
+            return ChunkSlice(axis, size // part, start // part)
+    return StaticSlice(slices)
+
+
+class ChunkSlice(nn.Module):
+    """Part ``index`` of ``chunks`` equal parts of ``axis``: ``torch.chunk(x, chunks, axis)[index]``."""
+
+    def __init__(self, axis: int, chunks: int, index: int) -> None:
+        super().__init__()
+        self.axis, self.chunks, self.index = int(axis), int(chunks), int(index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.chunk(x, self.chunks, self.axis)[self.index]
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, chunks={self.chunks}, index={self.index}"
+
+
+class StaticSlice(nn.Module):
+    """ONNX Slice with constant starts, ends, axes and positive steps, as ``x[start:end:step]`` per axis
+    (the same clamping of out-of-range bounds as ONNX)."""
+
+    def __init__(self, slices) -> None:
+        super().__init__()
+        self.slices = tuple((int(a), int(start), int(end), int(step)) for a, start, end, step in slices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = [slice(None)] * x.dim()
+        for axis, start, end, step in self.slices:
+            index[axis] = slice(start, end, step)
+        return x[tuple(index)]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"axis {a}: {start}:{end}:{step}" for a, start, end, step in self.slices)
+
+
+def _reshape_layer(shape: list[int], given: tuple[int, ...]) -> nn.Module:
+    """The layer for a Reshape to the constant ``shape`` of inputs shaped ``given`` (batch first):
+    ``nn.Flatten()`` where it flattens each sample (``[-1, C*H*W]``, ``[0, -1]``); a
+    :class:`SplitMergeReshape` where it keeps the batch and splits or merges the dims between a
+    kept prefix and suffix (a channel shuffle's ``[-1, g, C/g, H, W]``); else a :class:`StaticReshape`.
+    The first two are exact for every batch size (the other axes of the file's inputs are fixed)
+    and follow the channel count when surgery changes it."""
+    if len(shape) == 2 and len(given) >= 2 and shape[0] in (0, -1) and (
+            shape[1] == math.prod(given[1:]) or shape == [0, -1]):
+        return nn.Flatten()
+    out = _resolved(shape, given)
+    if out is None or not given or shape[0] not in (0, -1) or out[0] != given[0]:
+        return StaticReshape(shape)
+    head = 1
+    while head < min(len(given), len(out)) and out[head] == given[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(given), len(out)) - head and out[-1 - tail] == given[-1 - tail]:
+        tail += 1
+    middle = out[head:len(out) - tail]
+    if not middle or len(given) - head - tail < 1:
+        return StaticReshape(shape)
+    return SplitMergeReshape(head, middle[:-1], tail)
+
+
+def _resolved(shape: list[int], given: tuple[int, ...]) -> list[int] | None:
+    """The output shape of an ONNX Reshape (allowzero=0) of a ``given``-shaped input to ``shape``."""
+    out = [given[i] if d == 0 and i < len(given) else d for i, d in enumerate(shape)]
+    known = math.prod(d for d in out if d != -1)
+    if out.count(-1) > 1 or known == 0 or any(d < -1 for d in out):
+        return None
+    if -1 in out:
+        out[out.index(-1)] = math.prod(given) // known
+    return out if math.prod(out) == math.prod(given) else None
+
+
+class SplitMergeReshape(nn.Module):
+    """A Reshape that keeps the first ``head`` and last ``tail`` dims of its input and turns the
+    dims between into ``(*fixed, -1)``: the last new dim follows the input's size, so a channel
+    shuffle ``[-1, g, C/g, H, W]`` or its merge ``[-1, C, H, W]`` stays right when C changes."""
+
+    def __init__(self, head: int, fixed: Sequence[int], tail: int) -> None:
+        super().__init__()
+        self.head, self.fixed, self.tail = int(head), tuple(int(d) for d in fixed), int(tail)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the batch as -1 and the other sizes as numbers: exported files keep their dynamic batch
+        # and their shapes inferable
+        shape = [int(d) for d in x.shape[1:]]
+        middle = math.prod(shape[self.head - 1:len(shape) - self.tail]) // math.prod(self.fixed)
+        return x.reshape([-1, *shape[:self.head - 1], *self.fixed, middle, *shape[len(shape) - self.tail:]])
+
+    def extra_repr(self) -> str:
+        return f"head={self.head}, fixed={self.fixed}, tail={self.tail}"
+
+
+def _keep_if_same(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], reference: object,
+                  undo: list) -> None:
+    """Keep the swaps in ``undo`` ((node, old args, old module) each, already made) if the module's
+    outputs on ``example`` are still ``reference``, else undo them all (onnx2torch's modules are
+    exact, if not prunable); then drop what no node uses any more."""
     if not undo:
         return
     module.recompile()
     with torch.no_grad():
         same = _same(reference, module(*example))
-    if not same:  # keep onnx2torch's modules: exact, if not prunable
+    if not same:
         for node, args, old in undo:
-            _set_submodule(module, node.target, old)
+            _set_submodule(module, str(node.target), old)
             node.args = args
         module.recompile()
         return
@@ -447,11 +684,18 @@ def _constant(module: torch.fx.GraphModule, arg: object) -> torch.Tensor | None:
 
 
 def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...]) -> dict[str, int]:
-    ranks: dict[str, int] = {}
+    return {name: len(shape) for name, shape in _input_shapes(module, example, types).items()}
+
+
+def _input_shapes(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...],
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape of the first input of every submodule of one of ``types`` (first call) on ``example``,
+    recorded into ``shapes`` as the module runs."""
+    shapes = {} if shapes is None else shapes
 
     def record(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            ranks.setdefault(name, args[0].dim())
+            shapes.setdefault(name, tuple(args[0].shape))
         return hook
 
     handles = [sub.register_forward_pre_hook(record(name))
@@ -462,7 +706,7 @@ def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tu
     finally:
         for handle in handles:
             handle.remove()
-    return ranks
+    return shapes
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
