@@ -96,11 +96,19 @@ def prune(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, lis
 
 
 def layers(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(op, weight shape) of every Conv/Gemm/MatMul with a constant weight, in graph order."""
+    """(conv or linear, weight shape as [out, in, *kernel]) of every Conv/Gemm/MatMul with a
+    constant weight, in graph order: a Linear written as Gemm or as MatMul compares equal."""
     proto = load_onnx(path)
     weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
-    return [(n.op_type, weights[n.input[1]]) for n in proto.graph.node
-            if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in weights]
+    found = []
+    for n in proto.graph.node:
+        if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in weights:
+            shape = weights[n.input[1]]
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            if n.op_type == "MatMul" or (n.op_type == "Gemm" and not trans_b):
+                shape = shape[::-1]  # stored [in, out]
+            found.append(("conv" if n.op_type == "Conv" else "linear", shape))
+    return found
 
 
 def measure(name: str, opset: int | None, args: argparse.Namespace) -> dict:

@@ -277,3 +277,27 @@ def test_a_layer_reading_what_the_rules_cannot_follow_still_loses_outputs() -> N
     assert hidden.prunable and hidden.size == 8
     inputs = next(g for g in graph.groups if "fc1" in g.consumers)
     assert not inputs.prunable
+
+
+class SpatialGather(nn.Module):
+    """Rows and columns picked by index tensors behind a permute (ONNX GatherND converted to torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 2 * 2, 4)
+        self.register_buffer("rows", torch.tensor([0, 2]))
+        self.register_buffer("cols", torch.tensor([1, 3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(2, 3, 0, 1)[self.rows[:, None], self.cols[None, :]]  # [2, 2, B, C]
+        return self.fc(y.permute(2, 3, 0, 1).flatten(1))
+
+
+def test_a_gather_on_other_axes_keeps_the_channels() -> None:
+    model, x = SpatialGather().eval(), torch.randn(2, 3, 6, 6)
+    plan = PruningPlan.uniform(model, x, "filter", 0.5)
+    assert [u.group.size for u in plan.units] == [8]
+    plan.project(model)
+    from structadmm.pipeline.surgery import compact
+    small = compact(model, x)
+    assert small.conv.out_channels == 4 and small.fc.in_features == 16

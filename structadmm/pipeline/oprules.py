@@ -393,11 +393,17 @@ def indexing(w: Walk, node: Node) -> Chan | None:
     if chan is None:
         return None
     op = node.target.overloadpacket
-    if op is aten.index:
+    if op is aten.index:  # tensor indices (a gather) on axes that are not channel axes
         dims = [d for d, i in enumerate(a["indices"]) if i is not None]
-        if len(dims) == 1 and 0 < dims[0] < chan.axis:  # one tensor index on an axis between batch and channels
-            return chan
-        return w.unsupported(node, "indexing that selects channels")
+        masks = any(getattr(i.meta.get("val"), "dtype", None) == torch.bool for i in a["indices"] if isinstance(i, Node))
+        if masks or set(dims) & set(chan.dims()):
+            return w.unsupported(node, "indexing that selects channels")
+        # the indexed axes become the indices' broadcast axes: in their place when they are
+        # adjacent, in front otherwise
+        index_rank = len(w.shape(node)) - (len(shape) - len(dims))
+        if dims == list(range(dims[0], dims[-1] + 1)):
+            return Chan(chan.entries, chan.axis + (index_rank - len(dims) if dims[-1] < chan.axis else 0))
+        return Chan(chan.entries, chan.axis - sum(d < chan.axis for d in dims) + index_rank)
     dim = a.get("dim", 0) % len(shape)
     if dim not in chan.dims():
         return Chan(chan.entries, chan.axis - (op is aten.select and dim < chan.axis))
