@@ -37,8 +37,7 @@ def keep_statistics(model: nn.Module, before: dict[str, torch.Size]) -> None:
     the cut, by full tensor name) by a :class:`WidthLayerNorm` of its original width, in place."""
     for name, module in list(model.named_modules()):
         shape = before.get(f"{name}.weight" if name else "weight")
-        if isinstance(module, WidthLayerNorm) or not isinstance(module, nn.LayerNorm) or shape is None:
-            if isinstance(module, WidthLayerNorm):
-                module.normalized_shape = tuple(module.weight.shape)
-            continue
-        replace_module(model, name, WidthLayerNorm(module, int(shape[0])))
+        if isinstance(module, WidthLayerNorm):  # narrowed again: its width stays the original one
+            module.normalized_shape = tuple(module.weight.shape)
+        elif isinstance(module, nn.LayerNorm) and shape is not None:
+            replace_module(model, name, WidthLayerNorm(module, int(shape[0])))

@@ -516,84 +516,62 @@ def expand(w: Walk, node: Node) -> Chan | None:
 
 @rule(aten.matmul, aten.bmm, reads_opaque=True)
 def matmul(w: Walk, node: Node) -> Any:
-    """``a @ b`` over [..., n, k] x [..., k, m]: channels on the leading (batch) axes pass
-    through and tie between the operands; channels on ``n`` (of ``a``) or ``m`` (of ``b``)
-    become the result's; channels on the contracted ``k`` are mixed away."""
+    """``a @ b`` over [..., n, k] x [..., k, m]: channels on ``n`` (of ``a``) or ``m`` (of
+    ``b``) become the result's; the rest as :func:`batched_product` says."""
     a, b = node.args[:2]
-    out = w.shape(node)
-    if out is None or len(out) < 2 or len(w.shape(a) or ()) < 2 or len(w.shape(b) or ()) < 2:
+    if any(len(w.shape(x) or ()) < 2 for x in (a, b, node)):
         return w.unsupported(node, "'matmul' of vectors") if any(w.chan(x) for x in (a, b)) else None
-    rank = len(out)
-    leading: Chan | None = None
-    free: Chan | None = None
-    for arg, own in ((a, -2), (b, -1)):
-        chan = w.chan(arg)
-        if chan is None:
-            continue
-        shape = w.shape(arg)
-        offset = rank - len(shape)
-        dims = [d for d in chan.dims()]
-        if max(dims) < len(shape) - 2:
-            shifted = Chan(chan.entries, chan.axis + offset)
-            if leading is None:
-                leading = shifted
-            elif leading.axis != shifted.axis or leading.entries.shape != shifted.entries.shape:
-                return w.unsupported(node, "'matmul' of tensors with different channel layouts")
-            else:
-                w.tie(leading.entries, shifted.entries)
-        elif dims == [len(shape) + own] and free is None:
-            free = Chan(chan.entries, rank + own)
-        else:
-            return w.unsupported(node, "'matmul' over the channel axis")
-    if leading is not None and free is not None:
-        return w.unsupported(node, "'matmul' with channels on two axes")
-    result = leading or free
-    if result is None:
-        return Opaque("values multiplied in forward()") if any(w.value(x) is not None for x in (a, b)) else None
-    if leading is not None:
-        for arg in (a, b):
-            if w.chan(arg) is None and not w.align(arg, leading, rank):
-                return w.unsupported(node, "'matmul' with per-channel values it cannot follow")
-    return result
+    return batched_product(w, node, [(a, -2), (b, -1)], [], "matmul")
 
 
 @rule(aten.scaled_dot_product_attention, reads_opaque=True)
 def attention(w: Walk, node: Node) -> Any:
-    """softmax(q kᵀ / √d + mask) v over [..., tokens, features]: channels (heads) on the
-    leading axes tie across q, k, v and the mask and pass on; channels on v's features become
-    the result's; channels on q's or k's features would change the scale √d, so they freeze."""
+    """softmax(q kᵀ / √d + mask) v over [..., tokens, features]: channels on v's features become
+    the result's; channels on q's or k's features would change the scale √d, so they freeze;
+    the rest (heads on the leading axes, the mask) as :func:`batched_product` says."""
     a = w.bind(node)
-    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    return batched_product(w, node, [(a["query"], None), (a["key"], None), (a["value"], -1)],
+                           [a.get("attn_mask")], "scaled_dot_product_attention")
+
+
+def batched_product(w: Walk, node: Node, operands: list[tuple[Node, int | None]], others: list[Any],
+                    name: str) -> Any:
+    """A product over the last two axes, batched over the leading ones (matmul, attention).
+
+    Channels on the leading axes (heads) tie across the operands, and ``others`` (a mask) line
+    up with them; an operand's channels on its ``free`` axis (negative; None: it has none) pass
+    to the same axis of the result; channels on any other axis are mixed away, so they freeze.
+    """
     rank = len(w.shape(node))
     leading: Chan | None = None
     free: Chan | None = None
-    for arg in (q, k, v):
+    for arg, own in operands:
         chan = w.chan(arg)
         if chan is None:
             continue
-        shape = w.shape(arg)
-        if max(chan.dims()) < len(shape) - 2 and len(shape) == rank:
+        shape, dims = w.shape(arg), list(chan.dims())
+        if max(dims) < len(shape) - 2:
+            shifted = Chan(chan.entries, chan.axis + rank - len(shape))
             if leading is None:
-                leading = chan
-            elif leading.axis != chan.axis or leading.entries.shape != chan.entries.shape:
-                return w.unsupported(node, "attention over tensors with different head layouts")
+                leading = shifted
+            elif (leading.axis, leading.entries.shape) != (shifted.axis, shifted.entries.shape):
+                return w.unsupported(node, f"'{name}' of tensors with different channel layouts")
             else:
-                w.tie(leading.entries, chan.entries)
-        elif arg is v and list(chan.dims()) == [rank - 1]:
-            free = chan
+                w.tie(leading.entries, shifted.entries)
+        elif own is not None and dims == [len(shape) + own] and free is None:
+            free = Chan(chan.entries, rank + own)
         else:
-            return w.unsupported(node, "attention whose queries or keys carry channels in their features")
+            return w.unsupported(node, f"'{name}' over the channel axis")
     if leading is not None and free is not None:
-        return w.unsupported(node, "attention with channels on two axes")
-    result = leading or free
-    for arg in (q, k, v, mask):
-        if result is None or arg is None or w.chan(arg) is not None:
-            continue
-        if leading is not None and not w.align(arg, leading, rank):
-            return w.unsupported(node, "attention with per-head values it cannot follow")
-    if result is None:
-        return Opaque("attention over values the tracer cannot follow") if w.value(v) is not None else None
-    return result
+        return w.unsupported(node, f"'{name}' with channels on two axes")
+    if leading is None:
+        if free is None and any(w.value(arg) is not None for arg, _ in operands):
+            return Opaque(f"values of '{name}' the tracer cannot follow")
+        return free
+    for arg in [arg for arg, _ in operands] + others:
+        if arg is not None and w.chan(arg) is None and not w.align(arg, leading, rank):
+            return w.unsupported(node, f"'{name}' with per-channel values it cannot follow")
+    return leading
 
 
 # -- tensors made from nothing, and shape queries --------------------------------------------
