@@ -10,6 +10,8 @@
     small = sa.compact(model, example_inputs)
     sa.export_onnx(small, example_inputs, "pruned.onnx")
     sa.quantize_onnx("pruned.onnx", "pruned-int8.onnx", train_dataset)   # ONNX Runtime static INT8
+    qat = sa.qat_retrain(small, train_dataset, epochs=2)   # when INT8 loses too much: retrain through
+                                                           # fake quantization, export, quantize again
     report = sa.benchmark({"dense": "dense.onnx", "pruned": "pruned.onnx"})
 """
 
@@ -34,12 +36,14 @@ from .pipeline import (
     apply_masks,
     compact,
     compress,
+    qat_retrain,
     trace,
 )
 
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",
     "Sparsity", "StructADMMError", "StructADMMWarning", "apply_masks", "benchmark", "compact", "compress",
-    "count_onnx", "export_onnx", "load_onnx", "load_onnx_model", "onnx_signature", "quantize_onnx", "trace",
+    "count_onnx", "export_onnx", "load_onnx", "load_onnx_model", "onnx_signature", "qat_retrain", "quantize_onnx",
+    "trace",
     "verify_onnx", "write_report",
 ]

@@ -300,6 +300,22 @@ class _Pipeline:
         # one self-contained file (external data, if any, is read from beside the source)
         onnx.save(load_onnx(self.dense_onnx), self.out / "dense.onnx")
 
+    def _qat(self, small: nn.Module, check_inputs: Any):
+        """The retraining :func:`quantize_run` calls when post-training INT8 fails its gate: the
+        compacted model retrained through INT8 fake quantization, exported, checked for parity."""
+        from ..exporters import verify_onnx
+        from .qat import qat_retrain
+
+        def retrain(path: Path) -> None:
+            config = self.config
+            net = qat_retrain(small, self.train, config.qat_epochs, lr=config.qat_lr, seed=config.seed,
+                              momentum=config.momentum, weight_decay=config.weight_decay,
+                              reduce_range=config.quantize_reduce_range)
+            self._export(net, path.name)
+            verify_onnx(net, path, check_inputs)
+
+        return retrain
+
     def _export(self, model: nn.Module, filename: str) -> None:
         from ..exporters import export_onnx, load_onnx, onnx_signature
 
@@ -453,7 +469,8 @@ class _Pipeline:
         mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
         storage = sparse_storage(out / "pruned.onnx")  # what irregular sparsity buys: bytes, not speed
         # --quantize int8: INT8 files made, evaluated and gated in ORT, then timed with the FP32 pair
-        quantized = quantize_run(out, config, self.train, val) if config.quantize else None
+        retrain = self._qat(small, check_inputs) if config.qat_epochs else None
+        quantized = quantize_run(out, config, self.train, val, retrain) if config.quantize else None
         latency = benchmark(
             {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx", **(quantized.models if quantized else {})},
             batch_sizes=config.bench_batches, threads=config.bench_threads,

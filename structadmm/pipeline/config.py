@@ -71,9 +71,16 @@ class CompressConfig(BaseModel):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_batches: int = Field(8, ge=1)  # batches of training data (of batch_size) the calibration reads
     quantize_per_channel: bool = True
+    # weights in 7 bits ([-64, 64]); unset: on x86 CPUs without VNNI, whose int8 kernels saturate on full-range
+    # per-channel weights (exporters.quantize.needs_reduced_range)
+    quantize_reduce_range: bool | None = None
     quantize_exclude: list[str] = Field(default_factory=list)  # ONNX node names left in FP32 (see sensitivity)
     int8_min_agreement: float = Field(0.98, ge=0, le=1)  # INT8 gate: top-1 agreement with the FP32 model
     int8_max_accuracy_drop: float = Field(0.005, ge=0, le=1)  # INT8 gate: FP32 minus INT8 accuracy (0.005 = 0.5 pt)
+    # quantization-aware retraining (pipeline/qat.py) when post-training INT8 fails the gate: epochs of masked
+    # retraining through INT8 fake quantization, then quantized again (0: off)
+    qat_epochs: int = Field(0, ge=0)
+    qat_lr: float = Field(0.001, gt=0)
     # --- end INT8 quantization ------------------------------------------------------------------
 
     # --- the ADMM recipe (benchmarks/accuracy_vs_baselines.py validates these) --------------------
