@@ -86,11 +86,12 @@ def test_every_reason_is_the_plans_own() -> None:
     assert blocks == {"0": (3.0, 4, [BLOCKS]), "2": (3.0, 4, [BLOCKS]), "6": (1.5, 2, [WHOLE_CHANNELS])}
     tiny = {g.group: (g.kept, g.reasons) for g in _reach(_grouped(), 0.9).groups}
     assert tiny["6"] == (1, [AT_LEAST_ONE]) and tiny["0"] == (2, [BLOCKS])
-    # the first layer kept whole by keep_ends (the classifier's outputs are the model's: never counted)
+    # the first layer kept whole by keep_ends is the plan's default, asked to stay whole: no shortfall
+    # (the classifier's outputs are the model's: never counted)
     ends = _reach(two_convs(), 0.875, keep_ends=True)
-    first = "first layer, kept whole (keep_ends; prune_ends = true prunes it)"
-    assert [(g.group, g.kept, g.reasons) for g in ends.groups] == [("3", 8, []), ("0", 32, [first])]
-    assert not ends.reached and f"{first}: 0" in ends.message()
+    assert [(g.group, g.requested_kept, g.kept, g.reasons) for g in ends.groups] == [("3", 8.0, 8, []),
+                                                                                   ("0", 32.0, 32, [])]
+    assert ends.reached and ends.requested_macs == ends.macs
 
 
 FAST = dict(dense_epochs=1, admm_rounds=2, admm_epochs=1, retrain_epochs=1, batch_size=32, rho=0.5, rho_growth=2.0,

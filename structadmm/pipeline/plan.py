@@ -201,6 +201,7 @@ class LeftWhole:
     group: ChannelGroup
     ratio: float  # what the rule asked
     reason: str
+    by_choice: bool = False  # the plan's own policy (keep_ends), not a limit of the graph: no shortfall
 
 
 class PruningPlan:
@@ -298,7 +299,7 @@ class PruningPlan:
                         for group in graph.groups_of(layer, "out" if kind is Sparsity.FILTER else "in"):
                             if group.frozen not in NOT_PRUNABLE:
                                 why = f"{role}, kept whole (keep_ends; prune_ends = true prunes it)"
-                                wanted.setdefault(group.id, LeftWhole(group, rule[1], why))
+                                wanted.setdefault(group.id, LeftWhole(group, rule[1], why, by_choice=True))
 
         claimed: dict[int, ChannelUnit] = {}
         for layer, (kinds, ratio) in sorted(per_layer.items()):
@@ -318,7 +319,7 @@ class PruningPlan:
                                 wanted.setdefault(group.id, LeftWhole(group, ratio, f"frozen: {group.frozen}"))
                         elif group.id in protected:
                             skipped.append((f"{layer} ({kind.value})", protected[group.id]))
-                            wanted.setdefault(group.id, LeftWhole(group, ratio, protected[group.id]))
+                            wanted.setdefault(group.id, LeftWhole(group, ratio, protected[group.id], by_choice=True))
                         elif group.id in claimed:
                             # a residual stage names one group from several layers: keep the larger ratio
                             claimed[group.id].ratio = max(claimed[group.id].ratio, ratio)
@@ -402,7 +403,7 @@ class PruningPlan:
             else:
                 units.append({"param": u.param, "sparsity": u.kind.value, "ratio": u.ratio})
         left_whole = [{"group": w.group.id, "name": w.group.name, "channels": w.group.size, "ratio": w.ratio,
-                       "reason": w.reason} for w in self.left_whole]
+                       "reason": w.reason, "by_choice": w.by_choice} for w in self.left_whole]
         return {"units": units, "skipped": [[layer, why] for layer, why in self.skipped], "left_whole": left_whole}
 
     @classmethod
@@ -424,7 +425,8 @@ class PruningPlan:
                 units.append(TensorUnit(row["param"], kind, row["ratio"]))
                 continue
             units.append(ChannelUnit(group_of(row), kind, row["ratio"], graph, row["multiple"]))
-        left_whole = [LeftWhole(group_of(row), row["ratio"], row["reason"]) for row in state.get("left_whole", [])]
+        left_whole = [LeftWhole(group_of(row), row["ratio"], row["reason"], row.get("by_choice", False))
+                      for row in state.get("left_whole", [])]
         return cls(graph, units, [(layer, why) for layer, why in state["skipped"]], left_whole)
 
     def summary(self) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ channels and its kept MACs are within 5 % of what was asked. Where it falls shor
 that keeps more than asked gets the plan's own reasons, from the steps that set its count
 (:class:`~.plan.KeepDecision`) or from why it was left whole: a count rounded up to a multiple
 of ``channel_multiple``, at least one channel kept, equal-count blocks, one channel per
-producing layer, a frozen group (the graph's reason), an end kept whole (``keep_ends``).
+producing layer, a frozen group (the graph's reason). The ends ``keep_ends`` keeps whole are
+the plan's default policy, not a shortfall: they count as asked to stay whole.
 Shape-wise and irregular units are exact up to one column or weight and are not checked.
 """
 
@@ -136,10 +137,11 @@ def check_reach(model: nn.Module, example_inputs: Any, plan: PruningPlan, ratio:
         groups.append(GroupReach(unit.name, unit.group.size, unit.ratio, decision.target, decision.kept,
                                  _reasons(decision, unit.multiple)))
     for whole in plan.left_whole:
-        requested[whole.group.id] = whole.ratio
+        asked = 0.0 if whole.by_choice else whole.ratio  # an end kept whole by default was never requested
+        requested[whole.group.id] = asked
         size = whole.group.size
-        groups.append(GroupReach(whole.group.name, size, whole.ratio, size * (1 - whole.ratio), size,
-                                 [whole.reason] if whole.ratio > 0 else []))
+        groups.append(GroupReach(whole.group.name, size, asked, size * (1 - asked), size,
+                                 [whole.reason] if asked > 0 else []))
     cost = MacModel(model, example_inputs, plan.graph)
     macs = cost.macs({gid: decisions[gid].keep.numpy() for gid in units})
     return Reach(ratio, groups, cost.dense, cost.expected_macs(requested), macs)
