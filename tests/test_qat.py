@@ -24,6 +24,8 @@ from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig
 from structadmm.pipeline.qat import fake_quantize, qat_retrain
 
+from faults import break_int8
+
 
 def _net() -> nn.Module:
     """Conv and Linear without BatchNorm, so ORT quantizes exactly the weights torch sees."""
@@ -118,7 +120,6 @@ def _trained_folder(digits, tmp_path: Path) -> tuple[Path, nn.Module]:
 
 def _break_pruned_ptq(monkeypatch) -> list[str]:
     """Post-training INT8 of pruned.onnx comes out broken (its Conv scales negated); other files quantize well."""
-    from test_quantize import _break
 
     real, calls = quantize_module.quantize_onnx, []
 
@@ -126,7 +127,7 @@ def _break_pruned_ptq(monkeypatch) -> list[str]:
         calls.append(Path(model).name)
         result = real(model, path, *args, **kwargs)
         if Path(model).name == "pruned.onnx":
-            _break(Path(path))
+            break_int8(Path(path))
         return result
 
     monkeypatch.setattr(quantize_module, "quantize_onnx", quantize)

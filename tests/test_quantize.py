@@ -25,6 +25,8 @@ from structadmm.exporters.quantize import (PRUNED_INT8, REJECTED, calibration_ba
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig
 
+from faults import break_int8
+
 runner = CliRunner()
 
 
@@ -114,23 +116,11 @@ def test_calibration_batches_takes_the_first_n() -> None:
         calibration_batches(x, 0)
 
 
-def _break(path: Path) -> None:
-    """A deliberately broken INT8 model: every Conv weight's scales negated (weights sign-flipped)."""
-    proto = onnx.load(path)
-    produced_by = {o: n for n in proto.graph.node for o in n.output}
-    weights = [produced_by.get(n.input[1]) for n in proto.graph.node if n.op_type == "Conv"]
-    scales = {dq.input[1] for dq in weights if dq is not None and dq.op_type == "DequantizeLinear"}
-    for init in proto.graph.initializer:
-        if init.name in scales:
-            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
-    onnx.save(proto, path)
-
-
 def test_gate_passes_a_good_int8_model_and_fails_a_broken_one(folder: Path, digits, tmp_path: Path) -> None:
     train, test = digits
     quantize_onnx(folder / "pruned.onnx", tmp_path / "good.onnx", train, batches=4)
     quantize_onnx(folder / "pruned.onnx", tmp_path / "bad.onnx", train, batches=4)
-    _break(tmp_path / "bad.onnx")
+    break_int8(tmp_path / "bad.onnx")
     fp32 = onnx_outputs(folder / "pruned.onnx", test)
     good, bad = onnx_outputs(tmp_path / "good.onnx", test), onnx_outputs(tmp_path / "bad.onnx", test)
     assert fp32.accuracy > 0.8  # a trained model, so the gate has something to lose
@@ -154,7 +144,7 @@ def test_quantize_run_rejects_a_failing_int8_model(folder: Path, digits, tmp_pat
 
     def broken(model, path, *args, **kwargs):
         result = real(model, path, *args, **kwargs)
-        _break(Path(path))
+        break_int8(Path(path))
         return result
 
     monkeypatch.setattr(quantize_module, "quantize_onnx", broken)

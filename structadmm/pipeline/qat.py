@@ -29,12 +29,13 @@ from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, Per
 from torch.nn.utils import parametrize
 
 from ..exporters.quantize import needs_reduced_range
+from ..layers import CONVS
 from .train import Data, make_loader, train_epochs
 
 __all__ = ["FakeQuantized", "fake_quantize", "qat_retrain"]
 
 # the layers whose weights and inputs ORT quantizes (ConvTranspose's output-channel axis is 1 there: left float)
-_QUANTIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_QUANTIZED = (*CONVS, nn.Linear)
 
 
 def weight_quantizer(reduce_range: bool = False) -> FakeQuantize:
