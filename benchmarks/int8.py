@@ -7,8 +7,9 @@ Speed (zoo models at 224): random seeded weights (latency does not depend on the
 pretrained weights can be downloaded here), filter pruning at ``--ratio`` by one-shot magnitude
 projection (ADMM would keep other channels, the same counts), INT8 by :func:`structadmm.quantize_onnx`
 (ONNX Runtime static QDQ, per-channel, calibrated on ``--calib-batches`` random batches). All four
-files are timed in one process on ORT CPU, interleaved round by round (medians); speedups are
-over dense FP32.
+files are timed on ORT CPU in one run, each model alone in its own process, alternating round by round
+(medians); speedups are over dense FP32. The CPU's int8 dot-product flags are recorded: INT8 speed
+depends on them (VNNI, AMX) far more than FP32 speed does.
 
 Accuracy (embedded default): the pipeline as ``structadmm run --quantize int8`` runs it, on the
 built-in digits with the default config (``--digits-schedule short``: fewer epochs, as the
@@ -125,7 +126,8 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     results: dict = {"threads": args.threads, "command": "benchmarks/int8.py " + " ".join(sys.argv[1:]), "speed": [],
-                     "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+                     "machine": {"cpu": _cpu_name(), "int8_flags": _int8_flags(),
+                                 "cpu_count": os.cpu_count(), "machine": platform.machine(),
                                  "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                                  "loadavg_start": os.getloadavg()}}
     for name in args.models:
@@ -141,12 +143,33 @@ def main() -> None:
     (RESULTS / f"int8{args.tag}.md").write_text(_markdown(results, args.batches))
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def _int8_flags() -> list[str]:
+    """The x86 flags that decide which int8 kernels ORT's MLAS can use."""
+    return sorted(_cpu_flags() & {"avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def _markdown(results: dict, batches: list[int]) -> str:
     m = results["machine"]
     lines = [f"# Pruning plus INT8 (`{results['command']}`)", "",
-             f"ORT CPU, {results.get('threads', 2)} threads; load average at start "
-             f"{m['loadavg_start'][0]:.1f}, at end {m['loadavg_end'][0]:.1f} on {m['cpu_count']} cores "
-             "(shared machine: absolute times are noisy; the four variants are interleaved, so ratios are fairer).", ""]
+             f"ORT CPU, {results.get('threads', 2)} threads, on {m.get('cpu', 'an unrecorded CPU')} "
+             f"(int8 dot-product flags: {', '.join(m.get('int8_flags') or ['none'])}); load average at start "
+             f"{m['loadavg_start'][0]:.1f}, at end {m['loadavg_end'][0]:.1f} on {m['cpu_count']} cores. "
+             "Each model is timed alone in its own process, alternating with the others.", ""]
     if results["speed"]:
         lines += ["| model | MAC ratio | batch | dense FP32 ms | pruned FP32 | pruned INT8 | dense INT8 | INT8 gain kept |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -60,7 +60,7 @@ def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int 
         for _ in range(warmup + runs):  # the profiler cannot start late: warm-up runs are cut out below
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    owner = _kernel_owner(load_onnx(path))
+    owner = kernel_owner(load_onnx(path))
     total: dict[str, float] = defaultdict(float)
     for kernel, ms in kernel_times(events, warmup=warmup).items():
         total[owner(kernel)] += ms
@@ -85,7 +85,7 @@ def kernel_times(events: list[dict], *, warmup: int) -> dict[str, float]:
     return {name: ms / timed for name, ms in total.items()}
 
 
-def _kernel_owner(proto: onnx.ModelProto):
+def kernel_owner(proto: onnx.ModelProto):
     """Map a kernel name from the profiler to the graph node that owns its time.
 
     ORT's optimiser renames what it fuses: ``fused X`` for a node X, or ``<tensor>_nchwc``

@@ -84,8 +84,8 @@ class CompressConfig(BaseModel):
     # --- end INT8 quantization ------------------------------------------------------------------
 
     # --- the ADMM recipe (benchmarks/accuracy_vs_baselines.py validates these) --------------------
-    # restart the cosine learning rate every ADMM round (off: it lost on MNIST-1D validation, see README)
-    admm_lr_restart: bool = False
+    # restart the cosine learning rate every ADMM round (chosen on MNIST-1D validation, see README)
+    admm_lr_restart: bool = True
     admm_tolerance: float = Field(0.0, ge=0)  # hard prune only once the primal residual ||W-Z||/||W|| is at most this
     admm_extra_rounds: int = Field(0, ge=0)  # at most this many rounds beyond admm_rounds while above admm_tolerance
     distill: float = Field(0.0, ge=0, lt=1)  # weight of distillation from the dense model in masked retraining; 0: off
