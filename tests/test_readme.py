@@ -225,3 +225,41 @@ def test_shell_block_runs(block: Block, tmp_path: Path) -> None:
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=3600)
     assert result.returncode == 0, f"README.md:{block.line} failed:\n{(result.stdout + result.stderr)[-4000:]}"
+
+
+# --- links ------------------------------------------------------------------------------------
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def local_links(page: Path) -> list[tuple[str, str]]:
+    """(path, anchor) of every link on ``page`` that points into the repository."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    links = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if not re.match(r"[a-z]+:", target):
+            path, _, anchor = target.partition("#")
+            links.append((path, anchor))
+    return links
+
+
+def test_heading_anchor_follows_github() -> None:
+    assert heading_anchor("The zoo at 50 %") == "the-zoo-at-50-"
+    assert heading_anchor("ADMM against simpler pruning") == "admm-against-simpler-pruning"
+    assert heading_anchor("report.json") == "reportjson"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_local_links_resolve(page: Path) -> None:
+    """Every relative link on README and docs/ names a file that exists, and a heading that exists there."""
+    assert local_links(page), f"{page.name} links to nothing: the link pattern is broken"
+    for path, anchor in local_links(page):
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.name} links to {path}, which does not exist"
+        if anchor and target.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            assert anchor in {heading_anchor(h) for h in headings}, f"{page.name} links to {path}#{anchor}: no such heading"
