@@ -155,6 +155,10 @@ def run(
         err.print(f"[bold yellow]warning:[/] the pruned INT8 model failed its gate ({'; '.join(gate['reasons'])}); "
                   f"kept as {result.report['quantized']['onnx']} for inspection, not shipped as pruned-int8.onnx",
                   highlight=False, soft_wrap=True)
+    for slow in (result.report.get("quantized") or {}).get("slower_than_fp32") or []:
+        err.print(f"[bold yellow]warning:[/] pruned INT8 took {slow['time_ratio']:.2f}x the time of pruned FP32 on "
+                  f"{slow['provider']} at batch {slow['batch']}; pruned.onnx is the faster file there",
+                  highlight=False, soft_wrap=True)
     out.print(f"run folder: [bold]{result.run_dir}[/] (dense.onnx, pruned.onnx, report.json, report.md, latency.png, accuracy.png)")
 
 

@@ -21,7 +21,7 @@ from structadmm.cli import app
 from structadmm.errors import StructADMMError
 from structadmm.exporters import quantize as quantize_module
 from structadmm.exporters.quantize import (PRUNED_INT8, REJECTED, calibration_batches, check_int8, layer_sensitivity,
-                                           quantize_onnx, quantize_run)
+                                           quantize_onnx, quantize_run, slower_than_fp32)
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig
 
@@ -240,6 +240,39 @@ def test_cli_prints_a_warning_for_a_failing_int8_model(monkeypatch, tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "warning: the pruned INT8 model failed its gate (top-1 agreement 50%)" in result.output
     assert REJECTED in result.output
+
+
+def _variant_rows(ms: dict[tuple[int, str], float]) -> list[dict]:
+    return [{"provider": "CPUExecutionProvider", "batch": b, "variant": v, "median_ms": t} for (b, v), t in ms.items()]
+
+
+def test_slower_than_fp32_names_where_int8_did_not_pay() -> None:
+    rows = _variant_rows({(1, "dense FP32"): 4.0, (1, "pruned FP32"): 1.0, (1, "pruned INT8"): 0.5, (1, "dense INT8"): 2.0,
+                          (64, "dense FP32"): 40.0, (64, "pruned FP32"): 4.0, (64, "pruned INT8"): 6.0,
+                          (64, "dense INT8"): 10.0})
+    assert slower_than_fp32(rows) == [{"provider": "CPUExecutionProvider", "batch": 64, "time_ratio": 1.5}]
+    assert slower_than_fp32([r for r in rows if r["batch"] == 1]) == []
+    assert slower_than_fp32([r for r in rows if r["variant"] != "pruned FP32"]) == []  # nothing to compare with
+
+
+def test_cli_and_report_say_when_int8_is_slower(monkeypatch, tmp_path: Path) -> None:
+    import structadmm.pipeline as pipeline
+    from structadmm.bench.report import write_report
+
+    rows = _variant_rows({(64, "dense FP32"): 40.0, (64, "pruned FP32"): 4.0, (64, "pruned INT8"): 6.0,
+                          (64, "dense INT8"): 10.0})
+    gate = {"ok": True, "reasons": [], "agreement": 1.0, "min_agreement": 0.98, "accuracy_drop": 0.0,
+            "max_accuracy_drop": 0.005}
+    report = {"model": "m", "latency_variants": rows,
+              "quantized": {"onnx": PRUNED_INT8, "gate": gate, "slower_than_fp32": slower_than_fp32(rows)}}
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: SimpleNamespace(rank=0, report=report, run_dir=tmp_path))
+    result = runner.invoke(app, ["run", "--quantize", "int8", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert ("warning: pruned INT8 took 1.50x the time of pruned FP32 on CPUExecutionProvider at batch 64; "
+            "pruned.onnx is the faster file there") in " ".join(result.output.split())
+    write_report(tmp_path / "written", report)
+    assert ("Pruned INT8 is slower than pruned FP32 on CPU at batch 64 (1.50x the time)"
+            in (tmp_path / "written" / "report.md").read_text())
 
 
 FAST = dict(dense_epochs=3, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,

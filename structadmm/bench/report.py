@@ -209,13 +209,16 @@ def _int8_section(report: Mapping[str, Any]) -> list[str]:
     drop = gate.get("accuracy_drop")
     lines += [
         "",
-        "All four timed in one interleaved run; speedup is over dense FP32.",
+        "All four timed in the same run; speedup is over dense FP32.",
         "",
         f"INT8 gate (pruned INT8 against pruned FP32): top-1 agreement {_percent(gate.get('agreement'))} "
         f"(min {_percent(gate.get('min_agreement'))}), accuracy drop "
         f"{f'{drop * 100:.2f} pt' if isinstance(drop, (int, float)) else NA} "
         f"(max {_number((gate.get('max_accuracy_drop') or 0) * 100)} pt): {verdict}.",
         "",
+        *[f"Pruned INT8 is slower than pruned FP32 on {_short(s.get('provider'))} at batch {s.get('batch')} "
+          f"({_number(s.get('time_ratio'))}x the time): pruned.onnx is the faster file there.\n"
+          for s in quantized.get("slower_than_fp32") or []],
         f"Quantization: {quantized.get('mode', NA)}, calibration {quantized.get('calibration_method') or 'none'} on "
         f"{quantized.get('calibration_samples', NA)} training samples, per-channel weights "
         f"{'on' if quantized.get('per_channel') else 'off'}, {quantized.get('quantized_nodes', NA)} matrix layers in "

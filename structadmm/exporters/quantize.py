@@ -43,7 +43,7 @@ from structadmm.exporters.onnx_export import load_onnx
 
 __all__ = ["CALIBRATION_METHODS", "Int8Gate", "LayerSensitivity", "QuantizeResult", "QuantizedRun",
            "calibration_batches", "check_int8", "layer_sensitivity", "needs_reduced_range", "quantize_onnx",
-           "quantize_run"]
+           "quantize_run", "slower_than_fp32"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MODES = ("auto", "static", "dynamic")
@@ -439,12 +439,26 @@ class QuantizedRun:
             "sensitivity": [asdict(s) for s in self.sensitivity],
             "reduce_range": self.pruned.reduce_range,
             "qat": self.post_training,
+            "slower_than_fp32": slower_than_fp32(rows),
         }
         return {"quantized": quantized, "latency_variants": rows,
                 "file_sizes": {name: (run_dir / name).stat().st_size for name in files}}
 
 
 VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "pruned INT8", "dense_int8": "dense INT8"}
+
+
+def slower_than_fp32(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where the pruned INT8 model ran slower than pruned FP32, from ``latency_variants`` rows:
+    ``{provider, batch, time_ratio}`` (INT8 median / FP32 median, above 1). On small or narrow
+    models the int8 kernels and the input's quantization can cost more than they save."""
+    medians = {(r["provider"], r["batch"], r["variant"]): r["median_ms"] for r in rows}
+    slower = []
+    for (provider, batch, variant), int8 in medians.items():
+        fp32 = medians.get((provider, batch, VARIANTS["pruned"]))
+        if variant == VARIANTS["pruned_int8"] and fp32 and int8 > fp32:
+            slower.append({"provider": provider, "batch": batch, "time_ratio": int8 / fp32})
+    return slower
 PRUNED_INT8, DENSE_INT8, REJECTED = "pruned-int8.onnx", "dense-int8.onnx", "pruned-int8.rejected.onnx"
 QAT_FP32 = "pruned-qat.onnx"  # the quantization-aware retrained model in FP32, the parent of its INT8 file
 
