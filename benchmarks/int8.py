@@ -34,6 +34,7 @@ import torch
 
 from structadmm.bench import benchmark
 from structadmm.bench.accuracy import onnx_outputs, top1_agreement
+from structadmm.cpu import cpu_name, int8_flags
 from structadmm.exporters import count_onnx, export_onnx, quantize_onnx
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig, PruningPlan, compact
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     results: dict = {"threads": args.threads, "command": "benchmarks/int8.py " + " ".join(sys.argv[1:]), "speed": [],
-                     "machine": {"cpu": _cpu_name(), "int8_flags": _int8_flags(),
+                     "machine": {"cpu": cpu_name(), "int8_flags": int8_flags(),
                                  "cpu_count": os.cpu_count(), "machine": platform.machine(),
                                  "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                                  "loadavg_start": os.getloadavg()}}
@@ -140,26 +141,6 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"int8{args.tag}.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (RESULTS / f"int8{args.tag}.md").write_text(_markdown(results, args.batches))
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
-
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def _int8_flags() -> list[str]:
-    """The x86 flags that decide which int8 kernels ORT's MLAS can use."""
-    return sorted(_cpu_flags() & {"avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def _markdown(results: dict, batches: list[int]) -> str:

@@ -27,12 +27,9 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
-from structadmm.bench.latency import SessionSettings
-from structadmm.bench.profile import kernel_owner
+from structadmm.bench.profile import kernel_ops, kernel_owner, kernel_times, profile_events
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, quantize_onnx
 from structadmm.models import get_spec
 from structadmm.pipeline import PruningPlan, compact
@@ -44,30 +41,15 @@ MATRIX_KERNELS = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "Gemm", "Fu
 
 
 def kernel_profile(path: Path, batch: int, threads: int, runs: int, warmup: int = 5) -> list[tuple[str, str, float]]:
-    """(layer, kernel op type, mean ms per run) of every kernel ORT ran, warm-up runs left out; a fused
-    kernel counts for the matrix layer at the head of what it fused."""
-    options = SessionSettings(threads, spinning="run").options()
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {i.name: np.random.default_rng(0).standard_normal((batch, *i.shape[1:]), dtype=np.float32)
-                for i in session.get_inputs()}
-        for _ in range(warmup + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    start = sorted(e["ts"] for e in events if e.get("name") == "model_run")[warmup]
-    owner = kernel_owner(load_onnx(path))
-    total: dict[tuple[str, str], float] = defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            kernel = re.sub(r"_token_\d+$", "", e["name"][: -len("_kernel_time")])  # names ORT's QDQ fusion gives
-            total[(owner(kernel), e["args"]["op_name"])] += e["dur"] / 1000.0 / runs
-    return [(name, op, ms) for (name, op), ms in total.items()]
+    """(owning node, kernel op type, mean ms per run) of every kernel ORT ran, warm-up runs left out; a
+    fused kernel counts for the matrix node at the head of what it fused."""
+    events = profile_events(path, batch=batch, threads=threads, runs=runs, warmup=warmup)
+    owner, ops = kernel_owner(load_onnx(path)), kernel_ops(events)
+    return [(owner(kernel), ops[kernel], ms) for kernel, ms in kernel_times(events, warmup=warmup).items()]
 
 
 def layer_of(node: str) -> str:
-    """The module path of a node name (``/layer1/layer1.0/conv1/Conv_token_5`` -> ``/layer1/layer1.0/conv1``)."""
+    """The module path of a node name (``/layer1/layer1.0/conv1/Conv`` -> ``/layer1/layer1.0/conv1``)."""
     match = re.match(r"(/.*)/[^/]+$", node)
     return match.group(1) if match else node
 

@@ -48,6 +48,7 @@ from accuracy_vs_baselines import Ctx, ci95  # noqa: E402  (the dense checkpoint
 
 from structadmm import compact, export_onnx, qat_retrain, quantize_onnx  # noqa: E402
 from structadmm.bench.accuracy import onnx_outputs  # noqa: E402
+from structadmm.cpu import cpu_name, int8_flags  # noqa: E402
 from structadmm.exporters.quantize import needs_reduced_range  # noqa: E402
 from structadmm.pipeline import CompressConfig  # noqa: E402
 
@@ -189,14 +190,9 @@ def _mean_ci(values: list[float]) -> str:
 
 
 def _machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "loadavg": os.getloadavg()}
+    return {"cpu": cpu_name(), "int8_flags": int8_flags(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "loadavg": os.getloadavg()}
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ import onnx
 import torch
 from torch import nn
 
-from structadmm.bench.profile import kernel_times, layer_table, node_times
+from structadmm.bench.profile import kernel_ops, kernel_times, layer_table, node_times, profile_events
 from structadmm.errors import StructADMMError
-from structadmm.exporters import count_onnx, export_onnx
+from structadmm.exporters import count_onnx, export_onnx, quantize_onnx
 from structadmm.pipeline.plan import PruningPlan
 from structadmm.pipeline.surgery import compact
 
@@ -42,6 +42,21 @@ def test_node_times_cover_every_kernel(tmp_path: Path) -> None:
     compute = {n.name for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type in ("Conv", "Gemm")}
     assert len(compute) == 3 and compute <= set(times)  # fused activations are credited to their Conv
     assert all(times[name] > 0 for name in compute) and all(ms >= 0 for ms in times.values())
+
+
+def test_node_times_credit_int8_kernels_to_their_layer(tmp_path: Path) -> None:
+    """ORT fuses DequantizeLinear -> Conv -> QuantizeLinear into one QLinearConv named ``<Conv>_token_N``;
+    its time goes to that Conv, as a float Conv's does."""
+    model, x = net(), torch.randn(2, 3, 8, 8)
+    export_onnx(model, x, tmp_path / "m.onnx")
+    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", torch.randn(8, 3, 8, 8), mode="static", batches=2,
+                  batch_size=4)
+    events = profile_events(tmp_path / "q.onnx", batch=2, runs=3)
+    assert "QLinearConv" in kernel_ops(events).values()
+    times = node_times(tmp_path / "q.onnx", batch=2, runs=3)
+    convs = {n.name for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type == "Conv"}
+    assert len(convs) == 2 and convs <= set(times) and all(times[name] > 0 for name in convs)
+    assert not any("_token_" in name for name in times)
 
 
 def test_kernel_times_leave_out_the_warm_up_runs() -> None:

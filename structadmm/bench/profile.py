@@ -13,6 +13,7 @@ what they absorbed. Times are averaged over the runs after the warm-up only.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,6 +50,18 @@ class LayerRow:
 def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0,
                spinning: str = "run", warmup: int = 5) -> dict[str, float]:
     """Mean milliseconds per timed run of every node, from ONNX Runtime's profiler (warm-up runs left out)."""
+    events = profile_events(path, batch=batch, threads=threads, runs=runs, seed=seed, spinning=spinning, warmup=warmup)
+    owner = kernel_owner(load_onnx(path))
+    total: dict[str, float] = defaultdict(float)
+    for kernel, ms in kernel_times(events, warmup=warmup).items():
+        total[owner(kernel)] += ms
+    return dict(total)
+
+
+def profile_events(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0,
+                   spinning: str = "run", warmup: int = 5) -> list[dict]:
+    """ONNX Runtime's profiler events for ``warmup + runs`` runs of ``path`` on random inputs of ``batch``
+    (CPU); :func:`kernel_times` cuts the warm-up runs out."""
     load_onnx(path)
     with tempfile.TemporaryDirectory() as tmp:
         options = SessionSettings(threads, spinning=spinning).options()
@@ -57,14 +70,15 @@ def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(seed)
         feed = {i.name: rng.standard_normal((batch, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}
-        for _ in range(warmup + runs):  # the profiler cannot start late: warm-up runs are cut out below
+        for _ in range(warmup + runs):  # the profiler cannot start late: kernel_times cuts the warm-up out
             session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    owner = kernel_owner(load_onnx(path))
-    total: dict[str, float] = defaultdict(float)
-    for kernel, ms in kernel_times(events, warmup=warmup).items():
-        total[owner(kernel)] += ms
-    return dict(total)
+        return json.loads(Path(session.end_profiling()).read_text())
+
+
+def kernel_ops(events: list[dict]) -> dict[str, str]:
+    """The op type ORT ran for each kernel of a profile (``QLinearConv``, ``FusedConv``, ...)."""
+    return {e["name"][: -len("_kernel_time")]: e["args"]["op_name"] for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
 
 
 def kernel_times(events: list[dict], *, warmup: int) -> dict[str, float]:
@@ -88,15 +102,16 @@ def kernel_times(events: list[dict], *, warmup: int) -> dict[str, float]:
 def kernel_owner(proto: onnx.ModelProto):
     """Map a kernel name from the profiler to the graph node that owns its time.
 
-    ORT's optimiser renames what it fuses: ``fused X`` for a node X, or ``<tensor>_nchwc``
-    for a chain Conv -> Relu rewritten to the blocked layout (named after its last output).
+    ORT's optimiser renames what it fuses: ``fused X`` for a node X, ``<tensor>_nchwc``
+    for a chain Conv -> Relu rewritten to the blocked layout (named after its last output), or
+    ``X_token_N`` for QDQ nodes around X fused into one quantized kernel (QLinearConv, QGemm).
     Such time goes to the matrix node at the head of the chain.
     """
     nodes = {node.name: node for node in proto.graph.node}
     producer = {out: node for node in proto.graph.node for out in node.output}
 
     def owner(kernel: str) -> str:
-        name = kernel.removeprefix("fused ").removesuffix("_nchwc")
+        name = re.sub(r"_token_\d+$", "", kernel.removeprefix("fused ").removesuffix("_nchwc"))
         node = nodes.get(name) or producer.get(name)
         if node is None:
             return name

@@ -36,6 +36,7 @@ import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from structadmm.cpu import INT8_DOT_PRODUCT, cpu_flags
 from structadmm.errors import StructADMMError
 from structadmm.errors import one_line
 from structadmm.files import write_atomic
@@ -164,18 +165,14 @@ def needs_reduced_range() -> bool:
     Measured here (AVX2): a 1-D CNN's first conv quantized per channel lost 3.3 pt of accuracy in
     ORT's int8 kernel and none when the same QDQ model ran in float; 7-bit weights lost none.
     """
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: nothing to ask without a dependency; ORT's default, the full range
-        flags = None
-    return reduced_range_for(platform.machine(), flags)
+    return reduced_range_for(platform.machine(), cpu_flags())  # unknown flags: ORT's default, the full range
 
 
-def reduced_range_for(machine: str, cpu_flags: set[str] | None) -> bool:
+def reduced_range_for(machine: str, flags: set[str] | frozenset[str] | None) -> bool:
     """:func:`needs_reduced_range` for a CPU: x86 whose flags (None: unknown) name no int8 dot product."""
-    if machine.lower() not in ("x86_64", "amd64", "i386", "i686") or cpu_flags is None:
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686") or flags is None:
         return False
-    return not cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return not flags & INT8_DOT_PRODUCT
 
 
 # --- static and dynamic ---------------------------------------------------------------------
@@ -447,20 +444,21 @@ class QuantizedRun:
 
 VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "pruned INT8", "dense_int8": "dense INT8"}
 
+PRUNED_INT8, DENSE_INT8, REJECTED = "pruned-int8.onnx", "dense-int8.onnx", "pruned-int8.rejected.onnx"
+QAT_FP32 = "pruned-qat.onnx"  # the quantization-aware retrained model in FP32, the parent of its INT8 file
+
 
 def slower_than_fp32(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Where the pruned INT8 model ran slower than pruned FP32, from ``latency_variants`` rows:
     ``{provider, batch, time_ratio}`` (INT8 median / FP32 median, above 1). On small or narrow
     models the int8 kernels and the input's quantization can cost more than they save."""
-    medians = {(r["provider"], r["batch"], r["variant"]): r["median_ms"] for r in rows}
+    fp32 = {(r["provider"], r["batch"]): r["median_ms"] for r in rows if r["variant"] == VARIANTS["pruned"]}
     slower = []
-    for (provider, batch, variant), int8 in medians.items():
-        fp32 = medians.get((provider, batch, VARIANTS["pruned"]))
-        if variant == VARIANTS["pruned_int8"] and fp32 and int8 > fp32:
-            slower.append({"provider": provider, "batch": batch, "time_ratio": int8 / fp32})
+    for r in rows:
+        base = fp32.get((r["provider"], r["batch"]))
+        if r["variant"] == VARIANTS["pruned_int8"] and base and r["median_ms"] > base:
+            slower.append({"provider": r["provider"], "batch": r["batch"], "time_ratio": r["median_ms"] / base})
     return slower
-PRUNED_INT8, DENSE_INT8, REJECTED = "pruned-int8.onnx", "dense-int8.onnx", "pruned-int8.rejected.onnx"
-QAT_FP32 = "pruned-qat.onnx"  # the quantization-aware retrained model in FP32, the parent of its INT8 file
 
 
 def quantize_run(run_dir: str | Path, config, train, val,
