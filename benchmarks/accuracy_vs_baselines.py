@@ -82,7 +82,7 @@ class Ctx:
 
     def __init__(self, args: dict[str, Any]):
         from structadmm.models.mnist1d import load_mnist1d_splits
-        from structadmm.pipeline.train import make_loader
+        from structadmm.batches import make_loader
 
         torch.set_num_threads(args["threads"])
         self.args = args
@@ -99,7 +99,7 @@ class Ctx:
         return mnist1d_cnn(width=self.args["width"])
 
     def batches(self, seed: int):
-        from structadmm.pipeline.train import make_loader
+        from structadmm.batches import make_loader
 
         return make_loader(self.train, self.args["batch_size"], shuffle=True, seed=seed)
 
@@ -204,7 +204,7 @@ def _reinit(model: nn.Module) -> nn.Module:
 
 def _admm(ctx: Ctx, dense: nn.Module, seed: int, ratio: float, cfg: dict[str, Any]) -> tuple[nn.Module, dict]:
     from structadmm import ADMM, compact
-    from structadmm.pipeline.admm import AdmmSchedule
+    from structadmm.prune.admm import AdmmSchedule
     from structadmm.pipeline.train import train_epochs
 
     model = copy.deepcopy(dense)

@@ -43,7 +43,8 @@ VARIANTS: dict[str, tuple[list[float], int, int, int]] = {
 def dense_model(args: argparse.Namespace, train: Any, cache: Path) -> torch.nn.Module:
     from structadmm.models import get_spec
     from structadmm.pipeline import CompressConfig
-    from structadmm.pipeline.train import make_loader, train_epochs
+    from structadmm.batches import make_loader
+    from structadmm.pipeline.train import train_epochs
 
     spec = get_spec("mnist1d-cnn")
     defaults = CompressConfig()

@@ -76,10 +76,11 @@ def latency(args: argparse.Namespace) -> None:
 def accuracy(args: argparse.Namespace) -> None:
     from structadmm.models.data import load_data
     from structadmm.models.registry import get_spec
-    from structadmm.pipeline.admm import AdmmSchedule
+    from structadmm.prune.admm import AdmmSchedule
     from structadmm.pipeline.config import CompressConfig
     from structadmm.exporters.counting import count_torch
-    from structadmm.pipeline.train import evaluate, make_loader, train_epochs
+    from structadmm.pipeline.train import evaluate, train_epochs
+    from structadmm.batches import make_loader
 
     import structadmm.models.zoo  # noqa: F401  (registers the zoo)
 

@@ -33,11 +33,12 @@ import onnxruntime
 import torch
 
 from structadmm.bench import benchmark
-from structadmm.bench.accuracy import onnx_outputs, top1_agreement
+from structadmm.exporters.accuracy import onnx_outputs, top1_agreement
 from structadmm.cpu import cpu_name, int8_flags
 from structadmm.exporters import count_onnx, export_onnx, quantize_onnx
 from structadmm.models import get_spec
-from structadmm.pipeline import CompressConfig, PruningPlan, compact
+from structadmm.pipeline import CompressConfig
+from structadmm.prune import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "pruned INT8", "dense_int8": "dense INT8"}

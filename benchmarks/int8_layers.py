@@ -32,7 +32,7 @@ import torch
 from structadmm.bench.profile import kernel_ops, kernel_owner, kernel_times, profile_events
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, quantize_onnx
 from structadmm.models import get_spec
-from structadmm.pipeline import PruningPlan, compact
+from structadmm.prune import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("dense FP32", "dense INT8", "pruned FP32", "pruned INT8")

@@ -28,7 +28,7 @@ import torch
 from structadmm.bench import benchmark
 from structadmm.exporters import count_onnx, export_onnx
 from structadmm.models import get_spec
-from structadmm.pipeline import PruningPlan, compact
+from structadmm.prune import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"in-process": False, "isolated": True}

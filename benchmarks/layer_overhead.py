@@ -25,7 +25,7 @@ from structadmm.bench.latency import SPINNING
 from structadmm.bench.profile import layer_table
 from structadmm.exporters import export_onnx, load_onnx
 from structadmm.models import get_spec
-from structadmm.pipeline import PruningPlan, compact
+from structadmm.prune import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
 

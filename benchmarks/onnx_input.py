@@ -55,7 +55,8 @@ from structadmm.errors import StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, onnx_signature
 from structadmm.models import get_spec
 from structadmm.models.onnx_input import load_onnx_model
-from structadmm.pipeline import CompressConfig, PruningPlan, compact
+from structadmm.pipeline import CompressConfig
+from structadmm.prune import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
 # AlexNet and VGG-16 at 224 px: at 128 their adaptive pool upsamples (3x3 -> 6x6, 4x4 -> 7x7), which

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from accuracy_vs_baselines import Ctx, ci95  # noqa: E402  (the dense checkpoints and the interval)
 
 from structadmm import compact, export_onnx, qat_retrain, quantize_onnx  # noqa: E402
-from structadmm.bench.accuracy import onnx_outputs  # noqa: E402
+from structadmm.exporters.accuracy import onnx_outputs  # noqa: E402
 from structadmm.cpu import cpu_name, int8_flags  # noqa: E402
 from structadmm.exporters.quantize import needs_reduced_range  # noqa: E402
 from structadmm.pipeline import CompressConfig  # noqa: E402

@@ -34,9 +34,9 @@ from torch import nn
 from structadmm.bench import benchmark
 from structadmm.exporters import count_onnx, export_onnx
 from structadmm.models import get_spec
-from structadmm.pipeline.lowering import MIN_GAIN, lower_conv, lower_convs
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.sparsity import project_columns
+from structadmm.prune.lowering import MIN_GAIN, lower_conv, lower_convs
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.sparsity import project_columns
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 8

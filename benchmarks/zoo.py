@@ -30,7 +30,7 @@ from structadmm.bench import benchmark
 from structadmm.bench.latency import SPINNING
 from structadmm.exporters import count_onnx, export_onnx
 from structadmm.models import get_spec, model_names
-from structadmm.pipeline import PruningPlan, compact
+from structadmm.prune import PruningPlan, compact
 
 RESULTS = Path(__file__).parent / "results"
 

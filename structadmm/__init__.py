@@ -15,7 +15,7 @@
     report = sa.benchmark({"dense": "dense.onnx", "pruned": "pruned.onnx"})
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 import importlib.util as _importlib_util
 
@@ -25,20 +25,10 @@ if _importlib_util.find_spec("onnxruntime") is None:  # the build is chosen by a
 from .bench import LatencyReport, benchmark, write_report
 from .errors import ParityError, StructADMMError, StructADMMWarning
 from .exporters import count_onnx, export_onnx, load_onnx, onnx_signature, quantize_onnx, verify_onnx
+from .graph import trace
 from .models.onnx_input import load_onnx_model
-from .pipeline import (
-    ADMM,
-    CompressConfig,
-    CompressResult,
-    MaskGuard,
-    PruningPlan,
-    Sparsity,
-    apply_masks,
-    compact,
-    compress,
-    qat_retrain,
-    trace,
-)
+from .pipeline import CompressConfig, CompressResult, compress, qat_retrain
+from .prune import ADMM, MaskGuard, PruningPlan, Sparsity, apply_masks, compact
 
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",

@@ -180,7 +180,7 @@ def compact(
     from .bench import render_table
     from .models.data import check_compatible, load_data
     from .pipeline import CompressConfig, compact_run
-    from .pipeline.train import first_batch, make_loader
+    from .batches import first_batch, make_loader
 
     overrides = {"seed": seed} if seed is not None else {}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")
@@ -279,7 +279,7 @@ def inspect(
     debug: bool = DebugOpt,
 ) -> None:
     """Show the model's coupled channel groups and what a plan would prune."""
-    from .pipeline import PruningPlan
+    from .prune import PruningPlan
 
     loaded = _load_model(model, checkpoint, input_shape)
     net, example = loaded.module.eval(), loaded.example_input(1)

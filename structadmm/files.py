@@ -3,7 +3,8 @@
 Every file the pipeline, the exporters and the benchmarks write goes through :func:`atomic_path`
 (or :func:`write_atomic`): the data is written to a hidden temporary file in the same folder,
 flushed to disk, and renamed onto the final name, which is atomic; on any failure the temporary
-file is removed and the final name is untouched.
+file is removed and the final name is untouched. :func:`read_toml` reads the TOML files
+(configs, plans) with one-line errors.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .errors import StructADMMError
 
 
 @contextlib.contextmanager
@@ -38,3 +43,14 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's contents; a one-line error naming ``what`` it was meant to be otherwise."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise StructADMMError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise StructADMMError(f"{what} {path} is not valid TOML: {exc}") from None

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from structadmm.pipeline.admm import ADMM
-from structadmm.pipeline.masks import apply_masks
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.sparsity import keep_count
-from structadmm.pipeline.train import make_loader, train_epochs
+from structadmm.prune.admm import ADMM
+from structadmm.prune.masks import apply_masks
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.sparsity import keep_count
+from structadmm.batches import make_loader
+from structadmm.pipeline.train import train_epochs
 
 
 def small_net() -> nn.Module:

@@ -8,9 +8,9 @@ import torch
 from archs import ARCHS
 from nets import randomize_bn
 from structadmm.exporters import export_onnx
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.sparsity import keep_count
-from structadmm.pipeline.surgery import compact_with_report
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.sparsity import keep_count
+from structadmm.prune.surgery import compact_with_report
 
 
 def _params(model: torch.nn.Module) -> int:

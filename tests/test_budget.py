@@ -15,9 +15,9 @@ from zoo_cases import zoo_case, zoo_params
 from structadmm.errors import StructADMMError
 from structadmm.exporters.counting import count_torch
 from structadmm.models import DigitsCNN
-from structadmm.pipeline.budget import MacModel, Speedup, plan_for_latency, plan_for_macs
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.surgery import compact, removable_channels
+from structadmm.prune.budget import MacModel, Speedup, plan_for_latency, plan_for_macs
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.surgery import compact, removable_channels
 
 
 def _compacted_macs(model: nn.Module, x: torch.Tensor, plan: PruningPlan) -> float:
@@ -176,7 +176,7 @@ def test_unreachable_and_bad_targets_are_clear_errors() -> None:
 
 
 def test_default_latency_measure_gives_the_per_round_speedup_and_its_interval() -> None:
-    from structadmm.pipeline.budget import ort_speedup
+    from structadmm.prune.budget import ort_speedup
 
     model, x = DigitsCNN().eval(), torch.randn(4, 1, 16, 16)
     measured = ort_speedup(model, model, x, batch=4, threads=1, min_seconds=0.05)

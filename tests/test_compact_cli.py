@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from structadmm.cli import app
 from structadmm.models import get_spec
-from structadmm.pipeline import PruningPlan
+from structadmm.prune import PruningPlan
 
 runner = CliRunner()
 

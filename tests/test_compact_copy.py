@@ -15,7 +15,7 @@ from torch.nn.utils import prune, weight_norm
 import structadmm as sa
 from nets import Residual, randomize_bn
 from structadmm.errors import ParityError, StructADMMError
-from structadmm.pipeline.plan import PruningPlan
+from structadmm.prune.plan import PruningPlan
 
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")

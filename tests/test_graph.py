@@ -9,8 +9,8 @@ from torch import nn
 from nets import NETS, Concat, Depthwise, Residual
 from structadmm.errors import StructADMMError
 from structadmm.models import DigitsCNN
-from structadmm.pipeline.graph import trace
-from structadmm.pipeline.plan import PruningPlan
+from structadmm.graph.trace import trace
+from structadmm.prune.plan import PruningPlan
 
 
 def members(graph, group) -> set[tuple[str, str, str]]:
@@ -152,7 +152,7 @@ def test_a_layer_used_twice_ties_its_uses_and_compacts_exactly() -> None:
     (unit,) = plan.units
     assert set(unit.group.producers) == {"a", "b"} and unit.group.size == 8
     plan.project(model)
-    from structadmm.pipeline.surgery import compact
+    from structadmm.prune.surgery import compact
 
     small = compact(model, x)
     assert small.a.out_channels == small.b.in_channels == small.b.out_channels == small.head.in_channels == 4
@@ -193,7 +193,7 @@ def test_a_parameter_reshaped_in_forward_follows_the_channels() -> None:
     group = next(g for g in graph.groups if g.name == "0")
     assert group.prunable and ("1", "gamma", "through") in members(graph, group)
     PruningPlan.uniform(model, x, "filter", 0.5).project(model)
-    from structadmm.pipeline.surgery import compact
+    from structadmm.prune.surgery import compact
 
     small = compact(model, x)
     assert small[1].gamma.shape == (4,) and small[3].in_channels == 4
@@ -298,6 +298,6 @@ def test_a_gather_on_other_axes_keeps_the_channels() -> None:
     plan = PruningPlan.uniform(model, x, "filter", 0.5)
     assert [u.group.size for u in plan.units] == [8]
     plan.project(model)
-    from structadmm.pipeline.surgery import compact
+    from structadmm.prune.surgery import compact
     small = compact(model, x)
     assert small.conv.out_channels == 4 and small.fc.in_features == 16

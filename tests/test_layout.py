@@ -25,7 +25,7 @@ HOMES = {
     "CONVS": "structadmm/layers.py",
     "is_depthwise": "structadmm/layers.py",
     "flat_outputs": "structadmm/layers.py",
-    "slice_groups": "structadmm/pipeline/graph.py",
+    "slice_groups": "structadmm/graph/channels.py",
 }
 #: The names those copies went by.
 OLD_NAMES = {"_one_line", "_first_line", "_write_atomic", "_write", "_eval_mode", "_layer_macs", "_macs"}
@@ -101,3 +101,86 @@ def test_the_exporters_do_not_import_the_pipeline() -> None:
         for node in ast.parse(path.read_text()).body:  # module level: what importing the exporters loads
             if isinstance(node, ast.ImportFrom):
                 assert not _module_of(path, node).startswith("structadmm.pipeline"), _rel(path)
+
+
+# -- the rooms and their floors -----------------------------------------------------------------
+
+#: Each room's floor: a module may import from rooms on lower floors and from its own room, never
+#: from a room on its own floor or above (so there is no circle between rooms). The base modules
+#: (errors, files, layers, cpu, batches, version) are the ground floor.
+FLOORS = {
+    "base": 0,
+    "graph": 1, "exporters": 1,
+    "bench": 2,
+    "prune": 3, "models": 3,
+    "pipeline": 4,
+    "cli": 5, "structadmm": 5,
+}
+BASE = {"errors", "files", "layers", "cpu", "batches", "version"}
+PACKAGE = ROOT / "structadmm"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "structadmm"
+    return "base" if parts[1] in BASE else parts[1]
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every import between the package's modules, lazy ones (inside functions) included."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = _module_of(path, node)
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+                found = subs if subs and node.module is None else [target, *subs]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            edges[name].update(m for m in found if m in modules and m != name)
+    return edges
+
+
+def test_every_module_has_a_room() -> None:
+    assert {_room(m) for m in _imports()} <= set(FLOORS)
+
+
+def test_imports_point_down_only() -> None:
+    upward = sorted((a, b) for a, targets in _imports().items() for b in targets
+                    if _room(a) != _room(b) and FLOORS[_room(b)] >= FLOORS[_room(a)])
+    assert not upward, upward
+
+
+def test_graph_under_prune_under_pipeline() -> None:
+    assert FLOORS["graph"] < FLOORS["prune"] < FLOORS["pipeline"] < FLOORS["cli"]
+    rooms = {_room(m) for m in _imports()}
+    assert {"graph", "prune", "pipeline"} <= rooms
+
+
+def test_no_import_circles() -> None:
+    edges = _imports()
+    state: dict[str, int] = {}
+    circles: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(edges[module]):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, circles

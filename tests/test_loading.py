@@ -467,7 +467,7 @@ def test_check_compatible_and_shapes() -> None:
 def test_exported_program_is_lifted_to_prunable_layers(tmp_path: Path) -> None:
     """A .pt2 file becomes real Conv/BatchNorm/Linear layers: same outputs, prunable, exact surgery."""
     from structadmm.models import get_spec
-    from structadmm.pipeline import PruningPlan, compact
+    from structadmm.prune import PruningPlan, compact
 
     spec = get_spec("resnet20")
     torch.manual_seed(0)

@@ -13,10 +13,10 @@ from torch import nn
 from nets import chain2d, randomize_bn
 from structadmm.errors import StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, verify_onnx
-from structadmm.pipeline.lowering import LoweredConv, lower_conv, lower_convs, lowering_gain
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.sparsity import project_columns
-from structadmm.pipeline.surgery import check_same_function
+from structadmm.prune.lowering import LoweredConv, lower_conv, lower_convs, lowering_gain
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.sparsity import project_columns
+from structadmm.prune.surgery import check_same_function
 
 # (conv, input shape): every spatial rank, stride, padding form, dilation and bias setting.
 CASES = {
@@ -224,9 +224,9 @@ def test_torchscript_export_keeps_spatial_sizes_static(tmp_path) -> None:
 
 def test_compact_lowers_column_pruned_convs_and_removes_empty_channels() -> None:
     """compact() = channel surgery, then shape lowering, checked end to end."""
-    from structadmm.pipeline.lowering import LoweredConv
-    from structadmm.pipeline.plan import PruningPlan
-    from structadmm.pipeline.surgery import compact
+    from structadmm.prune.lowering import LoweredConv
+    from structadmm.prune.plan import PruningPlan
+    from structadmm.prune.surgery import compact
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),

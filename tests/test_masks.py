@@ -12,11 +12,12 @@ from torch import nn
 
 from nets import Residual, randomize_bn
 from structadmm.errors import StructADMMError
-from structadmm.pipeline import masks as masks_module
-from structadmm.pipeline.admm import ADMM
-from structadmm.pipeline.masks import apply_masks
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.train import make_loader, train_epochs
+from structadmm.prune import masks as masks_module
+from structadmm.prune.admm import ADMM
+from structadmm.prune.masks import apply_masks
+from structadmm.prune.plan import PruningPlan
+from structadmm.batches import make_loader
+from structadmm.pipeline.train import train_epochs
 
 OPTIMIZERS = {
     "sgd-momentum-wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2),

@@ -22,7 +22,8 @@ from structadmm.errors import ParityError, StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, onnx_signature
 from structadmm.models import get_spec
 from structadmm.models.onnx_input import SplitMergeReshape, clear_inert_allowzero, example_inputs, load_onnx_model
-from structadmm.pipeline import CompressConfig, PruningPlan, compact, compress
+from structadmm.pipeline import CompressConfig, compress
+from structadmm.prune import PruningPlan, compact
 
 FAST = dict(dense_epochs=2, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
             bench_batches=[1, 8], bench_min_runs=3, bench_min_seconds=0.0, channel_multiple=1)

@@ -12,8 +12,8 @@ from torch import nn
 from structadmm.bench.profile import kernel_ops, kernel_times, layer_table, node_times, profile_events
 from structadmm.errors import StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, quantize_onnx
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.surgery import compact
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.surgery import compact
 
 
 def net() -> nn.Module:

@@ -8,14 +8,7 @@ import pytest
 import torch
 
 from structadmm.errors import StructADMMError
-from structadmm.pipeline.sparsity import (
-    Sparsity,
-    check_ratio,
-    keep_count,
-    parse_sparsity,
-    project_columns,
-    project_irregular,
-)
+from structadmm.prune.sparsity import Sparsity, check_ratio, keep_count, parse_sparsity, project_columns, project_irregular
 
 
 def brute_force(weight: torch.Tensor, groups: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -60,7 +53,7 @@ def test_irregular_projection_is_euclidean(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_coupled_channel_projection_is_euclidean(seed: int) -> None:
     """A filter group of conv1 spans conv1's rows, its bias and conv2's input columns."""
-    from structadmm.pipeline.plan import PruningPlan
+    from structadmm.prune.plan import PruningPlan
 
     net = torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3), torch.nn.ReLU(), torch.nn.Conv2d(5, 3, 1))
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +77,7 @@ def test_coupled_channel_projection_is_euclidean(seed: int) -> None:
 
 
 def test_sequential_combination_prunes_columns_of_what_is_left() -> None:
-    from structadmm.pipeline.plan import PruningPlan
+    from structadmm.prune.plan import PruningPlan
 
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
     plan = PruningPlan.from_dict(net, torch.randn(1, 4, 8, 8), {"2": {"sparsity": "channel+shape", "ratio": 0.5}})

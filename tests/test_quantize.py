@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typer.testing import CliRunner
 
 import structadmm as sa
-from structadmm.bench.accuracy import onnx_outputs, top1_agreement
+from structadmm.exporters.accuracy import onnx_outputs, top1_agreement
 from structadmm.cli import app
 from structadmm.errors import StructADMMError
 from structadmm.exporters import quantize as quantize_module

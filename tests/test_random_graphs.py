@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from nets import randomize_bn
 from random_nets import RandomNet
-from structadmm.pipeline.plan import PruningPlan
-from structadmm.pipeline.sparsity import keep_count
-from structadmm.pipeline.surgery import compact_with_report
+from structadmm.prune.plan import PruningPlan
+from structadmm.prune.sparsity import keep_count
+from structadmm.prune.surgery import compact_with_report
 
 SPARSITIES = ["filter", "channel", "filter+shape", "channel+irregular", "shape", "irregular"]
 

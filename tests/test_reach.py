@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from structadmm import PruningPlan, StructADMMWarning
 from structadmm.cli import app
 from structadmm.pipeline import CompressConfig, compress
-from structadmm.pipeline.reach import AT_LEAST_ONE, BLOCKS, WHOLE_CHANNELS, check_reach, multiple_reason
+from structadmm.prune.reach import AT_LEAST_ONE, BLOCKS, WHOLE_CHANNELS, check_reach, multiple_reason
 
 from nets import two_convs
 

@@ -15,8 +15,9 @@ from torch import nn
 from structadmm import ADMM, PruningPlan
 from structadmm.errors import StructADMMError
 from structadmm.pipeline import CompressConfig
-from structadmm.pipeline.admm import AdmmSchedule
-from structadmm.pipeline.train import make_loader, train_epochs
+from structadmm.prune.admm import AdmmSchedule
+from structadmm.batches import make_loader
+from structadmm.pipeline.train import train_epochs
 
 from nets import chain1d, chain2d
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from structadmm.exporters import export_onnx, sparse_storage
 from structadmm.exporters.sparse import csr_bytes
-from structadmm.pipeline.plan import PruningPlan
+from structadmm.prune.plan import PruningPlan
 
 
 def test_csr_bytes_by_hand() -> None:

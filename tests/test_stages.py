@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from structadmm import ADMM, PruningPlan, StructADMMError
 from structadmm.cli import app
 from structadmm.pipeline import CompressConfig, compress
-from structadmm.pipeline.reach import kept_channels
-from structadmm.pipeline.sparsity import keep_count
+from structadmm.prune.reach import kept_channels
+from structadmm.prune.sparsity import keep_count
 
 from nets import two_convs
 

@@ -9,9 +9,9 @@ from torch import nn
 from nets import NETS, randomize_bn
 from structadmm.errors import ParityError
 from structadmm.exporters.counting import count_torch
-from structadmm.pipeline.plan import ChannelUnit, PruningPlan
-from structadmm.pipeline.sparsity import keep_count
-from structadmm.pipeline.surgery import check_same_function, compact, compact_with_report
+from structadmm.prune.plan import ChannelUnit, PruningPlan
+from structadmm.prune.sparsity import keep_count
+from structadmm.prune.surgery import check_same_function, compact, compact_with_report
 
 
 @pytest.mark.parametrize("name", sorted(NETS))

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import structadmm as sa
-from structadmm.pipeline.heads import HeadAttention, heads_attention
-from structadmm.pipeline.norms import WidthLayerNorm
+from structadmm.graph.heads import HeadAttention, heads_attention
+from structadmm.graph.norms import WidthLayerNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import model_zoos  # noqa: E402

@@ -93,9 +93,9 @@ def _nonzero(model: torch.nn.Module) -> int:
 
 def _prune_compact_export(name: str, sparsity: str, tmp_path) -> None:
     from structadmm.exporters import export_onnx
-    from structadmm.pipeline import PruningPlan
-    from structadmm.pipeline.sparsity import keep_count
-    from structadmm.pipeline.surgery import compact_with_report
+    from structadmm.prune import PruningPlan
+    from structadmm.prune.sparsity import keep_count
+    from structadmm.prune.surgery import compact_with_report
 
     spec = get_spec(name)
     torch.manual_seed(0)

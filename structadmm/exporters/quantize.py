@@ -76,7 +76,7 @@ def calibration_batches(data: Any, batches: int, batch_size: int = 32, seed: int
     """
     from torch.utils.data import DataLoader, Dataset
 
-    from structadmm.pipeline.train import make_loader
+    from structadmm.batches import make_loader
 
     if batches < 1:
         raise StructADMMError(f"calibration needs at least 1 batch, got {batches}")
@@ -371,13 +371,13 @@ class Int8Gate:
 
 
 def check_int8(fp32, int8, *, min_agreement: float, max_accuracy_drop: float, baseline=None) -> Int8Gate:
-    """The INT8 gate over two :class:`~structadmm.bench.accuracy.OnnxOutputs` of the same data:
+    """The INT8 gate over two :class:`~structadmm.exporters.accuracy.OnnxOutputs` of the same data:
     fails when top-1 agreement < ``min_agreement`` or accuracy falls by > ``max_accuracy_drop``.
 
     ``baseline``: the outputs the accuracy drop is measured from when they are not ``fp32``'s (a
     quantization-aware retrained model agrees with its own FP32 parent, and must not fall below
     the pruned FP32 model it replaces)."""
-    from structadmm.bench.accuracy import top1_agreement
+    from structadmm.exporters.accuracy import top1_agreement
 
     agreement = top1_agreement(fp32, int8)
     reference = (baseline or fp32).accuracy
@@ -473,7 +473,7 @@ def quantize_run(run_dir: str | Path, config, train, val,
     ONNX file of a quantization-aware retrained model at ``path`` (``pruned-qat.onnx``); that
     file is quantized in its place and gated the same way: agreement with its own FP32 parent,
     accuracy drop from pruned FP32."""
-    from structadmm.bench.accuracy import onnx_outputs
+    from structadmm.exporters.accuracy import onnx_outputs
 
     run_dir = Path(run_dir)
     source = train.dataset if hasattr(train, "dataset") else train

@@ -39,32 +39,12 @@ from torch import nn
 
 from ..errors import StructADMMError, one_line
 from .lifting import lift
+from .loaded import LoadedModel
 from .registry import get_spec
 
 # Suffixes of files that hold weights but no architecture, for a better message when one is
 # given where a model is expected.
 _WEIGHT_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors"}
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for the pipeline, with what its source says about its input and output."""
-
-    module: nn.Module
-    name: str
-    input_shape: tuple[int, ...] | None  # one sample, no batch dimension; None when the source does not say
-    num_classes: int | None
-    onnx_file: Path | None = None  # the user's .onnx file the module was converted from
-
-    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
-        """A seeded random batch of the model's input shape."""
-        if self.input_shape is None:
-            raise StructADMMError(
-                f"{self.name} does not say what input it takes; give the shape of one sample "
-                "(--input-shape CxHxW on the command line, or return (model, input_shape) from the function)"
-            )
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((batch, *self.input_shape), generator=gen)
 
 
 def load_model(ref: str, *, checkpoint: str | Path | None = None,

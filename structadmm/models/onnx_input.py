@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import ParityError, StructADMMError, one_line
 from ..exporters import OnnxSignature, load_onnx, onnx_signature, verify_onnx
-from .loading import LoadedModel
+from .loaded import LoadedModel
 
 #: Largest file (with its external data) that is loaded: protobuf's own limit is 2 GiB.
 MAX_BYTES = 2 * 1024**3
@@ -715,7 +715,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _same(a: object, b: object) -> bool:
-    from ..pipeline.surgery import flat_outputs
+    from ..layers import flat_outputs
 
     xs, ys = flat_outputs(a), flat_outputs(b)
     return len(xs) == len(ys) and all(x.shape == y.shape and torch.allclose(x, y, atol=1e-6) for x, y in zip(xs, ys))

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..errors import StructADMMError
 from ..files import atomic_path
-from .admm import ADMM
-from .plan import Masks
+from ..prune.admm import ADMM
+from ..prune.plan import Masks
 from .train import TrainerState
 
 try:

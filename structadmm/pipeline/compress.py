@@ -34,13 +34,14 @@ from torch.utils.data import DataLoader
 from ..errors import StructADMMError, StructADMMWarning
 from ..models.validate import check_data
 from . import distributed
-from .admm import ADMM, AdmmRound, AdmmSchedule
+from ..prune.admm import ADMM, AdmmRound, AdmmSchedule
 from .checkpoint import ResumeMismatch, RunFolder, RunState, final_of, phases_of, run_identity, staging_of
 from .config import CompressConfig
-from .masks import apply_masks, sparsity_of
-from .plan import Masks, PruningPlan
-from .surgery import compact_with_report
-from .train import Data, evaluate, first_batch, make_loader, run_model, train_epochs
+from ..prune.masks import apply_masks, sparsity_of
+from ..prune.plan import Masks, PruningPlan
+from ..prune.surgery import compact_with_report
+from ..batches import Data, first_batch, make_loader, run_model
+from .train import evaluate, train_epochs
 
 
 @dataclass
@@ -232,7 +233,7 @@ class _Pipeline:
 
     def _check_reach(self, plan: PruningPlan) -> None:
         """Compare what the plan keeps with the ratio asked (once per run); a shortfall is a warning."""
-        from .reach import check_reach
+        from ..prune.reach import check_reach
 
         facts, config = self.state.facts, self.config
         if "ratio_shortfall" not in facts:
@@ -244,7 +245,7 @@ class _Pipeline:
 
     def _stage(self, stage: int, plan: PruningPlan, within: Masks | None, teacher: nn.Module | None) -> Masks:
         """One earlier ADMM stage (``admm_stages``): ADMM within the last stage's masks, hard prune, short retrain."""
-        from .reach import kept_channels
+        from ..prune.reach import kept_channels
 
         config = self.config
         admm = ADMM(self.model, plan, rho=config.rho, rho_growth=config.rho_growth, rho_max=config.rho_max,
@@ -365,7 +366,7 @@ class _Pipeline:
         Sensitivity is probed on up to 512 held-out samples (training samples without any);
         every rank computes the same plan from the same weights and data.
         """
-        from .budget import plan_for_latency, plan_for_macs
+        from ..prune.budget import plan_for_latency, plan_for_macs
 
         config = self.config
         source = (self.val if self.val is not None else self.train).dataset
@@ -452,7 +453,7 @@ class _Pipeline:
         """Rank 0: surgery, export, parity, benchmark and report; then the folder is renamed into place."""
         from ..bench import benchmark, write_report
         from ..bench.profile import layer_table
-        from .lowering import LoweredConv
+        from ..prune.lowering import LoweredConv
         from ..exporters import count_onnx, sparse_storage, verify_onnx
         from ..exporters.quantize import quantize_run
 
@@ -522,7 +523,7 @@ def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    from .. import __version__
+    from ..version import __version__
     from ..bench.runtime import installed_ort
 
     return {"structadmm": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
@@ -537,7 +538,7 @@ def compact_run(model: nn.Module, example_inputs: Any, config: CompressConfig | 
     """The conversion stage alone, for a model pruned in your own loop (zeros in its weights).
 
     Exports ``model`` as given to dense.onnx (the dense architecture's cost), compacts it
-    (:func:`~structadmm.pipeline.surgery.compact_with_report`), exports pruned.onnx, checks it
+    (:func:`~structadmm.prune.surgery.compact_with_report`), exports pruned.onnx, checks it
     against ``model`` (on ``val_data`` when given, else ``example_inputs``), counts, benchmarks
     and writes the same run folder and report.json as :func:`compress`, renamed into place
     only when everything has passed. ``val_data`` (a Dataset, DataLoader or ``(x, y)`` pair)

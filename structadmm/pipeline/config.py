@@ -11,7 +11,6 @@ To add a setting, add one annotated field (type, default, range) to the class.
 
 from __future__ import annotations
 
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -19,7 +18,8 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import StructADMMError
-from .sparsity import parse_sparsity
+from ..files import read_toml
+from ..prune.sparsity import parse_sparsity
 
 _SOURCE: ContextVar[str] = ContextVar("config_source", default="config")  # what errors name: a file, "flags"
 
@@ -211,14 +211,3 @@ def describe(exc: ValidationError, source: str) -> str:
             message += f" ({field.description})"
         problems.append(f"{key} = {e['input']!r}: {message}" if key else message)
     return f"{source}: " + "; ".join(problems)
-
-
-def read_toml(path: str | Path, what: str) -> dict[str, Any]:
-    """A TOML file's contents; a one-line error naming ``what`` it was meant to be otherwise."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise StructADMMError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise StructADMMError(f"{what} {path} is not valid TOML: {exc}") from None

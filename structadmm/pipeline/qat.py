@@ -30,7 +30,8 @@ from torch.nn.utils import parametrize
 
 from ..exporters.quantize import needs_reduced_range
 from ..layers import CONVS
-from .train import Data, make_loader, train_epochs
+from ..batches import Data, make_loader
+from .train import train_epochs
 
 __all__ = ["FakeQuantized", "fake_quantize", "qat_retrain"]
 

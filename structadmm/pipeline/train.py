@@ -21,48 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from ..errors import StructADMMError
+from ..batches import Data, make_loader, run_model, split_batch
 from ..layers import eval_mode
 from . import distributed
 
-Data = Dataset | DataLoader | tuple
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one batch's model inputs
 # where a phase of train_epochs stopped: {"epoch": epochs finished, "optimizer": state_dict,
 # "schedule": state_dict}; optimizer and schedule are None before the first epoch
 TrainerState = dict[str, Any]
-
-
-def make_loader(data: Data, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader over a Dataset, an ``(x, y)`` tensor pair, or an existing DataLoader."""
-    if isinstance(data, DataLoader):
-        return data
-    if isinstance(data, tuple):
-        data = TensorDataset(*(torch.as_tensor(t) for t in data))
-    if not isinstance(data, Dataset):
-        raise StructADMMError(
-            f"training data must be a torch Dataset, a DataLoader or an (x, y) pair, not {type(data).__name__}"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
-
-
-def _split_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
-    if isinstance(batch, (tuple, list)):
-        return _inputs(batch[0]), (batch[1] if len(batch) > 1 else None)
-    return batch, None
-
-
-def _inputs(x: Any) -> Inputs:
-    """A batch's inputs: one tensor, or a tuple of tensors for a model with several inputs
-    (samples given as ``((a, b), label)``)."""
-    return tuple(x) if isinstance(x, (tuple, list)) else x
-
-
-def run_model(model: nn.Module, x: Inputs, device: str | None = None) -> Any:
-    """``model`` called on one batch's inputs (a tensor or a tuple of tensors), moved to ``device``."""
-    items = x if isinstance(x, tuple) else (x,)
-    if device is not None:
-        items = tuple(t.to(device) for t in items)
-    return model(*items)
 
 
 def train_epochs(
@@ -170,7 +135,7 @@ class _Step:
         self.distill: tuple[nn.Module, float, float] | None = None  # (teacher, weight, temperature)
 
     def __call__(self, batch: Any, epoch: int) -> float:
-        x, y = _split_batch(batch)
+        x, y = split_batch(batch)
         if y is None:
             raise StructADMMError("training data has no labels: give (input, label) pairs")
         logits = run_model(self.net, x, self.device)
@@ -207,18 +172,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str = "cpu") -> float
     correct = seen = 0
     with eval_mode(model):
         for batch in loader:
-            x, y = _split_batch(batch)
+            x, y = split_batch(batch)
             if y is None:
                 return None
             pred = run_model(model, x, device).argmax(dim=1)
             correct += int((pred == y.to(device)).sum())
             seen += len(y)
     return correct / seen if seen else None
-
-
-def first_batch(loader: DataLoader, n: int | None = None) -> Inputs:
-    """The inputs of the loader's first batch (at most ``n`` of them): real example inputs."""
-    x, _ = _split_batch(next(iter(loader)))
-    if isinstance(x, tuple):
-        return tuple(t[:n] for t in x) if n is not None else x
-    return x[:n] if n is not None else x

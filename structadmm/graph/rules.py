@@ -1,9 +1,10 @@
-"""What each ATen op does to channels: one small rule per op, registered in ``graph.RULES``.
+"""What each ATen op does to channels: one small rule per op, registered in ``registry.RULES``.
 
-A rule gets the :class:`~.graph.Walk` (the trace's state: entries, ties, slices) and one node
-of the exported program, and returns the node's channel layout (:class:`~.graph.Chan`, a list
-of them, or None). Supporting a new op is one function here with ``@rule(aten.the_op)``; an op
-without a rule freezes the channels that reach it and says so.
+A rule gets the :class:`~.registry.Walk` (the trace's state: entries, ties, slices) and one node
+of the exported program, and returns the node's channel layout (:class:`~.registry.Chan`, a list
+of them, or None). The contract every rule keeps is written in :mod:`.registry`. Supporting a new
+op is one function here with ``@rule(aten.the_op)``; an op without a rule freezes the channels that
+reach it and says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.fx
 
 from ..layers import CONVS
-from .graph import Chan, Opaque, ParamView, Walk, param_view, rule
+from .registry import Chan, Opaque, ParamView, Walk, param_view, rule, where
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -151,9 +152,12 @@ def linear(w: Walk, node: Node) -> Chan | None:
 @rule(aten.embedding, reads_opaque=True)
 def embedding(w: Walk, node: Node) -> Chan | None:
     """A lookup table makes new channels: its columns, one per feature of the looked-up rows."""
-    weight = w.param(w.bind(node)["weight"])
+    a = w.bind(node)
+    weight, indices = w.param(a["weight"]), w.chan(a["indices"])
     if weight is None or w.tensor_of(weight).ndim != 2:
         return w.unsupported(node, "embedding whose table is computed in forward()")
+    if indices is not None:  # row numbers computed from channels: each value picks a row, not a channel
+        w.freeze([indices], f"channels used as embedding indices {where(node)}")
     out = w.fresh(node, producer=weight.module, axis=len(w.shape(node)) - 1)
     w.slice(weight, 1, out.entries, "out", weight=True)
     return out
@@ -380,7 +384,7 @@ def split(w: Walk, node: Node) -> list[Chan | None] | None:
 @rule(operator.getitem)
 def getitem(w: Walk, node: Node) -> Any:
     container, index = node.args[:2]
-    value = w.values.get(container)
+    value = w.value(container)
     return value[index] if isinstance(value, (list, tuple)) else None
 
 

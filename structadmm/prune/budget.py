@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import StructADMMError
 from ..exporters.counting import count_torch
-from .graph import ChannelGraph, slice_groups
+from ..graph.channels import ChannelGraph, slice_groups
 from .plan import PruningPlan
 
 #: Ratios a group may take (0 = untouched).

@@ -1,7 +1,7 @@
 """Shape lowering: turn a column-pruned convolution into one that only does its kept columns' work.
 
 Shape-wise sparsity zeroes GEMM columns ``W[:, c, *k]`` of a conv weight ``[F, C, *kernel]``
-(see :func:`structadmm.pipeline.sparsity.project_columns`). A dense conv with zero columns still
+(see :func:`structadmm.prune.sparsity.project_columns`). A dense conv with zero columns still
 does all of their multiply-accumulates. This module owns the surgery that removes them:
 
 * :class:`LoweredConv` computes the same function as a given ``Conv1d``/``Conv2d``/``Conv3d``
@@ -13,7 +13,7 @@ does all of their multiply-accumulates. This module owns the surgery that remove
 * :func:`lowering_gain` is the MAC ratio dense / lowered of a conv's current weight.
 * :func:`lower_conv` and :func:`lower_convs` apply the rewrite where it pays off (the threshold
   :data:`MIN_GAIN` is measured, see :func:`lower_conv`); callers check the function with
-  :func:`structadmm.pipeline.surgery.check_same_function`.
+  :func:`structadmm.prune.surgery.check_same_function`.
 
 Design. Measured on ONNX Runtime CPU (2 threads, graph optimisation ALL, batch 8, interleaved
 medians) on a 128->128 3x3 conv on 56x56 with 75 % of its columns pruned (speedup over the dense
@@ -218,7 +218,7 @@ def lower_convs(model: nn.Module, *, min_gain: float = MIN_GAIN) -> tuple[nn.Mod
 
     ``model`` itself is not modified. A conv registered under several names is replaced under
     all of them by one shared :class:`LoweredConv`. The copy computes the same function; check
-    it with :func:`structadmm.pipeline.surgery.check_same_function`.
+    it with :func:`structadmm.prune.surgery.check_same_function`.
     """
     new = copy.deepcopy(model)
     lowered: dict[int, nn.Module] = {}

@@ -32,8 +32,9 @@ from torch import nn
 
 from ..errors import StructADMMError
 from ..layers import CONVS
-from .config import read_toml
-from .graph import ChannelGraph, ChannelGroup, Slice, trace
+from ..files import read_toml
+from ..graph.channels import ChannelGraph, ChannelGroup, Slice
+from ..graph.trace import trace
 from .surgery import freeze_fixed_sizes
 from .sparsity import (
     PROJECTION_ORDER,

@@ -28,11 +28,12 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ParityError, StructADMMError
 from ..layers import eval_mode, flat_outputs
-from .heads import heads_attention
-from .graph import ChannelGraph, ChannelGroup, Slice, trace, slice_groups
+from ..graph.channels import ChannelGraph, ChannelGroup, Slice, slice_groups
+from ..graph.heads import heads_attention
+from ..graph.trace import trace
 from .lowering import MIN_GAIN, lower_convs
-from .norms import keep_statistics
-from .resize import fix_sizes
+from ..graph.norms import keep_statistics
+from ..graph.resize import fix_sizes
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
 
     Channels whose readers all have zero weights are removed; then, with ``lower``, every
     convolution with enough zero GEMM columns (shape-wise sparsity; MAC gain >= ``min_gain``)
-    is rewritten as a :class:`~structadmm.pipeline.lowering.LoweredConv` that does only its
+    is rewritten as a :class:`~structadmm.prune.lowering.LoweredConv` that does only its
     kept columns' work. The result computes the same function as ``model`` (checked on
     ``example_inputs`` in eval mode when ``verify``; :class:`ParityError` otherwise).
 

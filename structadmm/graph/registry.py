@@ -1,43 +1,60 @@
-"""The channel dependency graph: which slices of which tensors belong to one channel.
+"""The op-rule registry and the small vocabulary rules speak: :class:`Chan`, :class:`Walk`.
 
-The model is traced with ``torch.export`` into ATen ops (the same IR that ``.pt2`` programs
-hold), so functional calls (``F.batch_norm``, ``F.conv2d``, ``F.linear``), custom modules and
-Python-level shape logic all reduce to one bounded vocabulary of core ops. Parameters come
-back to the user's own modules by their qualified names, so surgery slices the user's modules.
+What each ATen op does to channels is one function, a *rule*, registered here for its ops with
+``@rule(aten.the_op, ...)`` (the rules themselves live in :mod:`.rules`, which registers them when
+the package is imported). :func:`.trace.trace` walks the exported program node by node and calls
+the rule of each ``call_function`` node.
 
-Every channel a Conv or Linear produces gets an *entry* id, and every tensor records the entry
-at each position of its channel axis (a numpy array; 2-D after a reshape splits the axis).
-What each op does to the entries is one small rule per op in :mod:`.oprules` (a registry:
-supporting a new op is one function there). In short:
+The rule contract
+-----------------
+Inputs
+    ``rule(w, node)``: the :class:`Walk` (the trace's state) and one ``torch.fx.Node``. Read the
+    node's arguments by schema name with ``w.bind(node)``. Each *tensor operand* is read through
+    the Walk, never from ``w.values`` directly:
 
-* Conv / Linear read their input entries (*in* slices of the weight) and create new ones
-  (*out* slices of weight and bias); a depthwise conv passes its input entries through;
-* per-channel tensors (BatchNorm, GroupNorm, PReLU, a layer-scale parameter) carry a
-  *through* slice and pass entries on; activations, pooling, dropout just pass them on;
-* element-wise binary ops (residual add, gating) *tie* their operands' entries position by
-  position; ``cat`` on the channel axis concatenates, elsewhere it ties;
-* reshapes and permutes move the entries with the data (flatten repeats a channel's entry
-  over its spatial features; a channel shuffle permutes them); splitting the channel axis
-  ties the entries in each column so every block keeps the same channels in the same order;
-* ``chunk`` on the channel axis and grouped convs require their blocks to keep equal counts;
-* a parameter used twice (shared weights, one BatchNorm applied to two tensors) ties the
-  entries of its uses.
+    * ``w.chan(arg)``: its channel layout (:class:`Chan`), or None. Use it where the op follows the
+      channels (activations, norms, adds). It also settles a split axis (``Chan.split``: it ties
+      each column across the blocks), so call it only where the op really aligns the blocks.
+    * ``w.read(arg, axis)``: like ``chan``, for a *layer* that reads ``arg`` along ``axis`` (a
+      Conv's input, a Linear's features): a tensor the rules could not follow (:class:`Opaque`)
+      gets new frozen entries there, so the layer keeps its inputs but may still lose outputs.
+      A rule that uses ``read`` registers with ``reads_opaque=True``.
+    * ``w.value(arg)`` / ``w.view(arg)``: what the operand is without settling anything: a
+      :class:`Chan`, a :class:`ParamView` (a parameter seen through ops that only move its
+      values), an :class:`Opaque`, or None. Use it to decide before committing to a layout.
+    * ``w.param(arg)``: the :class:`Param` behind a parameter placeholder (a layer's weight).
+    * ``w.align(arg, chan, rank)``: an operand broadcast against ``chan`` (a per-channel scale).
 
-Values that carry no entries are of two kinds. A :class:`ParamView` is a parameter seen through
-ops that only move its values (``cls_token.expand``, a relative-position table gathered and
-permuted): where one of its axes lines up with a channel axis it gets a *through* slice. An
-:class:`Opaque` tensor is one whose layout the rules cannot follow (a model input, an op without
-a rule): whatever it meets is frozen, and a layer reading it just cannot lose input channels.
+    Operands that carry no channels (index tensors, masks, shapes, plain numbers) still pass
+    through ``value`` or ``align`` so the rule decides what they mean. A rule that leaves a tensor
+    operand unread is a bug (its channels would be silently ignored); :func:`.trace.audit_rules`
+    finds such rules and the test suite runs it over the model corpus.
 
-Tied entries form one *channel* (an atom: kept or removed together). Channels linked
-through any producer or tie form a :class:`ChannelGroup`, the unit a plan prunes. An op the
-rules do not cover *freezes* every group that reaches it (never pruned), with the reason.
+Outputs
+    The node's layout: a :class:`Chan` (``entries`` along ``axis``), None for a tensor without
+    channels, a :class:`ParamView` or :class:`Opaque` passed on, or, for an op returning several
+    tensors, a list with one of those per output in the op's output order (``getitem`` picks).
+
+What a rule does on the way
+    * ``w.slice(param, axis, entries, role)``: a parameter's axis follows these channels
+      (``role`` ``"out"`` for a layer's outputs, ``"through"`` for per-channel tensors, ``"in"``
+      for a layer's inputs); surgery slices exactly the slices recorded.
+    * ``w.fresh(node, producer=...)`` / ``w.new(n)``: new channels made by a layer.
+    * ``w.tie(a, b)``: entries that are one channel (a residual add); ``w.equal_counts(blocks)``:
+      blocks that must keep equal counts (grouped convs, ``chunk``).
+    * Freezing: ``w.unsupported(node, what)`` when the op cannot be followed (what reaches it is
+      frozen and its result is opaque); ``w.mixing(node, chan, what)`` when it mixes values across
+      channels but keeps the layout; ``w.freeze(chans, reason)`` directly. Every freeze leaves its
+      reason, which reaches the plan and the user.
+    * ``w.sized(node, chan)`` when the op states a channel count as a number the code may have
+      written down; ``w.normalised(node, chan)`` for a LayerNorm over the channel axis.
+
+Registering a second rule for an op raises, unless asked with ``replace=True``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -45,187 +62,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import StructADMMError, one_line
-from ..layers import eval_mode, quiet_torch
-from .heads import traced_as_heads
-
-@dataclass(frozen=True, eq=False)
-class Slice:
-    """The channel entries along one axis of one parameter or buffer.
-
-    ``role`` is ``"out"`` (a layer's outputs: weight rows, bias), ``"through"`` (a
-    per-channel tensor the channels pass: BatchNorm statistics, a depthwise kernel, a
-    layer-scale) or ``"in"`` (a layer's input columns). ``entries[p]`` is the entry at
-    position ``p`` of ``axis``. For a grouped conv's input (``groups`` > 1) position
-    ``p`` is column ``p % (C/groups)`` of the rows of block ``p // (C/groups)``.
-    """
-
-    module: str
-    tensor: str
-    axis: int
-    entries: np.ndarray
-    role: str
-    groups: int = 1
-    weight: bool = False  #: the weight matrix of a Conv or Linear (not its bias or a norm's tensor)
-
-    @property
-    def name(self) -> str:
-        return f"{self.module}.{self.tensor}" if self.module else self.tensor
-
-    def _grouped(self) -> int:
-        return self.groups if self.role == "in" else 1
-
-    def positions(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` rearranged as [positions, everything else]."""
-        g = self._grouped()
-        if g > 1:  # weight [F, C/g, *k]: position b*(C/g) + l is column l of row block b
-            rows, cols = tensor.shape[0], tensor.shape[1]
-            return tensor.reshape(g, rows // g, cols, -1).permute(0, 2, 1, 3).reshape(g * cols, -1)
-        return tensor.movedim(self.axis, 0).reshape(tensor.shape[self.axis], -1)
-
-    def norms(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Squared L2 norm of every position (float64)."""
-        return self.positions(tensor.detach()).double().pow(2).sum(1)
-
-    def mask(self, shape: torch.Size, keep: torch.Tensor) -> torch.Tensor:
-        """A float mask of ``shape`` that zeroes the positions where ``keep`` is False."""
-        g = self._grouped()
-        flat = keep.to(torch.float32).view(-1, 1)
-        if g > 1:
-            rows, cols = shape[0], shape[1]
-            rest = math.prod(shape[2:])
-            return flat.expand(g * cols, rows // g * rest).reshape(g, cols, rows // g, rest).permute(0, 2, 1, 3).reshape(shape)
-        moved = (shape[self.axis],) + tuple(d for i, d in enumerate(shape) if i != self.axis)
-        return flat.expand(shape[self.axis], math.prod(moved[1:])).reshape(moved).movedim(0, self.axis)
-
-    def select(self, tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``tensor`` without the positions where ``keep`` is False."""
-        g = self._grouped()
-        if g > 1:
-            rows, cols = tensor.shape[0], tensor.shape[1]
-            blocks = tensor.reshape(g, rows // g, cols, *tensor.shape[2:])
-            index = keep.view(g, cols).nonzero()[:, 1].view(g, -1)  # equal counts per block
-            return torch.stack([blocks[b][:, index[b]] for b in range(g)]).reshape(rows, index.shape[1], *tensor.shape[2:])
-        return tensor.index_select(self.axis, keep.nonzero().flatten())
+from ..errors import StructADMMError
+from .channels import ChannelGraph, ChannelGroup, Slice, equal_count_atoms
 
 
-@dataclass
-class ChannelGroup:
-    """Channels that are pruned together: one plan unit."""
-
-    id: int
-    channels: np.ndarray  # atom ids; a group's size is its number of channels
-    name: str
-    producers: list[str]
-    consumers: list[str]
-    frozen: str | None = None  # why the group must not be pruned; None if it may be
-
-    @property
-    def size(self) -> int:
-        return len(self.channels)
-
-    @property
-    def prunable(self) -> bool:
-        return self.frozen is None
-
-
-@dataclass
-class ChannelGraph:
-    """The traced model's channels, groups, slices and block constraints."""
-
-    groups: list[ChannelGroup]
-    slices: list[Slice]
-    atom_of: np.ndarray  # entry id -> atom id
-    local_of: np.ndarray  # atom id -> index within its group
-    group_of: np.ndarray  # atom id -> group id
-    blocks: list[list[np.ndarray]]  # each: blocks of atoms that must keep equal counts
-    modules: dict[str, nn.Module]
-    notes: list[str] = field(default_factory=list)
-    #: group id -> the first op that gives the group's channel count as a number (view, reshape,
-    #: expand): the model's code may have written that number down (see ``surgery.freeze_fixed_sizes``)
-    sized: dict[int, str] = field(default_factory=dict)
-    #: group id -> the first LayerNorm that normalises over the group's channels (a transformer's
-    #: residual stream): prunable only as a whole stream, and only when asked (``residual``)
-    normalised: dict[int, str] = field(default_factory=dict)
-
-    def prunable_groups(self) -> list[ChannelGroup]:
-        return [g for g in self.groups if g.prunable]
-
-    def groups_of(self, module: str, role: str) -> list[ChannelGroup]:
-        ids = {int(self.group_of[a]) for s in self.slices if s.module == module and s.role == role
-               for a in np.unique(self.atom_of[s.entries])}
-        return [self.groups[i] for i in sorted(ids)]
-
-    def blocks_in(self, group: ChannelGroup) -> list[list[torch.Tensor]]:
-        """The equal-count constraints on ``group``, as local channel indices."""
-        return [[torch.from_numpy(self.local_of[b]) for b in constraint] for constraint in self.blocks
-                if self.group_of[constraint[0][0]] == group.id]
-
-    def producer_blocks(self, group: ChannelGroup) -> list[torch.Tensor]:
-        """Per producing layer, the group's channels it makes (each must keep at least one:
-        a layer with no outputs cannot exist)."""
-        return [torch.from_numpy(np.unique(local)) for s, _, local in self.slices_of(group)
-                if s.role == "out" and s.weight]
-
-    def slices_of(self, group: ChannelGroup) -> list[tuple[Slice, np.ndarray, np.ndarray]]:
-        """(slice, positions in the group, their channel index within the group) per slice."""
-        out = []
-        for s in self.slices:
-            atoms = self.atom_of[s.entries]
-            pos = np.nonzero(self.group_of[atoms] == group.id)[0]
-            if len(pos):
-                out.append((s, pos, self.local_of[atoms[pos]]))
-        return out
-
-    def tensor(self, s: Slice) -> torch.Tensor:
-        return getattr(self.modules[s.module], s.tensor)
-
-
-def slice_groups(graph: ChannelGraph, s: Slice) -> np.ndarray:
-    """The channel group id at every position of slice ``s``."""
-    return graph.group_of[graph.atom_of[s.entries]]
-
-
-def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
-    """Trace ``model`` with ``torch.export`` and return its channel graph (module docstring).
-
-    The model runs in eval mode for the trace (no BatchNorm statistics change) and is left in
-    the mode it was in. Its ``nn.MultiheadAttention`` modules are traced as the
-    :class:`~.heads.HeadAttention` that surgery turns them into (same parameters, same names)
-    and are back in place afterwards; nothing else about the model is touched.
-    """
-    from . import oprules  # noqa: F401  (importing it registers the op rules)
-
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with eval_mode(model), traced_as_heads(model):
-        try:
-            with quiet_torch(), torch.no_grad():
-                program = torch.export.export(model, inputs, strict=False)
-        except Exception as exc:  # export raises many types for untraceable Python
-            _check_inputs_fit(model, inputs)
-            raise StructADMMError(
-                f"cannot trace {type(model).__name__} with torch.export ({one_line(exc)}); "
-                "models with data-dependent Python control flow need that logic moved out of forward()"
-            ) from None
-        return Walk(program, model).run()
-
-
-def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
-    """Run ``model`` on ``inputs`` (eval, no grad): a failure means the inputs do not fit it."""
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    except Exception as exc:
-        shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-        raise StructADMMError(
-            f"the example input (shape {shapes}) does not fit {type(model).__name__}: {one_line(exc)}"
-        ) from None
-
-
-# -- the op-rule registry --------------------------------------------------------------------
-
-#: ATen op (an ``OpOverloadPacket`` such as ``torch.ops.aten.relu``, or a Python callable such
-#: as ``operator.getitem``) -> its rule. A rule takes the :class:`Walk` and the node and returns
 #: the node's channel layout: a :class:`Chan`, a list of them for ops returning several tensors,
 #: or None for a tensor without channels.
 RULES: dict[Any, Callable[["Walk", torch.fx.Node], Any]] = {}
@@ -241,10 +81,14 @@ READS_OPAQUE: set[Callable] = set()
 PARAM_VIEWS: dict[Any, Callable[["Walk", torch.fx.Node], "ParamView | None"]] = {}
 
 
-def rule(*ops: Any, reads_opaque: bool = False) -> Callable:
-    """Register the decorated function as the rule of ``ops``."""
+def rule(*ops: Any, reads_opaque: bool = False, replace: bool = False) -> Callable:
+    """Register the decorated function as the rule of ``ops`` (the module docstring's contract).
+
+    An op that has a rule already raises :class:`StructADMMError` unless ``replace`` is True.
+    """
 
     def register(fn: Callable) -> Callable:
+        _check_new(RULES, ops, replace, "a rule")
         for op in ops:
             RULES[op] = fn
         if reads_opaque:
@@ -254,15 +98,22 @@ def rule(*ops: Any, reads_opaque: bool = False) -> Callable:
     return register
 
 
-def param_view(*ops: Any) -> Callable:
+def param_view(*ops: Any, replace: bool = False) -> Callable:
     """Register the decorated function as how ``ops`` move a parameter's axes."""
 
     def register(fn: Callable) -> Callable:
+        _check_new(PARAM_VIEWS, ops, replace, "a parameter-view rule")
         for op in ops:
             PARAM_VIEWS[op] = fn
         return fn
 
     return register
+
+
+def _check_new(table: dict, ops: tuple, replace: bool, what: str) -> None:
+    taken = [getattr(op, "__name__", str(op)) for op in ops if op in table]
+    if taken and not replace:
+        raise StructADMMError(f"{', '.join(taken)} already has {what}; register with replace=True to override it")
 
 
 def rule_of(target: Any) -> Callable | None:
@@ -357,10 +208,14 @@ class Walk:
         self.sized_entries: dict[int, str] = {}
         self.normalised_entries: dict[int, str] = {}
         self.materialised: dict[tuple[torch.fx.Node, int], Chan] = {}
+        #: when a list: every rule's tensor operands that carry something and that it left unread
+        #: (see :func:`.trace.audit_rules`); None outside an audit
+        self.unread: list[str] | None = None
+        self.touched: set[torch.fx.Node] = set()
 
     # -- what rules read -------------------------------------------------------------------
     def chan(self, arg: Any) -> Chan | None:
-        value = self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+        value = self.value(arg)
         if not isinstance(value, Chan):
             return None
         if value.split:  # blocks of a split channel axis stay aligned: tie each column across them
@@ -370,7 +225,10 @@ class Walk:
         return value
 
     def value(self, arg: Any) -> Any:
-        return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        self.touched.add(arg)
+        return self.values.get(arg)
 
     def view(self, arg: Any) -> ParamView | None:
         value = self.value(arg)
@@ -412,7 +270,10 @@ class Walk:
         return False
 
     def param(self, arg: Any) -> Param | None:
-        return self.params.get(arg.name) if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" else None
+        if not isinstance(arg, torch.fx.Node) or arg.op != "placeholder":
+            return None
+        self.touched.add(arg)
+        return self.params.get(arg.name)
 
     def tensor_of(self, p: Param) -> torch.Tensor:
         return getattr(self.modules[p.module], p.tensor)
@@ -471,6 +332,7 @@ class Walk:
     def unsupported(self, node: torch.fx.Node, what: str) -> Chan | None:
         """An op the rules cannot follow: freeze what reaches it; its result is opaque."""
         reason = f"{what} {where(node)}"
+        self.touched.update(node.all_input_nodes)  # everything that reaches it is frozen: all read
         touched = [self.values.get(a) for a in node.all_input_nodes if self.values.get(a) is not None]
         self.notes.append(f"{reason}: channels reaching it are not pruned")
         self.freeze(touched, reason)
@@ -559,7 +421,16 @@ class Walk:
             if opaque is not None:
                 return [opaque] * len(node.meta["val"]) if isinstance(node.meta.get("val"), (tuple, list)) else opaque
         if found is not None:
-            return found(self, node)
+            if self.unread is None:
+                return found(self, node)
+            self.touched = set()
+            result = found(self, node)
+            unread = [a.name for a in node.all_input_nodes
+                      if a not in self.touched and (flatten_chans(self.values.get(a)) or isinstance(self.values.get(a), (ParamView, Opaque)))]
+            if unread:
+                self.unread.append(f"rule '{found.__name__}' of '{op_name(node)}' {where(node)} left operand(s) "
+                                   f"{', '.join(unread)} unread")
+            return result
         if not any(flatten_chans(v) for v in inputs):
             return None  # a new tensor made from constants
         return self.unsupported(node, f"'{op_name(node)}'")
@@ -617,26 +488,6 @@ class Walk:
             normalised.setdefault(int(group_of_entry[entry]), what)
         return ChannelGraph(groups, self.slices, atom_of, local_of, group_of, blocks, self.modules,
                             list(dict.fromkeys(self.notes)), sized, normalised)
-
-
-def equal_count_atoms(blocks: list[np.ndarray]) -> list[np.ndarray] | None:
-    """Blocks of entries (as atom ids) that must keep equal numbers of *entries*, as blocks of
-    atoms that must keep equal numbers of atoms: [] when any choice keeps the counts equal,
-    None when no atom-count constraint says it (an atom with uneven weight across blocks).
-
-    An atom may own several entries (a channel shuffle ties them). One with the same number of
-    entries in every block removes as many from each, so it is free; the rest must each lie in
-    one block only, all with the same number of entries there.
-    """
-    ids = np.unique(np.concatenate(blocks))
-    counts = np.stack([np.bincount(np.searchsorted(ids, b), minlength=len(ids)) for b in blocks])
-    uneven = ~(counts == counts[:1]).all(0)
-    if not uneven.any():
-        return []
-    rest = counts[:, uneven]
-    if ((rest > 0).sum(0) != 1).any() or len(np.unique(rest[rest > 0])) != 1:
-        return None
-    return [ids[uneven][rest[i] > 0] for i in range(len(blocks))]
 
 
 def flatten_chans(value: Any) -> list[Chan]:

@@ -43,7 +43,7 @@ def onnx_outputs(path: str | Path, data, *, batch_size: int = 256, threads: int 
     pair; batches are ``x`` or ``(x, y, ...)``) and collect its first output."""
     import onnxruntime as ort
 
-    from structadmm.pipeline.train import make_loader
+    from structadmm.batches import make_loader
 
     path = Path(path)
     load_onnx(path)

@@ -1,0 +1,71 @@
+"""Tracing a model into its channel graph (:mod:`.channels` says what that graph is).
+
+The model is traced with ``torch.export``; :class:`~.registry.Walk` then runs every node's rule
+from :mod:`.rules`, which is imported here so every rule is registered before the first trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import StructADMMError, one_line
+from ..layers import eval_mode, quiet_torch
+from . import rules  # noqa: F401  (importing it registers the op rules)
+from .channels import ChannelGraph
+from .heads import traced_as_heads
+from .registry import Walk
+
+__all__ = ["audit_rules", "trace"]
+
+
+def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
+    """Trace ``model`` with ``torch.export`` and return its channel graph (module docstring).
+
+    The model runs in eval mode for the trace (no BatchNorm statistics change) and is left in
+    the mode it was in. Its ``nn.MultiheadAttention`` modules are traced as the
+    :class:`~.heads.HeadAttention` that surgery turns them into (same parameters, same names)
+    and are back in place afterwards; nothing else about the model is touched.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with eval_mode(model), traced_as_heads(model):
+        try:
+            with quiet_torch(), torch.no_grad():
+                program = torch.export.export(model, inputs, strict=False)
+        except Exception as exc:  # export raises many types for untraceable Python
+            _check_inputs_fit(model, inputs)
+            raise StructADMMError(
+                f"cannot trace {type(model).__name__} with torch.export ({one_line(exc)}); "
+                "models with data-dependent Python control flow need that logic moved out of forward()"
+            ) from None
+        return Walk(program, model).run()
+
+
+def audit_rules(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Trace ``model`` as :func:`trace` does and list every rule call that left one of its tensor
+    operands unread (the registry's contract): one line per call; [] when every rule kept it."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with eval_mode(model), traced_as_heads(model), quiet_torch(), torch.no_grad():
+        program = torch.export.export(model, inputs, strict=False)
+        walk = Walk(program, model)
+        walk.unread = []
+        walk.run()
+    return walk.unread
+
+
+def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
+    """Run ``model`` on ``inputs`` (eval, no grad): a failure means the inputs do not fit it."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        raise StructADMMError(
+            f"the example input (shape {shapes}) does not fit {type(model).__name__}: {one_line(exc)}"
+        ) from None
+
+
+# -- the op-rule registry --------------------------------------------------------------------
+
