@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -175,6 +176,21 @@ class ChannelGraph:
             if len(pos):
                 out.append((s, pos, self.local_of[atoms[pos]]))
         return out
+
+    def positions_kept(self, s: Slice, keep: Mapping[int, Any]) -> torch.Tensor:
+        """Boolean over the positions of slice ``s``: False where the channel there belongs to a
+        group in ``keep`` whose decision (a boolean vector over the group's channels) drops it.
+        The one mapping from a keep decision to tensor positions: masks, surgery and the MAC
+        model all read it."""
+        atoms = self.atom_of[s.entries]
+        groups = self.group_of[atoms]
+        keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
+        for gid in np.unique(groups).tolist():
+            if gid in keep:
+                where = np.nonzero(groups == gid)[0]
+                decision = torch.as_tensor(keep[gid], dtype=torch.bool)
+                keep_pos[torch.from_numpy(where)] = decision[torch.from_numpy(self.local_of[atoms[where]])]
+        return keep_pos
 
     def tensor(self, s: Slice) -> torch.Tensor:
         return getattr(self.modules[s.module], s.tensor)

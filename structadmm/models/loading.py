@@ -29,7 +29,6 @@ import logging
 import pickle
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping

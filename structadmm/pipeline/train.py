@@ -15,15 +15,15 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import StructADMMError
-from ..batches import Data, make_loader, run_model, split_batch
+from ..batches import run_model, split_batch
 from ..layers import eval_mode
 from . import distributed
+from .objective import Objective, objective_of
 
 # where a phase of train_epochs stopped: {"epoch": epochs finished, "optimizer": state_dict,
 # "schedule": state_dict}; optimizer and schedule are None before the first epoch
@@ -52,6 +52,7 @@ def train_epochs(
     teacher: nn.Module | None = None,
     distill: float = 0.0,
     temperature: float = 4.0,
+    objective: Objective | None = None,
 ) -> list[float]:
     """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch run.
 
@@ -67,8 +68,10 @@ def train_epochs(
 
     ``restart_every``: the cosine restarts from ``lr`` every that many epochs (warm restarts).
     ``should_stop`` is asked after every epoch (after ``after_epoch``); True ends the phase
-    early. ``teacher`` with ``distill`` = a in (0, 1]: the loss is ``(1 - a) * CE + a * T^2 *
-    KL(teacher_T || student_T)`` at ``temperature`` T, the teacher in eval mode.
+    early. ``objective`` is what each step minimises (:mod:`.objective`; cross-entropy on the
+    labels by default). ``teacher`` with ``distill`` = a in (0, 1] is the shorthand for
+    :class:`~.objective.Distillation`: ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` at
+    ``temperature`` T, the teacher in eval mode.
 
     Under torchrun (see :mod:`.distributed`) the model is wrapped in DDP, the loader is
     sharded over the ranks (``loader.batch_size`` is the global batch) and the loss reported
@@ -98,9 +101,9 @@ def train_epochs(
             schedule.load_state_dict(resume["schedule"])
     task = (progress.add_task(description, total=total, completed=start * len(loader))
             if progress is not None else None)
-    step = _Step(net, optimizer, schedule, penalty, after_step, device, description, ctx)
-    if teacher is not None and distill > 0:
-        step.distill = (teacher, float(distill), float(temperature))
+    if objective is None:
+        objective = objective_of(teacher, distill, temperature)
+    step = _Step(net, optimizer, schedule, objective, penalty, after_step, device, description, ctx)
     losses = []
     for epoch in range(start, epochs):
         if isinstance(loader.sampler, DistributedSampler):
@@ -126,26 +129,17 @@ def train_epochs(
 class _Step:
     """One SGD step of :func:`train_epochs`; returns the (all-rank mean) loss."""
 
-    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, objective: Objective,
                  penalty: Callable[[], torch.Tensor] | None, after_step: Callable[[], None] | None,
                  device: str, description: str, ctx: distributed.DistContext):
-        self.net, self.optimizer, self.schedule = net, optimizer, schedule
+        self.net, self.optimizer, self.schedule, self.objective = net, optimizer, schedule, objective
         self.penalty, self.after_step = penalty, after_step
         self.device, self.description, self.ctx = device, description, ctx
-        self.distill: tuple[nn.Module, float, float] | None = None  # (teacher, weight, temperature)
 
     def __call__(self, batch: Any, epoch: int) -> float:
         x, y = split_batch(batch)
-        if y is None:
-            raise StructADMMError("training data has no labels: give (input, label) pairs")
-        logits = run_model(self.net, x, self.device)
-        loss = F.cross_entropy(logits, y.to(self.device))
-        if self.distill is not None:
-            teacher, weight, t = self.distill
-            with torch.no_grad():
-                soft = F.log_softmax(run_model(teacher, x, self.device) / t, dim=1)
-            kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean", log_target=True)
-            loss = (1 - weight) * loss + weight * t * t * kd
+        x = tuple(t.to(self.device) for t in x) if isinstance(x, tuple) else x.to(self.device)
+        loss = self.objective(run_model(self.net, x), y.to(self.device) if y is not None else None, x)
         if self.penalty is not None:
             # the same on every rank, so DDP's gradient average leaves its gradient exact
             loss = loss + self.penalty()

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError
-from ..layers import CONVS
 from ..files import read_toml
 from ..graph.channels import ChannelGraph, ChannelGroup, Slice
 from ..graph.trace import trace
-from .surgery import freeze_fixed_sizes
+from ..layers import CONVS
 from .sparsity import (
     PROJECTION_ORDER,
     Sparsity,
+    balance_blocks,
     check_ratio,
     keep_count,
     parse_sparsity,
@@ -46,6 +46,7 @@ from .sparsity import (
     project_irregular,
     topk_mask,
 )
+from .surgery import freeze_fixed_sizes
 
 Masks = dict[str, torch.Tensor]
 """Parameter name -> float mask of the parameter's shape (1 keeps a weight, 0 prunes it)."""
@@ -129,8 +130,7 @@ class ChannelUnit:
     def apply(self, keep: torch.Tensor, values: Mapping[str, torch.Tensor], masks: Masks) -> None:
         """Zero the masks of every channel of the group that ``keep`` does not keep."""
         for s, pos, local in self._slices():
-            keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
-            keep_pos[pos] = keep[local]
+            keep_pos = self.graph.positions_kept(s, {self.group.id: keep})
             masks[s.name] = masks[s.name] * s.mask(values[s.name].shape, keep_pos)
 
 
@@ -147,20 +147,8 @@ def constrained_topk(scores: torch.Tensor, k: int, alive: torch.Tensor, blocks: 
     For one constraint whose blocks partition the group (a grouped conv, a chunk) this is
     the exact projection: the best ``k / n_blocks`` channels of every block.
     """
-    keep = topk_mask(scores, k, alive)
-    for _ in range(4):  # constraints can interact; a few passes reach a fixed point in practice
-        changed = False
-        for constraint in blocks:
-            counts = [int(keep[b].sum()) for b in constraint]
-            if len(set(counts)) == 1:
-                continue
-            target = max(1, round(sum(counts) / len(counts)))
-            for b in constraint:
-                keep[b] = topk_mask(scores[b], min(target, int(alive[b].sum())), alive[b])
-            changed = True
-        if not changed:
-            break
-    return keep
+    return balance_blocks(topk_mask(scores, k, alive), blocks, lambda counts: max(1, round(sum(counts) / len(counts))),
+                          scores, alive, passes=4)
 
 
 @dataclass

@@ -16,7 +16,9 @@ Group types for a weight of shape [F, C, *k] (Linear is [F, C]):
 
 from __future__ import annotations
 
+import itertools
 from enum import Enum
+from typing import Callable
 
 import torch
 
@@ -93,6 +95,39 @@ def topk_mask(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -
     if alive is not None:
         keep &= alive.flatten()
     return keep.view_as(scores)
+
+
+def balance_blocks(keep: torch.Tensor, constraints: list[list[torch.Tensor]], target: Callable[[list[int]], int],
+                   scores: torch.Tensor | None = None, alive: torch.Tensor | None = None,
+                   passes: int | None = None) -> torch.Tensor:
+    """``keep`` changed so that the blocks of every constraint keep equal numbers of channels.
+
+    ``constraints``: each a list of blocks (index tensors into ``keep``) that must keep equal
+    counts (a grouped conv's groups, a chunk's pieces). Per constraint whose counts differ, every
+    block keeps ``target(counts)`` channels: its highest ``scores`` (never one where ``alive`` is
+    False), or without ``scores`` the channels it keeps now first, then the rest in index order.
+    Constraints can share channels, so passes repeat until one changes nothing (at most ``passes``).
+    This is the one balancing loop of the method: plans even out their top-k with it, surgery the
+    channels it may remove.
+    """
+    keep = keep.clone()
+    for _ in range(passes) if passes is not None else itertools.count():
+        changed = False
+        for blocks in constraints:
+            counts = [int(keep[b].sum()) for b in blocks]
+            if len(set(counts)) == 1:
+                continue
+            n = target(counts)
+            for b in blocks:
+                allowed = alive[b] if alive is not None else None
+                priority = scores[b] if scores is not None else keep[b].to(torch.float64)
+                chosen = topk_mask(priority, min(n, len(b) if allowed is None else int(allowed.sum())), allowed)
+                if not torch.equal(chosen, keep[b]):
+                    keep[b] = chosen
+                    changed = True
+        if not changed:
+            break
+    return keep
 
 
 def column_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,14 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import ParityError, StructADMMError
-from ..layers import eval_mode, flat_outputs
 from ..graph.channels import ChannelGraph, ChannelGroup, Slice, slice_groups
 from ..graph.heads import heads_attention
-from ..graph.trace import trace
-from .lowering import MIN_GAIN, lower_convs
 from ..graph.norms import keep_statistics
 from ..graph.resize import fix_sizes
+from ..graph.trace import trace
+from ..layers import eval_mode, flat_outputs
+from .lowering import MIN_GAIN, lower_convs
+from .sparsity import balance_blocks
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,7 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
             for b in blocks:
                 dead[b[0]] = False
     # ... and blocks that must match keep equal counts; only reviving, so the above still holds
-    changed = True
-    while changed:
-        changed = False
-        for blocks in constraints:
-            target = max(int((~dead[b]).sum()) for b in blocks)
-            for b in blocks:
-                revive = b[dead[b].nonzero().flatten()[: target - int((~dead[b]).sum())]]
-                if len(revive):
-                    dead[revive] = False
-                    changed = True
-    return dead
+    return ~balance_blocks(~dead, constraints, max)
 
 
 def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
@@ -257,19 +248,7 @@ def _one_fewer(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor | None:
     that must keep equal counts need; None where no such mask leaves every layer an output."""
     keep = torch.ones(group.size, dtype=torch.bool)
     keep[-1] = False
-    constraints = graph.blocks_in(group)
-    for _ in range(group.size):
-        changed = False
-        for blocks in constraints:
-            target = max(int((~keep[b]).sum()) for b in blocks)
-            for b in blocks:
-                alive = b[keep[b].nonzero().flatten()]
-                need = target - int((~keep[b]).sum())
-                if need > 0:
-                    keep[alive[len(alive) - need:]] = False
-                    changed = True
-        if not changed:
-            break
+    keep = balance_blocks(keep, graph.blocks_in(group), min, passes=group.size)  # only removing
     if not keep.any() or any(not keep[b].any() for b in graph.producer_blocks(group)):
         return None
     return keep
@@ -278,17 +257,6 @@ def _one_fewer(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor | None:
 def _eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with eval_mode(model), torch.no_grad():
         return flat_outputs(model(*inputs))
-
-
-def _positions_kept(graph: ChannelGraph, s: Slice, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-    atoms = graph.atom_of[s.entries]
-    groups = slice_groups(graph, s)
-    keep_pos = torch.ones(len(s.entries), dtype=torch.bool)
-    for gid in np.unique(groups).tolist():
-        if gid in keep:
-            where = np.nonzero(groups == gid)[0]
-            keep_pos[torch.from_numpy(where)] = keep[gid][torch.from_numpy(graph.local_of[atoms[where]])]
-    return keep_pos
 
 
 def _is_unbalanced(s: Slice, keep_pos: torch.Tensor) -> bool:
@@ -303,7 +271,7 @@ def _selections(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> dict[tupl
     """Per tensor, the position selections to apply (outputs before inputs); None if unbalanced."""
     plans: dict[tuple[str, str], list[tuple[Slice, torch.Tensor]]] = {}
     for s in graph.slices:
-        keep_pos = _positions_kept(graph, s, keep)
+        keep_pos = graph.positions_kept(s, keep)
         if _is_unbalanced(s, keep_pos):
             return None
         if not keep_pos.all():
@@ -313,7 +281,7 @@ def _selections(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> dict[tupl
 
 def _unbalanced_groups(graph: ChannelGraph, keep: dict[int, torch.Tensor]) -> set[int]:
     for s in graph.slices:
-        if _is_unbalanced(s, _positions_kept(graph, s, keep)):
+        if _is_unbalanced(s, graph.positions_kept(s, keep)):
             touched = set(np.unique(slice_groups(graph, s)).tolist()) & set(keep)
             return {min(touched)}
     return set()
