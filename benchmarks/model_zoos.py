@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,9 @@ def readme_flow(model: torch.nn.Module, x: torch.Tensor, folder: Path, *, ratio:
     guard.enforce()
     model.eval()
     small = sa.compact(model, x)
-    result = {"units": len(plan.units), "left_alone": len(plan.skipped)}
+    reasons = Counter(why for _, why in plan.skipped)
+    result = {"units": len(plan.units), "left_alone": len(plan.skipped),
+              "left_alone_reason": reasons.most_common(1)[0][0] if reasons else None}
     if not onnx:
         dense = sum(p.numel() for p in model.parameters())
         kept = sum(p.numel() for p in small.parameters())
@@ -129,8 +132,9 @@ def readme_flow(model: torch.nn.Module, x: torch.Tensor, folder: Path, *, ratio:
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     diff = float(np.abs(got - expected.numpy()).max())
     dense_macs, pruned_macs = sa.count_onnx(folder / "dense.onnx").macs, sa.count_onnx(folder / "pruned.onnx").macs
+    scale = max(1.0, float(expected.abs().max()))
     result.update(mac_ratio=dense_macs / pruned_macs, mac_saving=1 - pruned_macs / dense_macs, parity=diff,
-                  parity_ok=diff <= 1e-3 * max(1.0, float(expected.abs().max())))
+                  parity_rel=diff / scale, parity_ok=diff <= 1e-3 * scale)
     return result
 
 
@@ -144,7 +148,9 @@ def run(name: str, onnx: bool, size: int | None = None) -> dict:
         saving = row.get("mac_saving", 1 - 1 / row.get("param_ratio", 1.0))
         row["pruned"] = saving >= 0.25 and row.get("parity_ok", True)
         if not row["pruned"]:
-            row["reason"] = f"loses only {saving:.0%} of its MACs" if saving < 0.25 else "ONNX parity failed"
+            why = row.get("left_alone_reason")
+            row["reason"] = ((f"loses only {saving:.0%} of its MACs" + (f"; the rest is left whole: {why}" if why else ""))
+                             if saving < 0.25 else "ONNX parity failed")
     except sa.StructADMMError as exc:
         row.update(pruned=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0])
     except Exception as exc:  # a bug of ours: keep the run going, record it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors, and what the exporters printed.")
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,6 +39,9 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False)
+        if debug:  # what the library logs at debug level (an exporter's output, say) is shown too
+            logging.basicConfig(format="%(name)s: %(message)s")
+            logging.getLogger("structadmm").setLevel(logging.DEBUG)
         try:
             return func(*args, **kwargs)
         except StructADMMError as exc:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -77,6 +80,44 @@ def quiet_torch() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+class Captured:
+    """What a :func:`captured_output` block printed (filled in when the block ends)."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[Captured]:
+    """Capture what the block prints at the file-descriptor level (fds 1 and 2), so that output
+    written by native code (the TorchScript exporter's IR dumps) is captured too, not only Python's.
+    Where the descriptors cannot be redirected, the block runs as it is."""
+    captured = Captured()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:
+        yield captured
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+                yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            captured.text = sink.read().decode(errors="replace") + out.getvalue() + err.getvalue()
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_checks import ended_cleanly
 from structadmm.cli import app
 
 runner = CliRunner()
@@ -63,7 +64,7 @@ def expect_clean_failure(workdir: Path, args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output, result.output
-    assert "Traceback" not in result.output
+    ended_cleanly(result)
     assert len(result.output.strip().splitlines()) <= 3  # one message (rich may wrap it)
     assert sorted(p.name for p in workdir.iterdir()) == before  # nothing new, nothing half-written
     assert json.loads((workdir / "earlier" / "report.json").read_text()) == {"kept": True}

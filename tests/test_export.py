@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from structadmm.errors import ParityError, StructADMMError
+from structadmm.errors import ParityError, StructADMMError, StructADMMWarning
 from structadmm.exporters import ExportResult, export_onnx, load_onnx, verify_onnx
 from structadmm.exporters import onnx_export
 
@@ -244,3 +244,25 @@ def test_load_onnx_rejects_a_model_failing_the_checker(tmp_path: Path) -> None:
     onnx.save(onnx.helper.make_model(graph), path)
     with pytest.raises(StructADMMError, match="dangling.onnx: invalid ONNX model"):
         load_onnx(path)
+
+
+def test_a_failed_torchscript_export_prints_nothing_and_says_which_exporter_wrote_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """The TorchScript exporter prints its IR from native code when it fails; none of it reaches
+    the terminal, and one warning line names the exporter that wrote the file."""
+    import os
+
+    from structadmm.exporters import onnx_export
+
+    def failing(*args, **kwargs) -> None:
+        os.write(1, b"graph(%x.1 : Float(2, 3)):\n  IR DUMP FROM NATIVE CODE\n")
+        os.write(2, b"more native noise\n")
+        raise RuntimeError("Unsupported: the legacy exporter cannot export this")
+
+    monkeypatch.setattr(onnx_export, "_export_torchscript", failing)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    with pytest.warns(StructADMMWarning, match=r"m\.onnx was written by torch's dynamo exporter .*cannot export this"):
+        export_onnx(model, torch.randn(2, 3), tmp_path / "m.onnx")
+    printed = capfd.readouterr()
+    assert "IR DUMP" not in printed.out + printed.err and "native noise" not in printed.out + printed.err
+    assert (tmp_path / "m.onnx").exists()

@@ -16,9 +16,9 @@ This module owns the step "torch model → .onnx file that provably computes the
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +28,11 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from structadmm.errors import ParityError, StructADMMError, one_line
+from structadmm.errors import ParityError, StructADMMError, StructADMMWarning, one_line
 from structadmm.files import atomic_path
-from structadmm.layers import eval_mode, flat_outputs, quiet_torch
+from structadmm.layers import captured_output, eval_mode, flat_outputs, quiet_torch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ExportResult", "OnnxSignature", "TensorSpec", "export_onnx", "load_onnx", "onnx_signature", "verify_onnx"]
 
@@ -158,7 +160,7 @@ def export_onnx(
                 input_names = [t.name for t in signature.inputs]
                 output_names = [t.name for t in signature.outputs]
                 dynamic_axes = signature.dynamic_axes()
-            _export_raw(model, inputs, tmp, input_names, output_names, opset, dynamic_axes)
+            fallback = _export_raw(model, inputs, tmp, input_names, output_names, opset, dynamic_axes)
             proto = load_onnx(tmp)
             proto, simplified, simplify_error = _maybe_simplify(proto, simplify)
             if signature is not None:
@@ -170,6 +172,9 @@ def export_onnx(
         raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
     except OSError as exc:
         raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    if fallback is not None:
+        warnings.warn(StructADMMWarning(f"{path.name} was written by torch's dynamo exporter (the TorchScript "
+                                        f"exporter failed: {fallback})"), stacklevel=2)
     return ExportResult(path, max_abs_diff, simplified, _default_opset(proto), simplify_error)
 
 
@@ -267,17 +272,26 @@ def _export_raw(
     output_names: list[str],
     opset: int | None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
-) -> None:
-    """Export with the TorchScript exporter, falling back to the dynamo exporter.
+) -> str | None:
+    """Export with the TorchScript exporter, falling back to the dynamo exporter; returns None when
+    the TorchScript exporter wrote the file, else why it could not (one line).
+
+    What the TorchScript exporter prints (IR dumps when it fails) is captured and logged at debug
+    level (``--debug``), never printed.
 
     The TorchScript exporter is ~40x faster here and emits plain Conv/Gemm graphs with BN folded.
     ``dynamic_axes`` defaults to a dynamic batch axis on every input and output.
     """
-    try:
-        _export_torchscript(model, inputs, path, input_names, output_names, opset, dynamic_axes)
-        return
-    except Exception as legacy_exc:  # noqa: BLE001 - any failure means "try the other exporter"
-        legacy_error = legacy_exc
+    with captured_output() as noise:  # a failing TorchScript export prints its IR from native code
+        try:
+            _export_torchscript(model, inputs, path, input_names, output_names, opset, dynamic_axes)
+            legacy_error = None
+        except Exception as legacy_exc:  # noqa: BLE001 - any failure means "try the other exporter"
+            legacy_error = legacy_exc
+    if noise.text.strip():
+        log.debug("the TorchScript exporter printed:\n%s", noise.text)
+    if legacy_error is None:
+        return None
     try:
         _export_dynamo(model, inputs, path, input_names, output_names, opset)
     except Exception as exc:  # noqa: BLE001 - the user needs one line, not an exporter traceback
@@ -285,6 +299,7 @@ def _export_raw(
             f"cannot export {type(model).__name__} to ONNX: {one_line(exc)} "
             f"(TorchScript exporter: {one_line(legacy_error)})"
         ) from exc
+    return one_line(legacy_error)
 
 
 def _export_torchscript(
