@@ -184,3 +184,12 @@ def test_no_import_circles() -> None:
         if module not in state:
             visit(module, [module])
     assert not circles, circles
+
+
+def test_the_package_never_imports_ultralytics() -> None:
+    """Ultralytics is AGPL-licensed: the tests may use it, the package must not import it."""
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "ultralytics" for n in names), _rel(path)

@@ -437,8 +437,9 @@ def reshape(w: Walk, node: Node) -> Chan | None:
     # the entry of every element, moved with the data
     full = np.broadcast_to(chan.entries.reshape(layout(before, chan)), before).reshape(after)
     dims = [d for d in range(full.ndim) if full.shape[d] > 1 and not constant_along(full, d)]
-    if not dims:
-        return Chan(full.reshape(-1)[:1], min(1, full.ndim - 1)) if full.size else None
+    if not dims:  # one channel everywhere: every position of axis 1 (or 0) holds it
+        axis = min(1, full.ndim - 1)
+        return Chan(np.repeat(full.reshape(-1)[:1], full.shape[axis]), axis) if full.size else None
     if dims != list(range(dims[0], dims[-1] + 1)):
         return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' that interleaves channels with other axes")
     index = tuple(slice(None) if d in dims else 0 for d in range(full.ndim))

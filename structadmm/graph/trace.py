@@ -6,6 +6,8 @@ from :mod:`.rules`, which is imported here so every rule is registered before th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from .channels import ChannelGraph
 from .heads import traced_as_heads
 from .registry import Walk
 
-__all__ = ["audit_rules", "trace"]
+__all__ = ["attributes_kept", "audit_rules", "trace"]
 
 
 def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
@@ -30,7 +32,7 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     and are back in place afterwards; nothing else about the model is touched.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with eval_mode(model), traced_as_heads(model):
+    with eval_mode(model), traced_as_heads(model), attributes_kept(model):
         try:
             with quiet_torch(), torch.no_grad():
                 program = torch.export.export(model, inputs, strict=False)
@@ -47,12 +49,35 @@ def audit_rules(model: nn.Module, example_inputs: Any) -> list[str]:
     """Trace ``model`` as :func:`trace` does and list every rule call that left one of its tensor
     operands unread (the registry's contract): one line per call; [] when every rule kept it."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with eval_mode(model), traced_as_heads(model), quiet_torch(), torch.no_grad():
+    with eval_mode(model), traced_as_heads(model), attributes_kept(model), quiet_torch(), torch.no_grad():
         program = torch.export.export(model, inputs, strict=False)
         walk = Walk(program, model)
         walk.unread = []
         walk.run()
     return walk.unread
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Give every module its attributes back after the block: a model that caches values in
+    ``forward()`` (a detector's anchors, a rotary table) would otherwise keep the trace's fake
+    tensors, which nothing can run or copy afterwards. Parameters, buffers and submodules are
+    restored by identity too; values that did not change are left alone."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attrs, params, buffers, children in saved:
+            for store, before in ((module.__dict__, attrs), (module._parameters, params), (module._buffers, buffers),
+                                  (module._modules, children)):
+                for key in [k for k in store if k not in before]:
+                    del store[key]
+                for key, value in before.items():
+                    if store.get(key, _MISSING) is not value:
+                        store[key] = value
+
+
+_MISSING = object()
 
 
 def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
