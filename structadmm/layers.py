@@ -35,16 +35,26 @@ def is_depthwise(conv: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Every model in eval mode for the duration; every module gets its own mode back (a user's
-    BatchNorm frozen in eval inside a training model stays frozen)."""
+    """Every model as the pipeline traces, compacts, exports and checks it, for the duration: in
+    eval mode, and with its key/value cache off (a transformers model whose config has
+    ``use_cache``: a cache is state carried from one call to the next, not an output). Every
+    module gets its own mode back (a user's BatchNorm frozen in eval inside a training model
+    stays frozen), and every config its own ``use_cache``."""
     modes = {module: module.training for model in models for module in model.modules()}
+    configs = {id(c): c for model in models for module in model.modules()
+               for c in [getattr(module, "config", None)] if isinstance(getattr(c, "use_cache", None), bool)}
+    caches = {key: config.use_cache for key, config in configs.items()}
     for model in models:
         model.eval()
+    for config in configs.values():
+        config.use_cache = False
     try:
         yield
     finally:
         for module, training in modes.items():
             module.training = training
+        for key, config in configs.items():
+            config.use_cache = caches[key]
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:

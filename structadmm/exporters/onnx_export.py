@@ -160,7 +160,8 @@ def export_onnx(
                 input_names = [t.name for t in signature.inputs]
                 output_names = [t.name for t in signature.outputs]
                 dynamic_axes = signature.dynamic_axes()
-            fallback = _export_raw(model, inputs, tmp, input_names, output_names, opset, dynamic_axes)
+            fallback = _export_raw(model, _traceable_batch(inputs), tmp, input_names, output_names, opset,
+                                   dynamic_axes)
             proto = load_onnx(tmp)
             proto, simplified, simplify_error = _maybe_simplify(proto, simplify)
             if signature is not None:
@@ -401,6 +402,15 @@ def _verify_two_batches(
     return max(first, second)
 
 
+def _traceable_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs the exporter traces: a batch of one is repeated to two, since a size of 1 is
+    traced as a constant (torch.export specialises it; model code that branches or builds masks
+    on it bakes it in), which would leave the file's batch axis fixed."""
+    if inputs and all(t.dim() > 0 and t.shape[0] == 1 for t in inputs):
+        return tuple(torch.cat([t, t]) for t in inputs)
+    return inputs
+
+
 def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """A seeded batch of a different size: random normals for float inputs, rows of the example
     (chosen at random) for integer inputs such as token ids, whose valid range we cannot guess."""
@@ -426,7 +436,14 @@ def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {one_line(exc)}") from exc
     arrays = [t.detach().cpu().numpy() for t in inputs]
     feed = _feed(path, [i.name for i in session.get_inputs()], arrays)
-    return session.run(None, feed)
+    try:
+        return session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - ORT's runtime errors are one type per cause, none of ours
+        shapes = ", ".join(str(list(a.shape)) for a in arrays)
+        hint = ("; an axis the exporter fixed (the batch axis traced as a constant by the model's code, a "
+                "recurrent layer's state size) does not accept this size" if "dimension" in str(exc).lower() else "")
+        raise StructADMMError(f"{path}: ONNX Runtime cannot run it on inputs of shape {shapes}: "
+                              f"{one_line(exc)}{hint}") from None
 
 
 def _feed(path: Path, graph_inputs: list[str], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:

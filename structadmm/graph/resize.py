@@ -133,3 +133,15 @@ def patch_embedding_width(module: nn.Module, was: Callable) -> None:
     """torchvision's ``VisionTransformer``: ``hidden_dim`` (its residual width) reshapes the patches."""
     if isinstance(module.conv_proj, CONVS):
         module.hidden_dim = module.conv_proj.out_channels
+
+
+def _transposed_linear(module: nn.Module) -> bool:
+    """A layer that stores its weight [in, out] and its width as ``nf`` (transformers' ``Conv1D``)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(getattr(module, "nf", None), int) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+@size_rule(_transposed_linear)
+def transposed_linear(module: nn.Module, was: Callable) -> None:
+    module.nx, module.nf = module.weight.shape
+

@@ -149,6 +149,26 @@ def linear(w: Walk, node: Node) -> Chan | None:
     return out
 
 
+@rule(aten.addmm, reads_opaque=True)
+def addmm(w: Walk, node: Node) -> Chan | None:
+    """``bias + x @ weight`` with the weight stored [in, out] (transformers' ``Conv1D``, GPT-2):
+    a Linear whose weight is transposed; ``x`` is 2-D, its features on axis 1."""
+    a = w.bind(node)
+    chan, weight, bias = w.read(a["mat1"], 1), w.param(a["mat2"]), w.param(a["self"])
+    if weight is None:
+        return w.unsupported(node, "matrix product whose weight is computed in forward()")
+    if chan is None or chan.entries.ndim != 1 or chan.axis != 1:
+        return w.unsupported(node, f"matrix product '{weight.module}' whose input features are not channels")
+    w.slice(weight, 0, chan.entries, "in", weight=True)
+    out = w.fresh(node, producer=weight.module, axis=1)
+    w.slice(weight, 1, out.entries, "out", weight=True)
+    if bias is not None:
+        w.slice(bias, 0, out.entries, "out")
+    elif not w.align(a["self"], out, 2):
+        return w.unsupported(node, f"matrix product '{weight.module}' with an added term it cannot follow")
+    return out
+
+
 @rule(aten.embedding, reads_opaque=True)
 def embedding(w: Walk, node: Node) -> Chan | None:
     """A lookup table makes new channels: its columns, one per feature of the looked-up rows."""
@@ -586,6 +606,10 @@ def batched_product(w: Walk, node: Node, operands: list[tuple[Node, int | None]]
       aten.rand_like, aten.randn_like, aten.scalar_tensor, aten.tensor, aten._assert_tensor_metadata,
       aten._assert_scalar, aten.sym_constrain_range_for_size)
 def constant(w: Walk, node: Node) -> Chan | None:
+    """A new tensor, a shape query or a check on an operand's metadata: nothing with channels
+    comes out, whatever its operands carry (they are read only for their sizes)."""
+    for arg in node.all_input_nodes:
+        w.value(arg)
     return None
 
 
