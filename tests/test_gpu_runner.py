@@ -3,13 +3,16 @@ OrtValue are replaced by fakes that record what the harness asks of them (provid
 bindings, runs), and the isolated children by a recorder. What is checked is what a GPU run depends on:
 engines cached in the run folder and built before anything is timed, INT8 engines for QDQ files,
 inputs and outputs bound on the device once, no thread count on GPU rows, and a child that hangs is
-killed after its timeout."""
+killed after its timeout. Last, benchmarks/gpu_check.sh refuses in one line where there is no GPU."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -268,3 +271,44 @@ def test_a_hung_child_is_killed_after_its_timeout_and_reported_in_one_line(tmp_p
         os.close(os.open(hang, os.O_WRONLY | os.O_NONBLOCK))
     assert no_reader.value.errno == errno.ENXIO
 
+
+
+# --- benchmarks/gpu_check.sh refuses at once where there is no GPU --------------------------
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def _gpu_check(tmp_path: Path, smi: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(GPU_CHECK), str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NVIDIA_SMI": smi, "PYTHON": python})
+    assert not out.exists()  # it stops before writing anything
+    return done
+
+
+def _fake_smi(tmp_path: Path, script: str) -> str:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + script + "\n")
+    smi.chmod(0o755)
+    return str(smi)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(("smi", "says"), [
+    (None, "no NVIDIA GPU here (/nonexistent/nvidia-smi not found)"),
+    ("exit 9", "finds no usable GPU"),
+    ('echo "No devices were found"', "lists no GPU"),
+])
+def test_gpu_check_refuses_in_one_line_without_a_gpu(tmp_path: Path, smi: str | None, says: str) -> None:
+    done = _gpu_check(tmp_path, "/nonexistent/nvidia-smi" if smi is None else _fake_smi(tmp_path, smi))
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("gpu_check: ") and says in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.skipif("CUDAExecutionProvider" in latency.ort.get_available_providers(),
+                    reason="this onnxruntime has CUDA: the script would run for real")
+def test_gpu_check_refuses_a_cpu_onnxruntime_in_one_line(tmp_path: Path) -> None:
+    done = _gpu_check(tmp_path, _fake_smi(tmp_path, 'echo "GPU 0: NVIDIA H100 (UUID: GPU-0)"'))
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+    assert "has no CUDAExecutionProvider" in done.stderr and "pip install onnxruntime-gpu" in done.stderr
