@@ -6,8 +6,9 @@ random input for every model, a warm-up, then timed runs with the garbage collec
 
 * **isolated** (``isolate=True``, the default): every model is timed alone in a fresh process, as it
   is deployed, with ORT's default thread spinning; the processes alternate model by model, round by
-  round (order reversed every round), ``processes`` rounds per batch size. A round's ratio is the
-  baseline process's median over the model process's median.
+  round (order reversed every round), ``processes`` rounds per batch size (6 by default: the fewest
+  whose [min, max] covers the median with at least 95 %), each child killed if it runs past
+  ``child_timeout``. A round's ratio is the baseline process's median over the model process's median.
 * **in-process** (``isolate=False``): one session per model in this process, warm-up and timed runs
   interleaved run by run with the order reversed every round. Cheaper, but a timed session competes
   with the idle sessions' threads (see ``spinning`` below). A round's ratio is one run against one run.
