@@ -68,9 +68,10 @@ def latency(args: argparse.Namespace) -> None:
         f"heads kept per block: {sorted(set(kept.values()))}; {mac_ratio:.2f}x fewer MACs "
         f"({dense_macs / 1e9:.2f} G -> {pruned_macs / 1e9:.2f} G); ONNX parity {exported.max_abs_diff:.1e}.",
         f"ORT CPU, {args.threads} threads, each model alone in its own process, alternating, medians.", "",
-        "| batch | dense ms | pruned ms | speedup (95 % interval per round) | efficiency |", "|---|---|---|---|---|",
+        "| batch | dense ms | pruned ms | speedup (per-round interval, coverage) | efficiency |", "|---|---|---|---|---|",
         *[f"| {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | {r['speedup']:.2f}x "
-          f"({r['speedup_low']:.2f}-{r['speedup_high']:.2f}) | {r['efficiency']:.2f} |" for r in rows]])
+          f"({r['speedup_low']:.2f}-{r['speedup_high']:.2f}, {100 * r['ci_coverage']:.1f} %) | {r['efficiency']:.2f} |"
+          for r in rows]])
 
 
 def accuracy(args: argparse.Namespace) -> None:

@@ -108,7 +108,8 @@ def main() -> None:
 
     lines = [f"# Where the INT8 step loses speed: {args.model}, filter {args.ratio}, batch {args.batch}", "",
              f"Command: `PYTHONPATH=. .venv/bin/python {out['command']}`. ORT CPU, {args.threads} threads, "
-             f"profiler kernel times (ms per run, mean of {args.runs} runs); MAC ratio {mac_ratio:.2f}x.", "",
+             f"profiler kernel times (ms per run, mean of {args.runs} runs; each file profiled alone, one after another "
+             f"in one process); MAC ratio {mac_ratio:.2f}x.", "",
              "| layer | dense FP32 | dense INT8 | pruned FP32 | pruned INT8 | INT8 gain dense | INT8 gain pruned |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -96,13 +96,14 @@ def table(results: list[dict], command: str) -> str:
     lines = [f"`{command.strip()}` (ONNX Runtime CPU, filter 50 %, 224x224, random weights)", "",
              "Load is the machine's 1-minute load average before and after each measurement: on a 2-core machine "
              "anything above 2 means the timed runs shared the cores with other work, and the figures are noisy.", "",
-             "| model | batch | mode | repeat | dense ms | pruned ms | speedup | per round (95 % CI) | MAC ratio "
+             "| model | batch | mode | repeat | dense ms | pruned ms | speedup | per round (interval, coverage) | MAC ratio "
              "| eff | byte ratio | speedup / byte ratio | load before → after |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (r["model"], r["batch"], r["mode"], r["repeat"])):
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['mode']} | {r['repeat'] + 1} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} "
-            f"| {r['speedup']:.2f}x | {r['speedup_per_round']:.2f}x ({r['speedup_low']:.2f}–{r['speedup_high']:.2f}) "
+            f"| {r['speedup']:.2f}x | {r['speedup_per_round']:.2f}x ({r['speedup_low']:.2f}–{r['speedup_high']:.2f}, "
+            f"{100 * r['ci_coverage']:.1f} %) "
             f"| {r['mac_ratio']:.2f}x | {r['efficiency']:.2f} | {r['byte_ratio']:.2f}x | {r['byte_efficiency']:.2f} "
             f"| {r['load_before']:.1f} → {r['load_after']:.1f} |")
     return "\n".join(lines) + "\n"

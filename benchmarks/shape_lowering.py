@@ -145,7 +145,8 @@ def _compare(work: Path, dense: nn.Module, lowered: nn.Module, x: torch.Tensor, 
 
 def _markdown(results: dict) -> str:
     lines = [
-        f"ORT CPU, {THREADS} threads, batch {BATCH}, dense and lowered interleaved; medians. "
+        f"ORT CPU, {THREADS} threads, batch {BATCH}, timed in-process: dense and lowered interleaved run by run in "
+        "one process; medians. "
         "ratio = fraction of GEMM columns pruned; lowering forced (min_gain=1); "
         f"lowered_by_default = convs lower_convs rewrites with min_gain={results['min_gain']}.",
         "",

@@ -103,7 +103,8 @@ def main() -> None:
 
 def _table(results: list[dict], batches: list[int]) -> str:
     head = "| model | pruner | MAC ratio | " + " | ".join(f"speedup b={b} | eff b={b}" for b in batches) + " |"
-    lines = [head, "|---" * (3 + 2 * len(batches)) + "|"]
+    lines = ["# The model zoo on ORT CPU, timed in-process: dense, pruned (and the peer) interleaved run by run in "
+             "one process, medians", "", head, "|---" * (3 + 2 * len(batches)) + "|"]
     for r in results:
         rows = [("structadmm", r["mac_ratio"], r["latency"])]
         if "peer" in r:

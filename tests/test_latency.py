@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import itertools
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ from structadmm.exporters import export_onnx
 CPU = "CPUExecutionProvider"
 FAST = {"min_seconds": 0.0, "min_runs": 5, "warmup": 1, "providers": [CPU], "isolate": False}
 SPEC_ROW_KEYS = {"provider", "batch", "threads", "dense_ms", "pruned_ms", "dense_p90_ms",
-                 "pruned_p90_ms", "speedup", "speedup_per_round", "speedup_low", "speedup_high", "mode"}
+                 "pruned_p90_ms", "speedup", "speedup_per_round", "speedup_low", "speedup_high", "ci_coverage",
+                 "mode"}
 
 
 def _net(width: int) -> nn.Module:
@@ -191,7 +194,7 @@ def test_fixed_batch_model_at_another_batch_is_an_error(tmp_path: Path) -> None:
     "kwargs",
     [{"baseline": "nope"}, {"batch_sizes": (0,)}, {"threads": 0}, {"min_runs": 0},
      {"min_runs": 10, "max_runs": 5}, {"warmup": -1}, {"optimization": "max"}, {"spinning": "sometimes"},
-     {"providers": ["NoSuchExecutionProvider"]}, {"processes": 1}],
+     {"providers": ["NoSuchExecutionProvider"]}, {"processes": 1}, {"child_timeout": 0}],
 )
 def test_bad_arguments(pair: dict[str, Path], kwargs: dict[str, object]) -> None:
     with pytest.raises(StructADMMError):
@@ -242,16 +245,17 @@ def test_isolated_mode_alternates_one_process_per_model(pair: dict[str, Path], m
         name = Path(str(job["path"])).stem
         return fake[name][sum(Path(str(j["path"])).stem == name for j in jobs) - 1]
 
-    monkeypatch.setattr(latency, "_run_child", child)
+    monkeypatch.setattr(latency, "_run_child", lambda job, timeout: child(job))
     result = benchmark(pair, batch_sizes=(2,), min_runs=7, min_seconds=3.0, warmup=4, providers=[CPU], processes=3)
     assert [Path(str(j["path"])).stem for j in jobs] == ["dense", "pruned", "pruned", "dense", "dense", "pruned"]
-    assert {(j["min_runs"], j["min_seconds"], j["warmup"], j["batch"], j["spinning"]) for j in jobs} == {
+    assert {(j["min_runs"], j["min_seconds"], j["warmup"], j["batch"], j["settings"]["spinning"]) for j in jobs} == {
         (3, 1.0, 4, 2, "on")}  # the budget split over the rounds; ORT's default spinning alone
     row = result.to_rows(dense="dense", pruned="pruned")[0]
     assert row["mode"] == "isolated" and row["dense_ms"] == 4000.0  # median of all 9 runs
     assert row["pruned_ms"] == 2000.0 and row["speedup"] == 2.0  # ratio of the medians
     assert row["speedup_per_round"] == 2.0  # per round 4/1, 8/4, 4/2
     assert (row["speedup_low"], row["speedup_high"]) == (2.0, 4.0)  # three rounds: [min, max]
+    assert row["ci_coverage"] == 0.75  # ... which holds the median only 3 times in 4, and says so
 
 
 def test_isolated_mode_runs_real_processes(pair: dict[str, Path]) -> None:
@@ -262,10 +266,11 @@ def test_isolated_mode_runs_real_processes(pair: dict[str, Path]) -> None:
 
 
 def test_a_failing_child_is_one_clear_line(tmp_path: Path) -> None:
-    job = dict(path=str(tmp_path / "gone.onnx"), provider=CPU, batch=1, threads=1, optimization="all",
-               spinning="on", warmup=0, seed=0, min_runs=1, min_seconds=0.0, max_runs=1)
+    job = dict(path=str(tmp_path / "gone.onnx"), provider=CPU, batch=1,
+               settings={"threads": 1, "optimization": "all", "spinning": "on"}, warmup=1, seed=0, min_runs=1,
+               min_seconds=0.0, max_runs=1)
     with pytest.raises(StructADMMError, match=r"gone.onnx in its own process failed: .*gone.onnx") as caught:
-        latency._run_child(job)
+        latency._run_child(job, 60.0)
     assert "\n" not in str(caught.value)
 
 
@@ -304,15 +309,63 @@ def test_in_process_per_round_ratio_is_run_against_run(pair: dict[str, Path], mo
 
 def test_median_interval_is_the_binomial_order_statistic_interval() -> None:
     values = list(range(1, 101))  # n = 100: ranks 40 and 61 (the textbook n/2 +- 0.98 sqrt(n))
-    assert median_interval(values) == (40.0, 61.0)
-    assert median_interval([5.0, 1.0, 3.0]) == (1.0, 5.0)  # too few for 95 %: [min, max]
-    assert median_interval([2.0]) == (2.0, 2.0)
+    assert median_interval(values)[:2] == (40.0, 61.0)
+    assert median_interval(values).coverage == pytest.approx(0.9648, abs=1e-4)
+    assert median_interval([5.0, 1.0, 3.0]) == (1.0, 5.0, 0.75)  # too few for 95 %: [min, max], and it says 75 %
+    assert median_interval([2.0]) == (2.0, 2.0, 0.0)
     rng = np.random.default_rng(0)
     narrow = [median_interval(rng.normal(size=n)) for n in (20, 200, 2000)]
-    widths = [high - low for low, high in narrow]
-    assert widths[0] > widths[1] > widths[2] and all(low < 0.2 and high > -0.2 for low, high in narrow)
+    widths = [high - low for low, high, _ in narrow]
+    assert widths[0] > widths[1] > widths[2] and all(low < 0.2 and high > -0.2 for low, high, _ in narrow)
     with pytest.raises(StructADMMError):
         median_interval([])
+
+
+def _coverage(n: int, k: int) -> float:
+    """P(x_(k) <= median <= x_(n-k+1)) for n values: 1 - 2 P(Binomial(n, 1/2) <= k - 1), written out here."""
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+@pytest.mark.parametrize("n", [*range(1, 41), 99, 100, 101, 1000])
+def test_median_interval_is_the_narrowest_that_reaches_the_level_and_states_its_coverage(n: int) -> None:
+    values = np.arange(n, dtype=float)  # sorted distinct values: rank k is value k - 1
+    low, high, coverage = median_interval(values)
+    k = int(low) + 1
+    assert high == n - k  # symmetric ranks k and n - k + 1
+    assert coverage == pytest.approx(_coverage(n, k), abs=1e-12)
+    if coverage >= 0.95:  # the level is reached, by the narrowest such interval
+        assert 2 * (k + 1) > n + 1 or _coverage(n, k + 1) < 0.95
+    else:  # it cannot be reached: [min, max], and the coverage says so
+        assert k == 1 and n < 6
+
+
+def test_median_interval_coverage_matches_simulation() -> None:
+    """The stated coverage is how often the interval holds the true median: 4000 samples per n from a
+    skewed distribution (exponential, median ln 2), against the binomial standard error."""
+    rng = np.random.default_rng(1234)
+    trials = 4000
+    for n in (3, 5, 6, 12, 30):
+        samples = rng.exponential(size=(trials, n))
+        intervals = [median_interval(sample) for sample in samples]
+        held = np.mean([low <= math.log(2) <= high for low, high, _ in intervals])
+        stated = intervals[0].coverage
+        assert {i.coverage for i in intervals} == {stated}
+        assert abs(held - stated) < 4 * math.sqrt(stated * (1 - stated) / trials) + 1e-3, (n, held, stated)
+
+
+def test_default_rounds_reach_95_percent() -> None:
+    """Isolated mode's default number of rounds gives per-round intervals that hold the median 95 % of the time."""
+    rounds = inspect.signature(benchmark).parameters["processes"].default
+    assert median_interval(range(rounds)).coverage >= 0.95
+    assert median_interval(range(rounds - 1)).coverage < 0.95  # and no more processes than that costs
+
+
+def test_a_warm_up_run_is_required(pair: dict[str, Path]) -> None:
+    for call in (lambda: benchmark(pair, **{**FAST, "warmup": 0}),
+                 lambda: latency.time_alone(pair["dense"], warmup=0, min_runs=1, min_seconds=0.0)):
+        with pytest.raises(StructADMMError, match="warmup must be at least 1") as caught:
+            call()
+        assert "\n" not in str(caught.value)
 
 
 def test_two_ort_builds_warn_on_every_benchmark(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch,

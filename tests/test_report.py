@@ -138,7 +138,8 @@ def test_render_table_contains_the_figures() -> None:
 
 def test_rows_from_a_latency_report_fit_the_report(tmp_path: Path) -> None:
     def entry(name: str, median: float, speedup: float, rounds: tuple[float, float, float]) -> LatencyEntry:
-        return LatencyEntry(CPU, 64, 2, name, median, median * 1.1, median * 0.9, 0.1, 30, speedup, *rounds)
+        return LatencyEntry(CPU, 64, 2, name, median, median * 1.1, median * 0.9, 0.1, 30, speedup, *rounds,
+                            ci_coverage=0.75)
 
     latency = LatencyReport("dense", [entry("dense", 8.0, 1.0, (1.0, 1.0, 1.0)),
                                       entry("pruned", 2.0, 4.0, (3.9, 3.5, 4.25))])
@@ -147,6 +148,18 @@ def test_rows_from_a_latency_report_fit_the_report(tmp_path: Path) -> None:
     assert report["latency"][0]["speedup_per_round"] == 3.9 and report["latency"][0]["byte_efficiency"] == 1.6
     write_report(tmp_path, report)
     text = (tmp_path / "report.md").read_text()
-    assert ("| CPU | 64 | 2 | 8.000 | 8.800 | 2.000 | 2.200 | 4.00x | 0.80 | 3.90x (3.50–4.25) | 2.50x (1.60) |"
-            in text)
-    assert "each alone in its own process" in text
+    assert ("| CPU | 64 | 2 | 8.000 | 8.800 | 2.000 | 2.200 | 4.00x | 0.80 | 3.90x (3.50–4.25, 75.0 %) "
+            "| 2.50x (1.60) |" in text)  # the interval with the coverage it reached, not a nominal 95 %
+    assert "timed isolated: each alone in its own process" in text
+
+
+def test_an_interval_without_its_coverage_shows_n_a_and_mixed_modes_are_named(tmp_path: Path) -> None:
+    report = spec_report()
+    rows = report["latency"]  # type: ignore[assignment]
+    rows[0].update(mode="isolated", speedup_per_round=2.0, speedup_low=1.9, speedup_high=2.1)  # type: ignore[index]
+    rows[1].update(mode="in-process")  # type: ignore[index]
+    write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+    assert "2.00x (1.90–2.10, coverage n/a)" in text and "95 %" not in text.split("## Latency")[1].split("\n\n")[1]
+    assert ("timed in several modes: isolated: each alone in its own process, processes alternating (CPU batch 1); "
+            "in-process: interleaved run by run in one process (CPU batch 64)") in text

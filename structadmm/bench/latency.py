@@ -6,20 +6,28 @@ random input for every model, a warm-up, then timed runs with the garbage collec
 
 * **isolated** (``isolate=True``, the default): every model is timed alone in a fresh process, as it
   is deployed, with ORT's default thread spinning; the processes alternate model by model, round by
-  round (order reversed every round), ``processes`` rounds per batch size. A round's ratio is the
-  baseline process's median over the model process's median.
+  round (order reversed every round), ``processes`` rounds per batch size (6 by default: the fewest
+  whose [min, max] covers the median with at least 95 %), each child killed if it runs past
+  ``child_timeout``. A round's ratio is the baseline process's median over the model process's median.
 * **in-process** (``isolate=False``): one session per model in this process, warm-up and timed runs
   interleaved run by run with the order reversed every round. Cheaper, but a timed session competes
   with the idle sessions' threads (see ``spinning`` below). A round's ratio is one run against one run.
 
 Either way slow drift (thermal, frequency scaling, other load) falls on every model alike. It reports
 median, p90, min and IQR per model, the speedup of each model over the baseline as the ratio of the
-medians, and next to it the median of the per-round ratios with its 95 % confidence interval.
+medians, and next to it the median of the per-round ratios with a distribution-free interval
+(:func:`median_interval`) and that interval's coverage: the exact probability that it holds the true
+median, which depends only on the number of rounds (75 % for [min, max] of 3, 96.9 % of 6).
 
 CPU is always measured; CUDA and TensorRT when ONNX Runtime offers them (on those, inputs and
-outputs stay on the device through IOBinding so host↔device copies are not timed). A provider
-that cannot be used is listed in ``LatencyReport.skipped`` with the reason, never silently
-replaced by another.
+outputs stay on the device through IOBinding so host↔device copies are not timed, and no thread
+count is reported: ``threads`` sets only the CPU pool). A provider that cannot be used is listed in
+``LatencyReport.skipped`` with the reason, never silently replaced by another. At least one untimed
+warm-up run is required: a session's first run allocates its buffers and, under TensorRT, builds the
+engine. TensorRT builds one engine per model and batch size into an engine cache (``engine_cache``,
+one folder per batch size), in isolated mode in this process before any child is timed, so the
+children load it instead of rebuilding it; files holding QuantizeLinear/DequantizeLinear (QDQ INT8)
+get TensorRT's INT8 and FP16 flags, so they are timed as INT8 engines, not FP32 ones.
 
 Thread spinning (``spinning``): ORT's pool threads normally busy-wait for work, which makes
 handing a kernel to a worker cheap but lets the threads of a session that just finished keep
@@ -41,9 +49,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -51,8 +60,9 @@ import onnxruntime as ort
 from structadmm.errors import StructADMMError, one_line
 from structadmm.bench.runtime import warn_if_conflicting
 
-__all__ = ["LatencyEntry", "LatencyReport", "SessionSettings", "benchmark", "median_interval", "round_order",
-           "round_ratios", "time_alone", "time_interleaved"]
+__all__ = ["ENGINE_CACHE", "LatencyEntry", "LatencyReport", "MedianInterval", "SessionSettings", "benchmark",
+           "holds_qdq", "median_interval", "round_order", "round_ratios", "session_providers", "time_alone",
+           "time_interleaved"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -65,6 +75,9 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 SPINNING = ("run", "off", "on")
+#: The TensorRT engine cache's folder, beside the baseline model (in a run folder: inside it) unless named.
+ENGINE_CACHE = "trt_engines"
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -81,7 +94,7 @@ class LatencyEntry:
 
     provider: str
     batch: int
-    threads: int
+    threads: int | None  # the CPU pool's intra-op threads; None on GPU providers, where it sets nothing timed
     name: str
     median_ms: float
     p90_ms: float
@@ -90,9 +103,10 @@ class LatencyEntry:
     runs: int
     speedup: float  # baseline median / this median (1.0 for the baseline itself)
     round_speedup: float = 1.0  # median over rounds of (baseline / this model) in that round
-    round_speedup_low: float = 1.0  # 95 % confidence interval of that median
+    round_speedup_low: float = 1.0  # a distribution-free interval of that median (median_interval)
     round_speedup_high: float = 1.0
-    mode: str = "isolated"  # or "in-process"
+    mode: str = "isolated"  # one model per process; or "in-process": interleaved run by run in one process
+    ci_coverage: float | None = None  # the probability that [low, high] holds the true median (MedianInterval)
 
 
 @dataclass
@@ -118,8 +132,10 @@ class LatencyReport:
         ``efficiency = speedup / mac_ratio``; with ``byte_ratios`` (batch -> dense bytes moved /
         pruned bytes moved, :meth:`~structadmm.exporters.OnnxCost.bytes_at`) it gets ``byte_ratio``
         and ``byte_efficiency = speedup / byte_ratio``, what a memory-bound net can be judged against.
-        ``speedup_per_round`` (and its interval ``speedup_low``..``speedup_high``) is the median of
-        the per-round ratios, exact when ``dense`` is the baseline.
+        ``speedup_per_round`` (and its interval ``speedup_low``..``speedup_high``, which holds the
+        true median with probability ``ci_coverage``) is the median of the per-round ratios, exact
+        when ``dense`` is the baseline. ``mode`` is how they were timed ("isolated": one model per
+        process; "in-process": interleaved in one process); ``threads`` is None on GPU providers.
         """
         dense = dense or self.baseline
         pruned = pruned or self._only_other(dense)
@@ -141,6 +157,7 @@ class LatencyReport:
                 "speedup_per_round": p.round_speedup / d.round_speedup,
                 "speedup_low": p.round_speedup_low / d.round_speedup,
                 "speedup_high": p.round_speedup_high / d.round_speedup,
+                "ci_coverage": p.ci_coverage,
                 "mode": d.mode,
             }
             if mac_ratio:
@@ -175,7 +192,9 @@ def benchmark(
     optimization: str = "all",
     spinning: str | None = None,
     isolate: bool = True,
-    processes: int = 3,
+    processes: int = 6,
+    child_timeout: float = 600.0,
+    engine_cache: str | Path | None = None,
 ) -> LatencyReport:
     """Measure every model at every batch size on every usable provider.
 
@@ -183,15 +202,19 @@ def benchmark(
     matching) batch axis; the first model, or ``baseline``, is the reference for speedups.
     Timing stops once ``min_runs`` rounds and ``min_seconds`` have both passed, or at
     ``max_runs`` rounds; with ``isolate`` (see the module docstring) these budgets are split over
-    the ``processes`` rounds of processes, each of which also runs ``warmup`` untimed runs first.
-    ``optimization`` is ORT's graph optimisation level (one of :data:`OPTIMIZATION_LEVELS`);
-    ``spinning`` is explained in the module docstring (default: ``"on"`` isolated, ``"run"`` in-process).
+    the ``processes`` rounds of processes, each of which also runs ``warmup`` (at least 1) untimed
+    runs first and is killed after ``child_timeout`` seconds. ``optimization`` is ORT's graph
+    optimisation level (one of :data:`OPTIMIZATION_LEVELS`); ``spinning`` is explained in the module
+    docstring (default: ``"on"`` isolated, ``"run"`` in-process). ``engine_cache`` is TensorRT's engine
+    cache folder (default: :data:`ENGINE_CACHE` beside the baseline model; used only under TensorRT).
     """
     paths = {name: Path(path) for name, path in models.items()}
     settings = SessionSettings(threads, optimization, spinning or ("on" if isolate else "run"))
     baseline = _check_arguments(paths, baseline, batch_sizes, warmup, min_runs, max_runs)
     if isolate and processes < 2:
         raise StructADMMError(f"isolated timing needs at least 2 rounds of processes, got {processes}")
+    if not child_timeout > 0:
+        raise StructADMMError(f"child_timeout must be a positive number of seconds, got {child_timeout}")
     warn_if_conflicting()
     runnable, skipped = _select_providers(providers)
     from structadmm.exporters.onnx_export import load_onnx  # here, not at the top: isolated children skip torch
@@ -199,9 +222,12 @@ def benchmark(
     for path in paths.values():
         load_onnx(path)  # a clear error for a missing or corrupt file before anything is timed
     names = [baseline, *(name for name in paths if name != baseline)]
+    cache = Path(engine_cache) if engine_cache is not None else paths[baseline].parent / ENGINE_CACHE
     report = LatencyReport(baseline=baseline, skipped=skipped)
     for provider in runnable:
-        sessions, reason = _open_sessions(paths, provider, settings)
+        at_batch = {batch: _settings_at(settings, provider, cache, batch) for batch in batch_sizes}
+        opened_with = at_batch[batch_sizes[0]]
+        sessions, reason = _open_sessions(paths, provider, opened_with)
         if sessions is None:
             report.skipped.append((provider, reason))
             continue
@@ -213,13 +239,18 @@ def benchmark(
             budget = dict(min_runs=math.ceil(min_runs / processes), min_seconds=min_seconds / processes,
                           max_runs=max(1, max_runs // processes))
             for batch in batch_sizes:
-                per_process = _time_isolated(paths, names, provider, batch, settings, warmup, processes,
-                                             seed, budget)
+                if provider == TENSORRT:
+                    _build_engines(paths, names, spec, batch, seed, at_batch[batch])
+                per_process = _time_isolated(paths, names, provider, batch, at_batch[batch], warmup, processes,
+                                             seed, budget, child_timeout)
                 times = {name: [t for run in per_process[name] for t in run] for name in names}
                 rounds = {name: [float(np.median(run)) for run in per_process[name]] for name in names}
                 report.entries.extend(_entries(provider, batch, threads, times, rounds, baseline, "isolated"))
             continue
         for batch in batch_sizes:
+            if at_batch[batch] != opened_with:  # TensorRT: each batch size its own engines and cache folder
+                opened_with = at_batch[batch]
+                sessions = _open_sessions_or_fail(paths, provider, opened_with)
             arrays = random_inputs(spec, batch, seed)
             runners = {name: make_runner(sessions[name], arrays, provider) for name in names}
             for i in range(warmup):  # warmed up in the same alternating order as they are timed
@@ -246,6 +277,7 @@ def time_alone(
 ) -> list[float]:
     """Seconds of every timed run of one model alone in this process (what an isolated child runs)."""
     path = Path(path)
+    _check_warmup(warmup)
     session, reason = _open_session(path, provider, settings or SessionSettings(spinning="on"))
     if session is None:
         raise StructADMMError(reason)
@@ -255,18 +287,36 @@ def time_alone(
     return time_interleaved({"model": run}, min_runs=min_runs, min_seconds=min_seconds, max_runs=max_runs)["model"]
 
 
+def _settings_at(settings: "SessionSettings", provider: str, cache: Path, batch: int) -> "SessionSettings":
+    """The settings of ``provider``'s sessions at ``batch``: under TensorRT with its engine cache folder
+    (one per batch size, so every engine is built for the batch it is timed at)."""
+    if provider != TENSORRT:
+        return settings
+    return replace(settings, engine_cache=str(cache / f"batch{batch}"))
+
+
+def _build_engines(paths: Mapping[str, Path], names: Sequence[str], spec: InputSpec, batch: int, seed: int,
+                   settings: "SessionSettings") -> None:
+    """One untimed run of every model at ``batch`` in this process: TensorRT builds each engine and
+    writes it into the settings' cache, which the isolated children then load instead of rebuilding."""
+    Path(str(settings.engine_cache)).mkdir(parents=True, exist_ok=True)
+    sessions = _open_sessions_or_fail(paths, TENSORRT, settings)
+    arrays = random_inputs(spec, batch, seed)
+    for name in names:
+        make_runner(sessions[name], arrays, TENSORRT)()
+
+
 def _time_isolated(
     paths: Mapping[str, Path], names: Sequence[str], provider: str, batch: int, settings: "SessionSettings",
-    warmup: int, processes: int, seed: int, budget: Mapping[str, float],
+    warmup: int, processes: int, seed: int, budget: Mapping[str, float], timeout: float,
 ) -> dict[str, list[list[float]]]:
     """Every model alone in a fresh process, the processes alternating; seconds per process per model."""
     per_process: dict[str, list[list[float]]] = {name: [] for name in names}
     for index in range(processes):
         for name in round_order(names, index):
-            job = dict(path=str(paths[name]), provider=provider, batch=batch, threads=settings.threads,
-                       optimization=settings.optimization, spinning=settings.spinning, warmup=warmup,
-                       seed=seed, **budget)
-            per_process[name].append(_run_child(job))
+            job = dict(path=str(paths[name]), provider=provider, batch=batch, settings=asdict(settings),
+                       warmup=warmup, seed=seed, **budget)
+            per_process[name].append(_run_child(job, timeout))
     return per_process
 
 
@@ -282,15 +332,23 @@ for name, folder in (("structadmm", root), ("structadmm.bench", root + "/bench")
     sys.modules[name] = module
 from structadmm.bench.latency import SessionSettings, time_alone
 job = json.loads(sys.argv[2])
-settings = SessionSettings(job.pop("threads"), job.pop("optimization"), job.pop("spinning"))
+settings = SessionSettings(**job.pop("settings"))
 print(json.dumps(time_alone(job.pop("path"), settings=settings, **job)))
 """
 
 
-def _run_child(job: Mapping[str, object]) -> list[float]:
-    """:func:`time_alone` in a fresh Python process; its run times, or its error as a StructADMMError."""
+def _run_child(job: Mapping[str, object], timeout: float) -> list[float]:
+    """:func:`time_alone` in a fresh Python process; its run times, or its error (or its running past
+    ``timeout`` seconds, when it is killed) as a one-line StructADMMError."""
     package = str(Path(__file__).resolve().parents[1])  # the structadmm this process imported
-    done = subprocess.run([sys.executable, "-c", _CHILD, package, json.dumps(job)], capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, package, json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed and reaped the child
+        raise StructADMMError(
+            f"timing {job['path']} in its own process ({job['provider']}, batch {job['batch']}) did not finish "
+            f"within {timeout:g} s and was killed; if the model is only slow, raise child_timeout"
+        ) from None
     if done.returncode != 0:
         lines = [line for line in (done.stderr or "").splitlines() if line.strip()] or ["no output"]
         message = lines[-1].removeprefix("structadmm.errors.StructADMMError: ")
@@ -345,26 +403,38 @@ def round_ratios(baseline: Sequence[float], other: Sequence[float]) -> np.ndarra
     return np.asarray(baseline, dtype=float) / np.asarray(other, dtype=float)
 
 
-def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval of the median: order statistics k and n-k+1.
+class MedianInterval(NamedTuple):
+    """Order statistics k and n-k+1 of n values, and the interval's coverage: the exact probability
+    1 - 2 P(B <= k-1), B ~ Binomial(n, 1/2), that such an interval holds the true median of the
+    distribution the values came from (continuous; with ties it holds it at least that often).
+    The coverage depends on n alone: [min, max] of 3 values has 75 %, of 6 values 96.9 %."""
 
-    k is the largest rank for which the interval still covers the median with probability
-    ``confidence`` (binomial with p = 1/2); with too few values it is [min, max].
+    low: float
+    high: float
+    coverage: float
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> MedianInterval:
+    """A distribution-free confidence interval of the median, and the coverage it actually reaches.
+
+    k is the largest rank whose interval [x_(k), x_(n-k+1)] still covers the median with probability
+    at least ``confidence``; with too few values for that (fewer than 6 at 95 %) it is [min, max],
+    whose ``coverage`` is then below ``confidence``: report the coverage, not the level asked for.
     """
     x = np.sort(np.asarray(values, dtype=float))
     n = len(x)
     if n == 0:
         raise StructADMMError("no values to take a median of")
-    # exact integers: P(Binomial(n, 1/2) <= j) = sum of comb(n, i) for i <= j, over 2**n
-    limit = Fraction((1.0 - confidence) / 2).limit_denominator(10**6) * 2**n
-    k, below, term = 1, 0, 1  # below: 2**n P(B <= k - 1); term: comb(n, k - 1)
-    while k + 1 <= (n + 1) // 2:
-        below += term
-        term = term * (n - k + 1) // k  # comb(n, k)
-        if below + term > limit:
-            break
+    if not 0 < confidence < 1:
+        raise StructADMMError(f"confidence must be between 0 and 1, got {confidence}")
+    # exact integers: 2**n P(B <= j) = sum of comb(n, i) for i <= j
+    limit = (1 - Fraction(confidence).limit_denominator(10**6)) / 2 * 2**n
+    k, tail, term = 1, 1, n  # tail: 2**n P(B <= k - 1); term: comb(n, k)
+    while 2 * (k + 1) <= n + 1 and tail + term <= limit:  # rank k + 1 keeps the coverage: take it
+        tail += term
+        term = term * (n - k) // (k + 1)
         k += 1
-    return float(x[k - 1]), float(x[n - k])
+    return MedianInterval(float(x[k - 1]), float(x[n - k]), float(Fraction(2**n - 2 * tail, 2**n)))
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -385,11 +455,16 @@ def _check_arguments(
         raise StructADMMError(f"baseline {baseline!r} is not one of the models {list(paths)}")
     if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
         raise StructADMMError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if warmup < 0:
-        raise StructADMMError(f"warmup must be >= 0 runs, got {warmup}")
+    _check_warmup(warmup)
     if not 1 <= min_runs <= max_runs:
         raise StructADMMError(f"need 1 <= min_runs <= max_runs, got {min_runs} and {max_runs}")
     return baseline if baseline is not None else next(iter(paths))
+
+
+def _check_warmup(warmup: int) -> None:
+    if warmup < 1:
+        raise StructADMMError(f"warmup must be at least 1 untimed run (a session's first run allocates its buffers "
+                              f"and, under TensorRT, builds the engine; it must not be timed), got {warmup}")
 
 
 def _select_providers(requested: Sequence[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
@@ -414,7 +489,8 @@ def _open_sessions(
 ) -> tuple[dict[str, ort.InferenceSession] | None, str]:
     """Sessions for every model on ``provider``, or (None, reason) when the provider is unusable.
 
-    One session per model serves every batch size: the inputs have a dynamic batch axis.
+    One session per model serves every batch size (the inputs have a dynamic batch axis), except
+    under TensorRT, whose settings name one engine cache folder per batch size.
     """
     sessions = {}
     for name, path in paths.items():
@@ -425,9 +501,22 @@ def _open_sessions(
     return sessions, ""
 
 
+def _open_sessions_or_fail(
+    paths: Mapping[str, Path], provider: str, settings: "SessionSettings"
+) -> dict[str, ort.InferenceSession]:
+    """:func:`_open_sessions` where the provider has already worked for these files: a failure is an error."""
+    sessions, reason = _open_sessions(paths, provider, settings)
+    if sessions is None:
+        raise StructADMMError(f"{provider} worked for the first batch size but not now: {reason}")
+    return sessions
+
+
 def _open_session(path: Path, provider: str, settings: "SessionSettings") -> tuple[ort.InferenceSession | None, str]:
+    if provider == TENSORRT and settings.engine_cache:
+        Path(settings.engine_cache).mkdir(parents=True, exist_ok=True)
     try:
-        session = ort.InferenceSession(str(path), settings.options(), providers=_provider_chain(provider))
+        session = ort.InferenceSession(str(path), settings.options(),
+                                       providers=session_providers(path, provider, settings))
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         if provider != CPU:
             return None, f"cannot create a session for {path}: {one_line(exc)}"
@@ -446,6 +535,7 @@ class SessionSettings:
     threads: int = 2
     optimization: str = "all"
     spinning: str = "run"
+    engine_cache: str | None = None  # TensorRT only: the engine cache folder (None: every session builds its own)
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -471,10 +561,28 @@ class SessionSettings:
         return options
 
 
-def _provider_chain(provider: str) -> list[str]:
-    """``provider`` first; CPU (and CUDA under TensorRT) only for ops it cannot run."""
-    chain = {CPU: [CPU], CUDA: [CUDA, CPU], TENSORRT: [TENSORRT, CUDA, CPU]}.get(provider)
-    return chain if chain is not None else [provider, CPU]
+def session_providers(path: str | Path, provider: str, settings: SessionSettings) -> list[str | tuple[str, dict]]:
+    """The ``providers`` argument of ``path``'s session: ``provider`` first, CPU (and CUDA under
+    TensorRT) only for ops it cannot run. TensorRT gets its engine cache (when the settings name
+    one) and, for a QDQ file (:func:`holds_qdq`), its INT8 and FP16 flags: without them TensorRT
+    runs the quantized graph as an FP32 engine. FP32 files stay FP32 engines."""
+    if provider == TENSORRT:
+        int8 = holds_qdq(path)
+        options: dict[str, object] = {"trt_int8_enable": int8, "trt_fp16_enable": int8,
+                                      "trt_engine_cache_enable": settings.engine_cache is not None}
+        if settings.engine_cache is not None:
+            options["trt_engine_cache_path"] = settings.engine_cache
+        return [(TENSORRT, options), CUDA, CPU]
+    chain = {CPU: [CPU], CUDA: [CUDA, CPU]}.get(provider)
+    return list(chain) if chain is not None else [provider, CPU]
+
+
+def holds_qdq(path: str | Path) -> bool:
+    """Whether the ONNX file holds QuantizeLinear / DequantizeLinear nodes (a QDQ INT8 model)."""
+    import onnx  # here: an isolated child imports it only when it times TensorRT
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type in _QDQ_OPS for node in graph.node)
 
 
 def _common_input_spec(
@@ -565,13 +673,13 @@ def _entries(
     entries = []
     for name, ms in stats.items():
         ratios = round_ratios(rounds[baseline], rounds[name])
-        low, high = median_interval(ratios)
+        interval = median_interval(ratios)
         q25, median, q75, p90 = (float(v) for v in np.percentile(ms, [25, 50, 75, 90]))
         entries.append(
             LatencyEntry(
                 provider=provider,
                 batch=batch,
-                threads=threads,
+                threads=threads if provider == CPU else None,
                 name=name,
                 median_ms=median,
                 p90_ms=p90,
@@ -580,9 +688,10 @@ def _entries(
                 runs=len(ms),
                 speedup=1.0 if name == baseline else reference / median,
                 round_speedup=float(np.median(ratios)),
-                round_speedup_low=low,
-                round_speedup_high=high,
+                round_speedup_low=interval.low,
+                round_speedup_high=interval.high,
                 mode=mode,
+                ci_coverage=interval.coverage,
             )
         )
     return entries
