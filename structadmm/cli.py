@@ -232,7 +232,7 @@ def bench(
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     min_seconds: float = typer.Option(3.0, "--min-seconds", help="Minimum timing time per batch size."),
     min_runs: int = typer.Option(30, "--min-runs", help="Minimum timed runs per model and batch size."),
-    warmup: int = typer.Option(10, "--warmup", help="Untimed runs per model before timing."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed runs per model before timing (at least 1)."),
     provider: Optional[list[str]] = typer.Option(
         None, "--provider", "-p",
         help="Execution provider (repeatable), e.g. CPUExecutionProvider; default: CPU, CUDA and TensorRT where usable."),
@@ -243,7 +243,7 @@ def bench(
     isolate: bool = typer.Option(True, "--isolate/--in-process", help=(
         "Time each model alone in its own process, dense and pruned processes alternating (the default), "
         "or both in this process, run by run.")),
-    processes: int = typer.Option(3, "--processes", help="With --isolate: rounds of processes per batch size."),
+    processes: int = typer.Option(6, "--processes", help="With --isolate: rounds of processes per batch size."),
     debug: bool = DebugOpt,
 ) -> None:
     """Benchmark two ONNX files with ONNX Runtime and print the speedup (see `structadmm doctor` for the ORT build)."""
@@ -257,14 +257,15 @@ def bench(
     mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
     byte_ratios = {b: dense_cost.bytes_at(b) / max(pruned_cost.bytes_at(b), 1) for b in batch}
     table = Table(title=f"{dense.name} vs {pruned.name}: {mac_ratio:.2f}x fewer MACs")
-    for col in ("provider", "batch", "dense ms", "pruned ms", "speedup", "efficiency", "per round (95% CI)",
+    for col in ("provider", "batch", "dense ms", "pruned ms", "speedup", "efficiency", "per round (interval, coverage)",
                 "byte ratio (eff)"):
         table.add_column(col, justify="right")
     for row in report.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios):
         table.add_row(str(row["provider"]).replace("ExecutionProvider", ""), str(row["batch"]),
                       f"{row['dense_ms']:.3f}", f"{row['pruned_ms']:.3f}", f"{row['speedup']:.2f}x",
                       f"{row['efficiency']:.2f}",
-                      f"{row['speedup_per_round']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})",
+                      f"{row['speedup_per_round']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f}, "
+                      + (f"{100 * row['ci_coverage']:.1f} %)" if row.get("ci_coverage") is not None else "coverage n/a)"),
                       f"{row['byte_ratio']:.2f}x ({row['byte_efficiency']:.2f})")
     out.print(table)
     for provider, reason in report.skipped:
