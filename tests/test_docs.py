@@ -17,8 +17,9 @@ The pages are README.md and every Markdown page under docs/ (the site's sources,
 
 A block that appears on several pages (README's library flow is also in the guide) runs once.
 A block whose info string carries ``slow`` (````` ```python slow `````) runs in the slow suite only.
-Also here: every local link and anchor on these pages resolves, the settings table names every key of
-``CompressConfig`` with its default, and the API reference names every public name.
+Also here: every local link and anchor on these pages resolves, every page is in the site's nav, the
+settings table names every key of ``CompressConfig`` with its default, the API reference names every
+public name, and the layout page names every module.
 """
 
 from __future__ import annotations
@@ -340,6 +341,15 @@ def test_api_reference_shows_every_public_name() -> None:
     extra = [s for s in shown if not any(s is obj for obj in public.values())]
     assert not extra, f"api.md shows names that are not public: {extra}"
 
+
+
+def test_layout_page_names_every_module() -> None:
+    """docs/reference/layout.md's tree names every module of the package, so a new module gets a line."""
+    text = (DOCS_DIR / "reference" / "layout.md").read_text()
+    tree = re.search(r"^```text\n(.*?)^```", text, re.M | re.S).group(1)
+    missing = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "structadmm").rglob("*.py"))
+               if p.name != "__init__.py" and not re.search(rf"(?<![\w.]){re.escape(p.name)}", tree)]
+    assert not missing, f"docs/reference/layout.md does not name {missing}"
 
 # --- links ------------------------------------------------------------------------------------
 
