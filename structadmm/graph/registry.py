@@ -193,10 +193,17 @@ class Walk:
         self.root = model
         self.modules = dict(model.named_modules())
         self.params: dict[str, Param] = {}
+        # a tensor shared by several modules (tied weights) has several names: the graph calls it by
+        # the one the model lists first, which is the name every other lookup (masks, plans) uses
+        first_name: dict[int, str] = {}
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            first_name.setdefault(id(tensor), name)
         for spec in program.graph_signature.input_specs:
             if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER"):
-                owner, _, tensor = spec.target.rpartition(".")
-                self.params[spec.arg.name] = Param(owner, tensor)
+                owner, _, attr = spec.target.rpartition(".")
+                tensor = getattr(self.modules.get(owner), attr, None)
+                owner, _, attr = first_name.get(id(tensor), spec.target).rpartition(".")
+                self.params[spec.arg.name] = Param(owner, attr)
         self.atoms = UnionFind()  # entries that are one channel
         self.groups = UnionFind()  # entries pruned by one plan unit
         self.frozen: dict[int, str] = {}  # entry -> reason (resolved to groups at the end)
@@ -378,15 +385,21 @@ class Walk:
             self.sized_entries.setdefault(e, what)
 
     def slice(self, p: Param, axis: int, entries: np.ndarray, role: str, groups: int = 1, weight: bool = False) -> None:
-        """Record that ``axis`` of parameter ``p`` follows ``entries``; a parameter used again
-        (shared weights) ties the new entries to the first use's instead."""
+        """Record that ``axis`` of parameter ``p`` follows ``entries``. A parameter used again the
+        same way (one layer called twice) ties the new entries to the first use's; one used along
+        the same axis in another role (an embedding tied to the output layer) freezes both."""
         entries = np.asarray(entries).ravel()
         for s in self.slices:
-            if (s.module, s.tensor, s.axis, s.role) == (p.module, p.tensor, axis, role):
-                if len(s.entries) == len(entries):
-                    self.tie(s.entries, entries)
-                    return
-                raise StructADMMError(f"'{s.name}' is used with two different channel layouts")
+            if (s.module, s.tensor, s.axis) != (p.module, p.tensor, axis):
+                continue
+            if s.role == role and len(s.entries) == len(entries):
+                self.tie(s.entries, entries)
+                return
+            reason = f"'{s.name}' is shared by layers that use it differently (tied weights)"
+            self.notes.append(f"{reason}: its channels are not pruned")
+            for e in np.unique(np.concatenate([s.entries, entries])).tolist():  # every group either touches
+                self.frozen.setdefault(e, reason)
+            break
         self.slices.append(Slice(p.module, p.tensor, axis, entries, role, groups, weight))
 
     # -- the walk --------------------------------------------------------------------------

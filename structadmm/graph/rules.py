@@ -41,7 +41,16 @@ ELEMENTWISE = (aten.relu, aten.relu_, aten.relu6, aten.gelu, aten.gelu_, aten.si
 def elementwise(w: Walk, node: Node) -> Chan | None:
     if node.target.overloadpacket is aten.pow and isinstance(node.args[1], Node):
         return binary(w, node)
-    return w.chan(node.args[0])
+    chan = w.chan(node.args[0])
+    # tensor operands besides the input (clamp's bounds): per-channel ones follow the channels
+    others = [a for a in [*node.args[1:], *node.kwargs.values()] if isinstance(a, Node)]
+    rank = len(w.shape(node) or ())
+    for arg in others:
+        if chan is None:
+            w.value(arg)
+        elif not w.align(arg, chan, rank):
+            return w.unsupported(node, f"'{node.target.overloadpacket.__name__}' with per-channel values it cannot follow")
+    return chan
 
 
 # -- element-wise binary ops: tie the operands position by position --------------------------
@@ -209,6 +218,9 @@ def group_norm(w: Walk, node: Node) -> Chan | None:
         return w.unsupported(node, "group norm on a tensor whose axis 1 is not channels")
     if num_groups == 1:
         return w.mixing(node, chan, "group norm with one group (normalises over all channels)")
+    if w.param(a.get("weight")) is None and w.param(a.get("bias")) is None:
+        # its group count lives only in the module, where no cut of a tensor reaches it
+        return w.mixing(node, chan, "group norm without affine parameters")
     # statistics are per normalisation group: a channel group is removed whole or kept whole
     for block in np.split(chan.entries, num_groups):
         w.tie(block[:1].repeat(len(block)), block)
