@@ -3,6 +3,8 @@
 A model reference is one of
 
 * a zoo name (``resnet20``; see ``structadmm models``),
+* a library's own name: ``timm:NAME``, ``torchvision:NAME``, ``hf:FOLDER_OR_TYPE`` or
+  ``ultralytics:CONFIG.yaml`` (see :mod:`.libraries`),
 * ``module:function`` or ``path/to/file.py:function``: the module is imported and the function
   called with no arguments; it returns an ``nn.Module`` or ``(module, input_shape)`` with the
   shape of one sample (no batch dimension). **This runs the user's code**, with the current
@@ -38,6 +40,7 @@ from torch import nn
 
 from ..errors import StructADMMError, one_line
 from .lifting import lift
+from .libraries import input_shape_of, is_library_ref, load_from_library
 from .loaded import LoadedModel
 from .registry import get_spec
 
@@ -58,6 +61,8 @@ def load_model(ref: str, *, checkpoint: str | Path | None = None,
         loaded = load_onnx_model(ref, input_shape=input_shape)
     elif ref.lower().endswith(".pt2"):
         loaded = _load_exported(Path(ref))
+    elif is_library_ref(ref):
+        loaded = load_from_library(ref)
     elif ":" in ref and not Path(ref).exists():
         loaded = _load_from_function(ref)
     else:
@@ -126,7 +131,7 @@ def _load_from_function(ref: str) -> LoadedModel:
             f"{ref} returned {_describe(result)}, not an nn.Module; return the model, "
             "or (model, input_shape) such as (net, (3, 32, 32))"
         )
-    return LoadedModel(result, name, input_shape, None)
+    return LoadedModel(result, name, input_shape or input_shape_of(result), None)
 
 
 def _as_shape(value: Any, ref: str) -> tuple[int, ...]:
