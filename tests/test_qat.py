@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import structadmm as sa
 from structadmm.exporters import quantize as quantize_module
-from structadmm.exporters.quantize import (PRUNED_INT8, QAT_FP32, quantize_onnx, quantize_run, reduced_range_for)
+from structadmm.exporters.quantize import PRUNED_INT8, QAT_FP32, int8_data, quantize_onnx, quantize_run
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig
 from structadmm.pipeline.qat import fake_quantize, qat_retrain
@@ -91,17 +91,6 @@ def test_qat_keeps_zeros_and_leaves_the_callers_model_alone(digits) -> None:
     assert not any(parametrize.is_parametrized(m) or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("machine, flags, expected", [
-    ("x86_64", {"avx2", "fma"}, True),
-    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
-    ("x86_64", {"avx2", "avx_vnni"}, False),
-    ("x86_64", None, False),
-    ("aarch64", {"asimddp"}, False),
-])
-def test_reduced_range_only_where_int8_kernels_saturate(machine: str, flags, expected: bool) -> None:
-    assert reduced_range_for(machine, flags) is expected
-
-
 def _trained_folder(digits, tmp_path: Path) -> tuple[Path, nn.Module]:
     from structadmm.pipeline.train import train_epochs
 
@@ -145,7 +134,8 @@ def test_quantize_run_falls_back_to_qat_when_ptq_fails(digits, tmp_path: Path, m
         sa.export_onnx(qat_retrain(small, train, 1, lr=0.001), train.tensors[0][:8], path)
 
     config = CompressConfig(quantize="int8", calibration_batches=2, bench_threads=1, qat_epochs=1)
-    run = quantize_run(folder, config, DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), retrain)
+    data = int8_data(DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), holdout=0.1)
+    run = quantize_run(folder, config, data, retrain)
     assert written == [folder / QAT_FP32] and calls[:3] == ["pruned.onnx", "dense.onnx", QAT_FP32]
     assert run.accuracy["pruned FP32"] > 0.8  # a trained model, so the broken INT8 file has something to lose
     assert run.post_training["gate"]["ok"] is False and run.post_training["accuracy"] < 0.5
@@ -162,7 +152,8 @@ def test_quantize_run_leaves_qat_alone_when_ptq_passes(digits, tmp_path: Path) -
         raise AssertionError("QAT must not run when post-training INT8 passes")
 
     config = CompressConfig(quantize="int8", calibration_batches=2, bench_threads=1, qat_epochs=1)
-    run = quantize_run(folder, config, DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), retrain)
+    data = int8_data(DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), holdout=0.1)
+    run = quantize_run(folder, config, data, retrain)
     assert run.gate.ok and run.post_training is None and not (folder / QAT_FP32).exists()
 
 
