@@ -7,6 +7,8 @@ every scale and zero point comes from ``onnxruntime.quantization``.
   weights, activations calibrated on the batches given, with MinMax, Entropy or Percentile)
   or dynamic quantization (weights only, activations ranged at run time: for Linear-heavy
   models). Named nodes can be left in FP32.
+* :func:`qdq_steps`: where the QDQ file rounds (every quantized activation and int8 weight), read
+  from what ORT writes: what quantization-aware retraining mirrors.
 * :func:`layer_sensitivity`: each quantizable layer quantized on its own (reusing one
   calibration), scored by how far the model's output moves from FP32: the list to choose
   exclusions from.
@@ -45,8 +47,9 @@ from structadmm.files import write_atomic
 from structadmm.exporters.onnx_export import load_onnx
 
 __all__ = ["CALIBRATION_METHODS", "GATE_SPLITS", "Int8Data", "Int8Gate", "LayerSensitivity", "QuantizeResult",
-           "QuantizedRun", "calibration_batches", "check_int8", "int8_data", "layer_sensitivity",
-           "needs_reduced_range", "quantize_onnx", "quantize_run", "slower_than_fp32"]
+           "QuantizedRun", "QdqActivation", "QdqSteps", "QdqWeight", "calibration_batches", "check_int8", "int8_data",
+           "layer_sensitivity", "needs_reduced_range", "qdq_steps", "quantize_onnx", "quantize_run",
+           "slower_than_fp32"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MODES = ("auto", "static", "dynamic")
@@ -306,6 +309,121 @@ def _preprocessed(model: Path, tmp: Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - shape inference fails in many ways on odd graphs
         raise StructADMMError(f"{model}: ONNX Runtime's quantization pre-processing failed: {one_line(exc)}") from exc
     return out
+
+
+# --- where the QDQ model rounds ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QdqActivation:
+    """An activation tensor that ORT's QDQ model quantizes (uint8, one scale per tensor)."""
+
+    tensor: str  # its name in the FP32 model
+    value: np.ndarray  # its FP32 value on the inputs given
+    scale: float
+    zero_point: int
+    shared: str  # the name of its scale: tensors with the same one share one range (MaxPool, Flatten, ...)
+
+
+@dataclass(frozen=True)
+class QdqWeight:
+    """A matrix node's weight that ORT's QDQ model stores in int8 (symmetric)."""
+
+    node: str  # the Conv, ConvTranspose, Gemm or MatMul node
+    value: np.ndarray  # its FP32 weight in torch's layout (Gemm/MatMul weights as [out, in], like nn.Linear)
+    axis: int | None  # the axis of its per-channel scales in that layout (None: one scale for the tensor)
+
+
+@dataclass(frozen=True)
+class QdqSteps:
+    """Where ORT's static QDQ quantization rounds one model (see :func:`qdq_steps`)."""
+
+    activations: list[QdqActivation]
+    weights: list[QdqWeight]
+    other: list[str]  # other int8 initializers (LayerNorm scales, Gather tables, ...): names in the INT8 file
+
+
+def qdq_steps(model: str | Path, inputs: Any, *, per_channel: bool = True, reduce_range: bool = False,
+              exclude: Sequence[str] = ()) -> QdqSteps:
+    """Where :func:`quantize_onnx` (static, with these settings) rounds the FP32 ONNX file ``model``,
+    read from the QDQ file ONNX Runtime writes: every activation tensor it quantizes, with its FP32
+    value on ``inputs`` (an array of model inputs, which also calibrate it: where ORT rounds does not
+    depend on the data) and its scale, and every matrix weight it stores in int8.
+
+    ORT quantizes nearly every activation of a QDQ model, not only the inputs of its Conv and Gemm
+    nodes: their outputs too, after the Relu/Clip it folds into them, pooling and reshaping outputs
+    (sharing their input's scale), residual additions, and the model's output itself.
+    """
+    from onnx import numpy_helper
+
+    x = np.asarray(inputs.detach().cpu() if isinstance(inputs, torch.Tensor) else inputs, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="structadmm-steps-") as tmp:
+        tmp = Path(tmp)
+        source = _preprocessed(Path(model), tmp)
+        quantize_onnx(source, tmp / "int8.onnx", x, mode="static", batches=1, batch_size=len(x),
+                      per_channel=per_channel, reduce_range=reduce_range, exclude=exclude, preprocess=False)
+        fp32, int8 = onnx.load(source), load_onnx(tmp / "int8.onnx")
+        inits = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+        fp32_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+        tensors = {o for n in fp32.graph.node for o in n.output} | set(_graph_inputs(fp32.graph))
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in int8.graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        found: dict[str, tuple[float, int, str]] = {}
+        for q in int8.graph.node:
+            if q.op_type != "QuantizeLinear" or q.input[0] in inits:
+                continue
+            name = q.input[0]
+            if name not in tensors:  # a graph output renamed for its Q: the DequantizeLinear after it gives it back
+                name = next((dq.output[0] for dq in readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"),
+                            name)
+            if name in tensors:
+                zero_point = int(inits[q.input[2]]) if len(q.input) > 2 and q.input[2] else 0
+                found[name] = (float(inits[q.input[1]]), zero_point, q.input[1])
+        values = _intermediate_values(fp32, source, list(found), x, tmp)
+    activations = [QdqActivation(name, values[name], *found[name]) for name in found]
+    produced_by = {o: n for n in int8.graph.node for o in n.output}
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    weights, matrix_weights = [], set()
+    for node in int8.graph.node:
+        if node.op_type not in _MATRIX_OPS or len(node.input) < 2 or node.name not in fp32_nodes:
+            continue
+        dq = produced_by.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or inits.get(dq.input[0], np.zeros(0)).dtype != np.int8:
+            continue
+        original = fp32_nodes[node.name].input[1]
+        if original not in fp32_inits:
+            continue
+        matrix_weights.add(dq.input[0])
+        value = fp32_inits[original]
+        channelwise = inits[dq.input[1]].ndim == 1
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if channelwise else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0)):
+            value, axis = value.T, (None if axis is None else 1 - axis)  # [in, out] -> [out, in]
+        weights.append(QdqWeight(node.name, np.ascontiguousarray(value), axis))
+    other = [dq.input[0] for dq in int8.graph.node if dq.op_type == "DequantizeLinear" and dq.input[0] in inits
+             and inits[dq.input[0]].dtype == np.int8 and dq.input[0] not in matrix_weights]
+    return QdqSteps(activations, weights, other)
+
+
+def _intermediate_values(proto: onnx.ModelProto, source: Path, names: list[str], x: np.ndarray,
+                         tmp: Path) -> dict[str, np.ndarray]:
+    """The FP32 values of the tensors ``names`` of the model ``proto`` (saved at ``source``) on ``x``."""
+    import onnxruntime as ort
+
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in names if name not in known)
+    path = tmp / "probed.onnx"
+    onnx.save(proto, path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor kept as named
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+    return dict(zip(wanted, session.run(wanted, {session.get_inputs()[0].name: x})))
 
 
 # --- per-layer sensitivity ----------------------------------------------------------------
