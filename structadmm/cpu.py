@@ -76,7 +76,8 @@ def reduced_range_for(target: str = "auto", machine: str | None = None,
 
     ``auto`` decides for the CPU given by ``machine`` (``platform.machine()``) and ``flags`` (None:
     unknown), by default this one: x86 with an int8 dot product gets the full range, x86 without
-    one *or whose flags cannot be read* (Windows, macOS, sandboxes) 7 bits, other CPUs the full range.
+    one *or whose flags cannot be read* (Windows, macOS, sandboxes) 7 bits, as does a CPU whose
+    architecture cannot be read; other CPUs the full range.
     """
     if target not in INT8_TARGETS:
         raise StructADMMError(f"unknown INT8 target CPU {target!r}; one of {', '.join(INT8_TARGETS)}")
@@ -85,8 +86,10 @@ def reduced_range_for(target: str = "auto", machine: str | None = None,
         return seven, f"made for {target}: {'7-bit' if seven else 'full-range'} weights"
     machine = platform.machine() if machine is None else machine
     flags = cpu_flags() if flags is _READ else flags
+    if not machine:
+        return True, "this CPU's architecture cannot be read: 7-bit weights, safe on every CPU"
     if machine.lower() not in X86_MACHINES:
-        return False, f"this CPU ({machine or 'unknown'}) has no int8 pair saturation: full-range weights"
+        return False, f"this CPU ({machine}) has no int8 pair saturation: full-range weights"
     if flags is None:
         return True, "this x86 CPU's flags cannot be read, so VNNI is not known: 7-bit weights"
     dot = sorted(flags & INT8_DOT_PRODUCT)

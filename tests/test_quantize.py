@@ -243,6 +243,30 @@ def test_without_validation_data_the_gate_scores_on_samples_calibration_never_re
     assert validated.gate_data == {"split": "validation", "samples": len(digits[1]), "holdout": None}
 
 
+def test_qat_without_validation_data_never_trains_on_the_gates_samples(folder: Path, digits, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """QAT (when post-training INT8 fails) trains on what calibration reads, with the weight range
+    the target CPU needs; the held-out samples the gate scores on stay unseen by both."""
+    _break_every_int8(monkeypatch)
+    seen = {}
+
+    def qat(run, small, inputs):
+        seen.update(train=run.train, reduce_range=run.config.quantize_reduce_range)
+        return lambda path: shutil.copy(run.out / "pruned.onnx", path)
+
+    monkeypatch.setattr(stages, "_qat", qat)
+    x, y = digits[0].tensors
+    train = TensorDataset(x, y, torch.arange(len(x)))  # each sample carries its index
+    run = _quantize_stage(folder, tmp_path, train, None, qat_epochs=1)
+    assert run.post_training is not None  # QAT ran
+    qat_read = {int(i) for batch in seen["train"] for i in batch[2]}
+    assert len(qat_read) == len(train) - round(0.1 * len(train))  # int8_holdout's default: 0.1
+    held_out = quantize_module.int8_data(train, None, holdout=0.1).gate
+    assert run.gate_data == {"split": "training holdout", "samples": len(held_out), "holdout": 0.1}
+    assert not qat_read & {int(held_out[i][2]) for i in range(len(held_out))}
+    assert seen["reduce_range"] is run.pruned.reduce_range  # QAT's weight range is the INT8 file's
+
+
 def test_quantize_runs_where_onnxruntime_has_no_calibration_cache(folder: Path, digits, tmp_path: Path,
                                                                   monkeypatch) -> None:
     """ONNX Runtime before 1.27 has no ``calibration_cache_path``: the same results, calibrated each time."""
@@ -306,6 +330,7 @@ def test_an_x86_cpu_whose_flags_cannot_be_read_gets_7_bit_weights(folder: Path, 
     ("AMD64", None, True),
     ("aarch64", {"asimddp"}, False),
     ("arm64", None, False),
+    ("", None, True),  # not even the architecture is known
 ])
 def test_auto_reduced_range_where_int8_kernels_saturate_or_may(machine: str, flags, expected: bool) -> None:
     from structadmm.cpu import reduced_range_for
