@@ -23,8 +23,8 @@ every scale and zero point comes from ``onnxruntime.quantization``.
 
 from __future__ import annotations
 
-import logging
 import inspect
+import logging
 import math
 import os
 import tempfile
