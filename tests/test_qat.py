@@ -1,6 +1,7 @@
-"""Quantization-aware retraining: the torch fake-quantization grid is ONNX Runtime's INT8 grid,
-zeros stay zero, the caller's model is untouched, and the pipeline falls back to QAT only when
-post-training INT8 fails its gate."""
+"""Quantization-aware retraining: the torch fake-quantization grid is ONNX Runtime's INT8 grid for
+the weights as they are now, activations are rounded where ORT's QDQ file rounds them (outputs
+included), zeros stay zero, the caller's model is untouched, and the pipeline falls back to QAT
+only when post-training INT8 fails its gate."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import structadmm as sa
 from structadmm.exporters import quantize as quantize_module
-from structadmm.exporters.quantize import (PRUNED_INT8, QAT_FP32, quantize_onnx, quantize_run, reduced_range_for)
+from structadmm.exporters.quantize import PRUNED_INT8, QAT_FP32, int8_data, quantize_onnx, quantize_run
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig
 from structadmm.pipeline.qat import fake_quantize, qat_retrain
@@ -50,21 +51,98 @@ def _ort_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("reduce_range", [False, True])
-def test_fake_quantized_weights_are_the_weights_ort_writes(tmp_path: Path, reduce_range: bool) -> None:
+def test_weight_grid_is_orts_for_the_weights_as_they_are_now(tmp_path: Path, reduce_range: bool) -> None:
+    """The grid follows the weights: after training shrank them, torch rounds them as ORT will
+    (max|w| of the final weights over 127, or 64), not on a range remembered from earlier steps."""
     model = _net()
     x = torch.randn(64, 1, 8, 8)
-    sa.export_onnx(model, x[:2], tmp_path / "fp32.onnx")
+    attached = fake_quantize(model, x[:8], reduce_range=reduce_range)
+    model(x)  # a step's forward pass with the weights as they were
+    with torch.no_grad():
+        for module in attached.layers.values():
+            module.parametrizations.weight.original.mul_(0.5)  # what training did to them since
+    torch_grid = [m.weight.detach().numpy().copy() for m in attached.layers.values()]  # what torch trains with now
+    sa.export_onnx(attached.remove(), x[:2], tmp_path / "fp32.onnx")
     result = quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", x, batches=2, batch_size=32,
                            reduce_range=reduce_range)
     assert result.reduce_range is reduce_range and result.quantized_nodes == 3
-    attached = fake_quantize(model, reduce_range)
-    torch_grid = [m.weight.detach().numpy() for m in attached.layers.values()]  # the rounded weights torch trains
     ort_grid = list(_ort_weights(tmp_path / "int8.onnx").values())
+    bound = 64 if reduce_range else 127
     for ours, theirs in zip(torch_grid, ort_grid, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
-        levels = 64 if reduce_range else 127
-        steps = np.abs(ours).reshape(len(ours), -1).max(1)
-        assert np.all(steps > 0)  # the largest weight of every channel sits on the last level
+        flat = np.abs(ours).reshape(len(ours), -1)
+        steps = flat.max(1) / bound
+        assert np.allclose(flat / steps[:, None], np.round(flat / steps[:, None]), atol=1e-3)  # every channel on
+        assert np.all(flat.max(1) > 0)  # its own grid, its largest weight on the last level
+
+
+class _Block(nn.Module):
+    """What ORT's QDQ rounds in many places: Conv+BN+ReLU modules, pooling, a residual sum made by
+    ``+`` in forward, ReLU6, a functional flatten, and Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2, self.conv3, self.relu6 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.ReLU6()
+        self.fc1, self.relu2, self.fc2 = nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        y = self.relu6(self.conv3(self.conv2(y) + y))
+        return self.fc2(self.relu2(self.fc1(torch.flatten(y, 1))))
+
+
+def _literal_qdq(path: Path, x: np.ndarray) -> np.ndarray:
+    """The QDQ file run as written (no kernel fusion): float ops between its Quantize/Dequantize pairs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_activations_are_rounded_where_orts_qdq_file_rounds_them(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Block().eval()
+    with torch.no_grad():  # a BatchNorm that really scales, so folding it matters
+        model.bn1.weight.uniform_(0.5, 1.5), model.bn1.bias.uniform_(-0.2, 0.2)
+        model.bn1.running_mean.uniform_(-0.2, 0.2), model.bn1.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        fp32 = model(x).numpy()
+    sa.export_onnx(model, x[:2], tmp_path / "fp32.onnx")
+    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", x, batches=1, batch_size=32, reduce_range=False)
+    proto = onnx.load(tmp_path / "int8.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    quantize = [q for q in proto.graph.node if q.op_type == "QuantizeLinear" and q.input[0] not in inits]
+    attached = fake_quantize(model, x, reduce_range=False)
+    # every activation ORT rounds is rounded in torch: the outputs too, not only Conv/Linear inputs
+    assert len(attached.points) == len(quantize) and not attached.unmatched
+    places = set(attached.points.values())
+    assert {"(model) input", "relu1 output", "pool output", "relu6 output", "relu2 output", "fc2 output",
+            "conv2 output", "conv3 input"} <= places  # conv3 input: the residual sum, made by `+`
+    assert not {"conv1 output", "bn1 output", "conv3 output", "fc1 output"} & places  # ORT folds BN and ReLU in
+    # one range per ORT scale: pooling and flattening share their input's, as in ORT
+    assert len(attached.activations) == len({q.input[1] for q in quantize}) < len(quantize)
+    # with ORT's ranges held, the torch model computes what the QDQ file computes, up to float noise at ties
+    for quantizer in attached.activations.values():
+        quantizer.disable_observer()
+    with torch.no_grad():
+        ours = model(x).numpy()
+    theirs = _literal_qdq(tmp_path / "int8.onnx", x.numpy())
+    step = float(inits["output_scale"])
+    grid = ours / step + int(inits["output_zero_point"])
+    assert np.abs(grid - np.round(grid)).max() < 1e-3  # the output itself sits on ORT's output grid
+    off = np.abs(ours - theirs) / step  # in output steps
+    assert off.max() <= 2.01 and (off < 0.5).mean() >= 0.9
+    assert off.mean() < 0.25 * (np.abs(fp32 - theirs) / step).mean()  # far closer to INT8 than FP32 is
+    # the BN-folded weight: torch's rounded conv1 weight times BN's factor is ORT's int8 weight
+    factor = (model.bn1.weight / torch.sqrt(model.bn1.running_var + model.bn1.eps)).detach().numpy()
+    folded = model.conv1.weight.detach().numpy() * factor[:, None, None, None]
+    np.testing.assert_allclose(folded, next(iter(_ort_weights(tmp_path / "int8.onnx").values())), rtol=1e-5,
+                               atol=1e-6)
     attached.remove()
 
 
@@ -89,17 +167,6 @@ def test_qat_keeps_zeros_and_leaves_the_callers_model_alone(digits) -> None:
     for k, v in model.state_dict().items():  # the caller's model: same values, nothing attached
         assert torch.equal(v, before[k])
     assert not any(parametrize.is_parametrized(m) or m._forward_pre_hooks for m in model.modules())
-
-
-@pytest.mark.parametrize("machine, flags, expected", [
-    ("x86_64", {"avx2", "fma"}, True),
-    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
-    ("x86_64", {"avx2", "avx_vnni"}, False),
-    ("x86_64", None, False),
-    ("aarch64", {"asimddp"}, False),
-])
-def test_reduced_range_only_where_int8_kernels_saturate(machine: str, flags, expected: bool) -> None:
-    assert reduced_range_for(machine, flags) is expected
 
 
 def _trained_folder(digits, tmp_path: Path) -> tuple[Path, nn.Module]:
@@ -145,8 +212,10 @@ def test_quantize_run_falls_back_to_qat_when_ptq_fails(digits, tmp_path: Path, m
         sa.export_onnx(qat_retrain(small, train, 1, lr=0.001), train.tensors[0][:8], path)
 
     config = CompressConfig(quantize="int8", calibration_batches=2, bench_threads=1, qat_epochs=1)
-    run = quantize_run(folder, config, DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), retrain)
-    assert written == [folder / QAT_FP32] and calls[:3] == ["pruned.onnx", "dense.onnx", QAT_FP32]
+    data = int8_data(DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), holdout=0.1)
+    run = quantize_run(folder, config, data, retrain)
+    run_files = [name for name in calls if name != "preprocessed.onnx"]  # not QAT's look at where ORT rounds
+    assert written == [folder / QAT_FP32] and run_files[:3] == ["pruned.onnx", "dense.onnx", QAT_FP32]
     assert run.accuracy["pruned FP32"] > 0.8  # a trained model, so the broken INT8 file has something to lose
     assert run.post_training["gate"]["ok"] is False and run.post_training["accuracy"] < 0.5
     assert run.gate.ok and run.pruned.path == folder / PRUNED_INT8 and (folder / PRUNED_INT8).exists()
@@ -162,7 +231,8 @@ def test_quantize_run_leaves_qat_alone_when_ptq_passes(digits, tmp_path: Path) -
         raise AssertionError("QAT must not run when post-training INT8 passes")
 
     config = CompressConfig(quantize="int8", calibration_batches=2, bench_threads=1, qat_epochs=1)
-    run = quantize_run(folder, config, DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), retrain)
+    data = int8_data(DataLoader(train, batch_size=64), DataLoader(test, batch_size=256), holdout=0.1)
+    run = quantize_run(folder, config, data, retrain)
     assert run.gate.ok and run.post_training is None and not (folder / QAT_FP32).exists()
 
 

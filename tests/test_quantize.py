@@ -1,9 +1,12 @@
 """INT8 with ONNX Runtime: QDQ structure on the pruned model, calibration on the data given only,
-the INT8 gate, ORT-side accuracy, and ``structadmm run --quantize int8`` end to end."""
+the INT8 gate (on data calibration never read, naming what it compared), rejected files kept out
+of the timings, the weight range for the target CPU, older ONNX Runtimes, ORT-side accuracy, and
+``structadmm run --quantize int8`` end to end."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,10 +23,12 @@ from structadmm.exporters.accuracy import onnx_outputs, top1_agreement
 from structadmm.cli import app
 from structadmm.errors import StructADMMError
 from structadmm.exporters import quantize as quantize_module
-from structadmm.exporters.quantize import (PRUNED_INT8, REJECTED, calibration_batches, check_int8, layer_sensitivity,
-                                           quantize_onnx, quantize_run, slower_than_fp32)
+from structadmm.exporters.quantize import (DENSE_INT8, PRUNED_INT8, REJECTED, calibration_batches, check_int8,
+                                           layer_sensitivity, quantize_onnx, slower_than_fp32)
 from structadmm.models import get_spec
 from structadmm.pipeline import CompressConfig
+from structadmm.pipeline import stages
+from structadmm.pipeline.distributed import DistContext
 
 from faults import break_int8
 
@@ -135,11 +140,17 @@ def _config(**changes) -> CompressConfig:
     return CompressConfig(quantize="int8", calibration_batches=2, bench_threads=1, **changes)
 
 
-def test_quantize_run_rejects_a_failing_int8_model(folder: Path, digits, tmp_path: Path, monkeypatch) -> None:
-    import shutil
-
+def _quantize_stage(folder: Path, out: Path, train, val, **changes):
+    """The pipeline's quantize stage alone, on a run folder holding ``folder``'s dense.onnx and pruned.onnx."""
     for name in ("dense.onnx", "pruned.onnx"):
-        shutil.copy(folder / name, tmp_path / name)
+        shutil.copy(folder / name, out / name)
+    run = stages.Run.start(torch.nn.Identity(), _config(**changes), "net", DistContext(), out, None, out, {}, None,
+                           train, val, phases=("dense", "admm", "retrain"))
+    return stages.quantize_stage(run, stages.Carry()).quantized
+
+
+def _break_every_int8(monkeypatch) -> None:
+    """Every INT8 file quantize_onnx writes comes out broken (its Conv scales negated)."""
     real = quantize_module.quantize_onnx
 
     def broken(model, path, *args, **kwargs):
@@ -148,22 +159,203 @@ def test_quantize_run_rejects_a_failing_int8_model(folder: Path, digits, tmp_pat
         return result
 
     monkeypatch.setattr(quantize_module, "quantize_onnx", broken)
+
+
+def test_a_rejected_int8_file_is_neither_timed_nor_labelled_pruned_int8(folder: Path, digits, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    _break_every_int8(monkeypatch)
     train, test = digits
-    run = quantize_run(tmp_path, _config(), DataLoader(train, batch_size=64), DataLoader(test, batch_size=256))
+    run = _quantize_stage(folder, tmp_path, train, test)
     assert not run.gate.ok
     assert (tmp_path / REJECTED).exists() and not (tmp_path / PRUNED_INT8).exists()
     assert run.pruned.path.name == REJECTED
+    assert run.models == {"dense_int8": tmp_path / DENSE_INT8}  # what the benchmark times: not the rejected file
+    assert "pruned INT8" not in run.accuracy and run.accuracy["rejected INT8"] < 0.5
+    entries = [SimpleNamespace(provider="CPUExecutionProvider", batch=1, name=name, threads=1, median_ms=ms, p90_ms=ms)
+               for name, ms in (("dense", 4.0), ("pruned", 2.0), ("dense_int8", 3.0))]
+    report = run.report(tmp_path, SimpleNamespace(entries=entries), macs=1000)
+    assert [r["variant"] for r in report["latency_variants"]] == ["dense FP32", "pruned FP32", "dense INT8"]
+    quantized = report["quantized"]
+    assert quantized["shipped"] is False and quantized["onnx"] == REJECTED
+    assert quantized["accuracy"] == run.accuracy["rejected INT8"] and "pruned INT8" not in quantized["ort_accuracy"]
+    assert REJECTED in report["file_sizes"]  # kept, for inspection
+
+
+def test_gate_names_the_model_it_compared_against(folder: Path, digits, tmp_path: Path, monkeypatch) -> None:
+    # post-training INT8 fails, and so does the INT8 file of the "retrained" model (here a copy of pruned.onnx):
+    # the second gate compared predictions with that FP32 parent, and the accuracy drop with pruned FP32
+    _break_every_int8(monkeypatch)
+    monkeypatch.setattr(stages, "_qat", lambda run, small, inputs: lambda path: shutil.copy(run.out / "pruned.onnx",
+                                                                                              path))
+    train, test = digits
+    run = _quantize_stage(folder, tmp_path, train, test, qat_epochs=1)
+    first = run.post_training["gate"]
+    assert (first["agreement_with"], first["accuracy_drop_from"]) == ("pruned FP32 (pruned.onnx)",) * 2
+    assert first["reasons"][0].startswith("top-1 agreement with pruned FP32 (pruned.onnx) ")
+    assert first["reasons"][1].startswith("accuracy drop from pruned FP32 (pruned.onnx) ")
+    gate = run.gate
+    assert not gate.ok and gate.agreement_with == "QAT FP32 (pruned-qat.onnx)"
+    assert gate.accuracy_drop_from == "pruned FP32 (pruned.onnx)"
+    assert gate.reasons[0].startswith("top-1 agreement with QAT FP32 (pruned-qat.onnx) ")
+    assert gate.reasons[1].startswith("accuracy drop from pruned FP32 (pruned.onnx) ")
+
+
+class _Phases(Dataset):
+    """A dataset that records which samples each phase of the INT8 stage read."""
+
+    def __init__(self, data: TensorDataset):
+        self.data, self.phase, self.read = data, "other", {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.read.setdefault(self.phase, set()).add(index)
+        return self.data[index]
+
+
+def test_without_validation_data_the_gate_scores_on_samples_calibration_never_read(folder: Path, digits,
+                                                                                    tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from structadmm.exporters import accuracy
+
+    train = _Phases(digits[0])
+
+    def in_phase(phase, fn):
+        def wrapped(*args, **kwargs):
+            train.phase = phase
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                train.phase = "other"
+        return wrapped
+
+    monkeypatch.setattr(quantize_module, "quantize_onnx", in_phase("calibration", quantize_module.quantize_onnx))
+    monkeypatch.setattr(accuracy, "onnx_outputs", in_phase("gate", accuracy.onnx_outputs))
+    run = _quantize_stage(folder, tmp_path, train, None)  # no validation data; int8_holdout: its default, 0.1
+    calibrated, scored = train.read["calibration"], train.read["gate"]
+    assert calibrated and scored and not calibrated & scored  # the gate's samples are not the calibration's
+    assert len(scored) == round(0.1 * len(train))
+    assert run.gate_data == {"split": "training holdout", "samples": len(scored), "holdout": 0.1}
+    # with validation data, the gate scores on it and records so
+    (tmp_path / "validated").mkdir()
+    validated = _quantize_stage(folder, tmp_path / "validated", digits[0], digits[1])
+    assert validated.gate_data == {"split": "validation", "samples": len(digits[1]), "holdout": None}
+
+
+def test_qat_without_validation_data_never_trains_on_the_gates_samples(folder: Path, digits, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """QAT (when post-training INT8 fails) trains on what calibration reads, with the weight range
+    the target CPU needs; the held-out samples the gate scores on stay unseen by both."""
+    _break_every_int8(monkeypatch)
+    seen = {}
+
+    def qat(run, small, inputs):
+        seen.update(train=run.train, reduce_range=run.config.quantize_reduce_range)
+        return lambda path: shutil.copy(run.out / "pruned.onnx", path)
+
+    monkeypatch.setattr(stages, "_qat", qat)
+    x, y = digits[0].tensors
+    train = TensorDataset(x, y, torch.arange(len(x)))  # each sample carries its index
+    run = _quantize_stage(folder, tmp_path, train, None, qat_epochs=1)
+    assert run.post_training is not None  # QAT ran
+    qat_read = {int(i) for batch in seen["train"] for i in batch[2]}
+    assert len(qat_read) == len(train) - round(0.1 * len(train))  # int8_holdout's default: 0.1
+    held_out = quantize_module.int8_data(train, None, holdout=0.1).gate
+    assert run.gate_data == {"split": "training holdout", "samples": len(held_out), "holdout": 0.1}
+    assert not qat_read & {int(held_out[i][2]) for i in range(len(held_out))}
+    assert seen["reduce_range"] is run.pruned.reduce_range  # QAT's weight range is the INT8 file's
+
+
+def test_quantize_runs_where_onnxruntime_has_no_calibration_cache(folder: Path, digits, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """ONNX Runtime before 1.27 has no ``calibration_cache_path``: the same results, calibrated each time."""
+    import onnxruntime.quantization as ortq
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    real = ortq.quantize_static
+    probe = digits[1].tensors[0][:64]
+    cached = layer_sensitivity(folder / "pruned.onnx", digits[0], probe, batches=2, reduce_range=False)
+
+    def quantize_static(model_input, model_output, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=None, per_channel=False, reduce_range=False,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=None,
+                        nodes_to_exclude=None, use_external_data_format=False,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_providers=None, extra_options=None):
+        return real(model_input, model_output, calibration_data_reader, quant_format=quant_format,
+                    op_types_to_quantize=op_types_to_quantize, per_channel=per_channel, reduce_range=reduce_range,
+                    activation_type=activation_type, weight_type=weight_type, nodes_to_quantize=nodes_to_quantize,
+                    nodes_to_exclude=nodes_to_exclude, use_external_data_format=use_external_data_format,
+                    calibrate_method=calibrate_method, calibration_providers=calibration_providers,
+                    extra_options=extra_options)
+
+    monkeypatch.setattr(ortq, "quantize_static", quantize_static)  # ORT 1.26's signature
+    again = layer_sensitivity(folder / "pruned.onnx", digits[0], probe, batches=2, reduce_range=False)
+    assert [(r.node, r.sqnr_db, r.agreement) for r in again] == [(r.node, r.sqnr_db, r.agreement) for r in cached]
+    result = quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", digits[0], batches=2,
+                           calibration_cache=tmp_path / "cache.json")
+    assert result.calibration_samples == 64 and result.quantized_nodes > 0
+
+
+def _int8_weight_bounds(path: Path) -> list[int]:
+    proto = onnx.load(path)
+    return [int(np.abs(numpy_helper.to_array(i)).max()) for i in proto.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8]
+
+
+def test_an_x86_cpu_whose_flags_cannot_be_read_gets_7_bit_weights(folder: Path, digits, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    import platform
+
+    from structadmm import cpu
+
+    monkeypatch.setattr(platform, "machine", lambda: "AMD64")  # Windows' spelling; no /proc/cpuinfo there
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: None)
+    quantize_module.needs_reduced_range.cache_clear()
+    try:
+        result = quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", digits[0], batches=1)
+        assert quantize_module.needs_reduced_range() is True
+    finally:
+        quantize_module.needs_reduced_range.cache_clear()
+    assert result.reduce_range is True
+    assert max(_int8_weight_bounds(tmp_path / "q.onnx")) == 64  # the weights really are 7-bit
+
+
+@pytest.mark.parametrize("machine, flags, expected", [
+    ("x86_64", {"avx2", "fma"}, True),
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),
+    ("x86_64", {"avx2", "avx_vnni"}, False),
+    ("AMD64", {"avx2", "amx_int8"}, False),
+    ("x86_64", None, True),  # flags unknown: the safe side
+    ("AMD64", None, True),
+    ("aarch64", {"asimddp"}, False),
+    ("arm64", None, False),
+    ("", None, True),  # not even the architecture is known
+])
+def test_auto_reduced_range_where_int8_kernels_saturate_or_may(machine: str, flags, expected: bool) -> None:
+    from structadmm.cpu import reduced_range_for
+
+    seven, reason = reduced_range_for("auto", machine, flags)
+    assert seven is expected and ("7-bit" if expected else "full-range") in reason
+
+
+@pytest.mark.parametrize("target, seven_bit", [("x86-vnni", False), ("x86-avx2", True), ("arm64", False),
+                                               ("any", True)])
+def test_the_target_cpu_sets_the_weight_range(folder: Path, digits, tmp_path: Path, target: str,
+                                              seven_bit: bool) -> None:
+    result = quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", digits[0], batches=1, target_cpu=target)
+    assert result.reduce_range is seven_bit and target in result.reduce_range_reason
+    assert max(_int8_weight_bounds(tmp_path / "q.onnx")) == (64 if seven_bit else 127)
+    asked = quantize_onnx(folder / "pruned.onnx", tmp_path / "q.onnx", digits[0], batches=1, target_cpu=target,
+                          reduce_range=not seven_bit)  # quantize_reduce_range, when given, wins
+    assert asked.reduce_range is not seven_bit
 
 
 def test_quantize_run_figures_and_exclusions(folder: Path, digits, tmp_path: Path) -> None:
-    import shutil
-
-    for name in ("dense.onnx", "pruned.onnx"):
-        shutil.copy(folder / name, tmp_path / name)
     train, test = digits
     excluded = "/classifier/classifier.3/Gemm"
-    run = quantize_run(tmp_path, _config(quantize_exclude=[excluded]), DataLoader(train, batch_size=64), test)
-    assert run.gate.ok and (tmp_path / PRUNED_INT8).exists()
+    run = _quantize_stage(folder, tmp_path, train, test, quantize_exclude=[excluded])
+    assert run.gate.ok and (tmp_path / PRUNED_INT8).exists() and run.models["pruned_int8"] == tmp_path / PRUNED_INT8
     assert run.accuracy["pruned FP32"] == onnx_outputs(tmp_path / "pruned.onnx", test).accuracy
     assert run.pruned.excluded == (excluded,)
     gemm = next(n for n in onnx.load(tmp_path / PRUNED_INT8).graph.node if n.name == excluded)
@@ -224,6 +416,8 @@ def test_bad_quantize_arguments(folder: Path, tmp_path: Path, kwargs, message: s
     (dict(calibration_method="kl"), "calibration_method = 'kl': must be 'minmax', 'entropy' or 'percentile'"),
     (dict(int8_min_agreement=1.5), "int8_min_agreement = 1.5: must be less than or equal to 1"),
     (dict(quantize_exclude="conv1"), "quantize_exclude = 'conv1': must be a valid list"),
+    (dict(quantize_target_cpu="vnni"), "quantize_target_cpu = 'vnni': must be one of auto, x86-vnni, x86-avx2, arm64"),
+    (dict(int8_holdout=1.0), "int8_holdout = 1.0: must be less than 1"),
 ])
 def test_bad_quantize_config(changes, message: str) -> None:
     with pytest.raises(StructADMMError, match=message):

@@ -7,22 +7,26 @@ every scale and zero point comes from ``onnxruntime.quantization``.
   weights, activations calibrated on the batches given, with MinMax, Entropy or Percentile)
   or dynamic quantization (weights only, activations ranged at run time: for Linear-heavy
   models). Named nodes can be left in FP32.
+* :func:`qdq_steps`: where the QDQ file rounds (every quantized activation and int8 weight), read
+  from what ORT writes: what quantization-aware retraining mirrors.
 * :func:`layer_sensitivity`: each quantizable layer quantized on its own (reusing one
   calibration), scored by how far the model's output moves from FP32: the list to choose
   exclusions from.
 * :func:`check_int8`: the INT8 gate, top-1 agreement with the FP32 model and accuracy drop.
-* :func:`needs_reduced_range`: whether this CPU wants 7-bit weights. Without VNNI, x86 int8
-  kernels multiply uint8 by int8 with ``vpmaddubsw``, whose int16 pair sums saturate once
-  per-channel weights use the full int8 range; ORT's advice there is ``reduce_range``.
-* :func:`quantize_run`: the pipeline's ``--quantize int8`` stage over a run folder.
+* :func:`needs_reduced_range`: whether the CPU the model is for wants 7-bit weights. Without
+  VNNI, x86 int8 kernels multiply uint8 by int8 with ``vpmaddubsw``, whose int16 pair sums
+  saturate once per-channel weights use the full int8 range; ORT's advice there is
+  ``reduce_range`` (the CPUs: :data:`structadmm.cpu.INT8_TARGETS`).
+* :func:`int8_data` and :func:`quantize_run`: the pipeline's ``--quantize int8`` stage over a run
+  folder, its gate scored on data the calibration never read.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
-import platform
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -36,15 +40,16 @@ import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
-from structadmm.cpu import INT8_DOT_PRODUCT, cpu_flags
+from structadmm.cpu import reduced_range_for
 from structadmm.errors import StructADMMError
 from structadmm.errors import one_line
 from structadmm.files import write_atomic
 from structadmm.exporters.onnx_export import load_onnx
 
-__all__ = ["CALIBRATION_METHODS", "Int8Gate", "LayerSensitivity", "QuantizeResult", "QuantizedRun",
-           "calibration_batches", "check_int8", "layer_sensitivity", "needs_reduced_range", "quantize_onnx",
-           "quantize_run", "slower_than_fp32"]
+__all__ = ["CALIBRATION_METHODS", "GATE_SPLITS", "Int8Data", "Int8Gate", "LayerSensitivity", "QuantizeResult",
+           "QuantizedRun", "QdqActivation", "QdqSteps", "QdqWeight", "calibration_batches", "check_int8", "int8_data",
+           "layer_sensitivity", "needs_reduced_range", "qdq_steps", "quantize_onnx", "quantize_run",
+           "slower_than_fp32"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MODES = ("auto", "static", "dynamic")
@@ -62,6 +67,7 @@ class QuantizeResult:
     calibration_samples: int  # samples the calibration read (0 for dynamic)
     per_channel: bool
     reduce_range: bool  # weights in [-64, 64] (7 bits) rather than [-127, 127]
+    reduce_range_reason: str  # why, in words (the target CPU, or the caller's choice)
     excluded: tuple[str, ...]
     quantized_nodes: int  # matrix nodes now fed by int8 weights
     bytes: int
@@ -114,6 +120,7 @@ def quantize_onnx(
     preprocess: bool = True,
     seed: int = 0,
     calibration_cache: str | Path | None = None,
+    target_cpu: str = "auto",
 ) -> QuantizeResult:
     """Quantize the FP32 ONNX file ``model`` to INT8 at ``path`` with ONNX Runtime.
 
@@ -121,12 +128,17 @@ def quantize_onnx(
     ``calibration``, see :func:`calibration_batches`), ``dynamic`` (weights only; no calibration
     data) or ``auto`` (dynamic when Gemm/MatMul hold most of the MACs, else static).
     ``method``: minmax | entropy | percentile. ``reduce_range``: 7-bit weights; None picks
-    :func:`needs_reduced_range` for this CPU. ``exclude``: node names left in FP32 (names as in
-    :func:`layer_sensitivity`); ``nodes``: quantize only these. ``path`` is written atomically.
+    what ``target_cpu`` (a key of :data:`structadmm.cpu.INT8_TARGETS`; ``auto``: this CPU) needs.
+    ``exclude``: node names left in FP32 (names as in :func:`layer_sensitivity`); ``nodes``:
+    quantize only these. ``calibration_cache``: a file that keeps the calibration for the next
+    call on the same model (ONNX Runtime 1.27 and later; older ones calibrate again each time).
+    ``path`` is written atomically.
     """
     model, path = Path(model), Path(path)
     if reduce_range is None:
-        reduce_range = needs_reduced_range()
+        reduce_range, why = reduced_range_for(target_cpu)
+    else:
+        why = f"{'7-bit' if reduce_range else 'full-range'} weights asked for"
     if mode not in MODES:
         raise StructADMMError(f"quantization mode must be one of {', '.join(MODES)}, got {mode!r}")
     if method not in CALIBRATION_METHODS:
@@ -154,25 +166,20 @@ def quantize_onnx(
         except OSError as exc:
             raise StructADMMError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return QuantizeResult(path, mode, method if mode == "static" else None, samples, per_channel, reduce_range,
-                          tuple(exclude), count, path.stat().st_size)
+                          why, tuple(exclude), count, path.stat().st_size)
 
 
-@lru_cache(maxsize=1)
-def needs_reduced_range() -> bool:
-    """Whether int8 weights should use 7 bits on this CPU: x86 without VNNI (AVX2, AVX-512 without
-    VNNI), where ORT's uint8 x int8 kernels saturate int16 pair sums on full-range weights.
+@lru_cache(maxsize=None)
+def needs_reduced_range(target_cpu: str = "auto") -> bool:
+    """Whether int8 weights should use 7 bits on the CPU the model is for (``auto``: this one): x86
+    without VNNI (AVX2, AVX-512 without VNNI), where ORT's uint8 x int8 kernels saturate int16 pair
+    sums on full-range weights, and x86 whose flags cannot be read (see
+    :func:`structadmm.cpu.reduced_range_for`).
 
     Measured here (AVX2): a 1-D CNN's first conv quantized per channel lost 3.3 pt of accuracy in
     ORT's int8 kernel and none when the same QDQ model ran in float; 7-bit weights lost none.
     """
-    return reduced_range_for(platform.machine(), cpu_flags())  # unknown flags: ORT's default, the full range
-
-
-def reduced_range_for(machine: str, flags: set[str] | frozenset[str] | None) -> bool:
-    """:func:`needs_reduced_range` for a CPU: x86 whose flags (None: unknown) name no int8 dot product."""
-    if machine.lower() not in ("x86_64", "amd64", "i386", "i686") or flags is None:
-        return False
-    return not flags & INT8_DOT_PRODUCT
+    return reduced_range_for(target_cpu)[0]
 
 
 # --- static and dynamic ---------------------------------------------------------------------
@@ -209,25 +216,34 @@ def _quantize_static(graph: onnx.GraphProto, source: Path, out: Path, calibratio
                               "inputs: use mode='dynamic'")
     reader = None
     samples = 0
-    if calibration is not None and not (cache is not None and Path(cache).is_file()):
+    cached = cache is not None and Path(cache).is_file() and _has_calibration_cache()
+    if calibration is not None and not cached:
         arrays = calibration_batches(calibration, batches, batch_size, seed)
         samples = sum(len(a) for a in arrays)
         reader = _Reader(inputs[0], arrays)
-    elif calibration is None and not (cache is not None and Path(cache).is_file()):
+    elif calibration is None and not cached:
         raise StructADMMError("static quantization needs calibration data (batches of training inputs)")
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
     extra = {"CalibPercentile": 99.999} if method == "percentile" else {}
+    keep = {"calibration_cache_path": str(cache)} if cache is not None and _has_calibration_cache() else {}
     try:
         quantize_static(
             str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude), nodes_to_quantize=list(nodes or []), calibrate_method=calibrate,
-            extra_options=extra, calibration_cache_path=str(cache) if cache is not None else None,
+            extra_options=extra, **keep,
         )
     except (ValueError, RuntimeError) as exc:  # ORT's own words for data that does not fit the model
         raise StructADMMError(f"ONNX Runtime could not quantize {source.name}: {one_line(exc)}") from exc
     return samples
+
+
+def _has_calibration_cache() -> bool:
+    """Whether this ONNX Runtime's ``quantize_static`` keeps a calibration cache (1.27 and later)."""
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 def _quantize_dynamic(source: Path, tmp: Path, out: Path, per_channel: bool, reduce_range: bool,
@@ -293,6 +309,121 @@ def _preprocessed(model: Path, tmp: Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - shape inference fails in many ways on odd graphs
         raise StructADMMError(f"{model}: ONNX Runtime's quantization pre-processing failed: {one_line(exc)}") from exc
     return out
+
+
+# --- where the QDQ model rounds ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QdqActivation:
+    """An activation tensor that ORT's QDQ model quantizes (uint8, one scale per tensor)."""
+
+    tensor: str  # its name in the FP32 model
+    value: np.ndarray  # its FP32 value on the inputs given
+    scale: float
+    zero_point: int
+    shared: str  # the name of its scale: tensors with the same one share one range (MaxPool, Flatten, ...)
+
+
+@dataclass(frozen=True)
+class QdqWeight:
+    """A matrix node's weight that ORT's QDQ model stores in int8 (symmetric)."""
+
+    node: str  # the Conv, ConvTranspose, Gemm or MatMul node
+    value: np.ndarray  # its FP32 weight in torch's layout (Gemm/MatMul weights as [out, in], like nn.Linear)
+    axis: int | None  # the axis of its per-channel scales in that layout (None: one scale for the tensor)
+
+
+@dataclass(frozen=True)
+class QdqSteps:
+    """Where ORT's static QDQ quantization rounds one model (see :func:`qdq_steps`)."""
+
+    activations: list[QdqActivation]
+    weights: list[QdqWeight]
+    other: list[str]  # other int8 initializers (LayerNorm scales, Gather tables, ...): names in the INT8 file
+
+
+def qdq_steps(model: str | Path, inputs: Any, *, per_channel: bool = True, reduce_range: bool = False,
+              exclude: Sequence[str] = ()) -> QdqSteps:
+    """Where :func:`quantize_onnx` (static, with these settings) rounds the FP32 ONNX file ``model``,
+    read from the QDQ file ONNX Runtime writes: every activation tensor it quantizes, with its FP32
+    value on ``inputs`` (an array of model inputs, which also calibrate it: where ORT rounds does not
+    depend on the data) and its scale, and every matrix weight it stores in int8.
+
+    ORT quantizes nearly every activation of a QDQ model, not only the inputs of its Conv and Gemm
+    nodes: their outputs too, after the Relu/Clip it folds into them, pooling and reshaping outputs
+    (sharing their input's scale), residual additions, and the model's output itself.
+    """
+    from onnx import numpy_helper
+
+    x = np.asarray(inputs.detach().cpu() if isinstance(inputs, torch.Tensor) else inputs, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="structadmm-steps-") as tmp:
+        tmp = Path(tmp)
+        source = _preprocessed(Path(model), tmp)
+        quantize_onnx(source, tmp / "int8.onnx", x, mode="static", batches=1, batch_size=len(x),
+                      per_channel=per_channel, reduce_range=reduce_range, exclude=exclude, preprocess=False)
+        fp32, int8 = onnx.load(source), load_onnx(tmp / "int8.onnx")
+        inits = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+        fp32_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+        tensors = {o for n in fp32.graph.node for o in n.output} | set(_graph_inputs(fp32.graph))
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in int8.graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        found: dict[str, tuple[float, int, str]] = {}
+        for q in int8.graph.node:
+            if q.op_type != "QuantizeLinear" or q.input[0] in inits:
+                continue
+            name = q.input[0]
+            if name not in tensors:  # a graph output renamed for its Q: the DequantizeLinear after it gives it back
+                name = next((dq.output[0] for dq in readers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"),
+                            name)
+            if name in tensors:
+                zero_point = int(inits[q.input[2]]) if len(q.input) > 2 and q.input[2] else 0
+                found[name] = (float(inits[q.input[1]]), zero_point, q.input[1])
+        values = _intermediate_values(fp32, source, list(found), x, tmp)
+    activations = [QdqActivation(name, values[name], *found[name]) for name in found]
+    produced_by = {o: n for n in int8.graph.node for o in n.output}
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    weights, matrix_weights = [], set()
+    for node in int8.graph.node:
+        if node.op_type not in _MATRIX_OPS or len(node.input) < 2 or node.name not in fp32_nodes:
+            continue
+        dq = produced_by.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or inits.get(dq.input[0], np.zeros(0)).dtype != np.int8:
+            continue
+        original = fp32_nodes[node.name].input[1]
+        if original not in fp32_inits:
+            continue
+        matrix_weights.add(dq.input[0])
+        value = fp32_inits[original]
+        channelwise = inits[dq.input[1]].ndim == 1
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if channelwise else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0)):
+            value, axis = value.T, (None if axis is None else 1 - axis)  # [in, out] -> [out, in]
+        weights.append(QdqWeight(node.name, np.ascontiguousarray(value), axis))
+    other = [dq.input[0] for dq in int8.graph.node if dq.op_type == "DequantizeLinear" and dq.input[0] in inits
+             and inits[dq.input[0]].dtype == np.int8 and dq.input[0] not in matrix_weights]
+    return QdqSteps(activations, weights, other)
+
+
+def _intermediate_values(proto: onnx.ModelProto, source: Path, names: list[str], x: np.ndarray,
+                         tmp: Path) -> dict[str, np.ndarray]:
+    """The FP32 values of the tensors ``names`` of the model ``proto`` (saved at ``source``) on ``x``."""
+    import onnxruntime as ort
+
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in names if name not in known)
+    path = tmp / "probed.onnx"
+    onnx.save(proto, path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor kept as named
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+    return dict(zip(wanted, session.run(wanted, {session.get_inputs()[0].name: x})))
 
 
 # --- per-layer sensitivity ----------------------------------------------------------------
@@ -363,34 +494,93 @@ class Int8Gate:
     """Whether an INT8 model may ship in place of its FP32 model (see :func:`check_int8`)."""
 
     ok: bool
-    agreement: float  # top-1 agreement with the FP32 model, in [0, 1]
-    accuracy_drop: float | None  # FP32 accuracy − INT8 accuracy (None without labels)
+    agreement: float  # top-1 agreement with the FP32 model named by agreement_with, in [0, 1]
+    accuracy_drop: float | None  # accuracy of the model named by accuracy_drop_from − INT8 accuracy (None without labels)
     min_agreement: float
     max_accuracy_drop: float
+    agreement_with: str = "FP32"  # the FP32 model the INT8 model's predictions were compared with
+    accuracy_drop_from: str = "FP32"  # the model whose accuracy the drop is measured from
     reasons: tuple[str, ...] = ()
 
 
-def check_int8(fp32, int8, *, min_agreement: float, max_accuracy_drop: float, baseline=None) -> Int8Gate:
+def check_int8(fp32, int8, *, min_agreement: float, max_accuracy_drop: float, fp32_name: str = "FP32",
+               baseline: tuple[str, Any] | None = None) -> Int8Gate:
     """The INT8 gate over two :class:`~structadmm.exporters.accuracy.OnnxOutputs` of the same data:
     fails when top-1 agreement < ``min_agreement`` or accuracy falls by > ``max_accuracy_drop``.
 
-    ``baseline``: the outputs the accuracy drop is measured from when they are not ``fp32``'s (a
-    quantization-aware retrained model agrees with its own FP32 parent, and must not fall below
+    ``fp32_name``: what ``fp32`` is, in the gate's words (its verdict names it). ``baseline``:
+    ``(name, outputs)`` of the model the accuracy drop is measured from when it is not ``fp32``
+    (a quantization-aware retrained model agrees with its own FP32 parent, and must not fall below
     the pruned FP32 model it replaces)."""
     from structadmm.exporters.accuracy import top1_agreement
 
+    drop_from, reference = baseline if baseline is not None else (fp32_name, fp32)
     agreement = top1_agreement(fp32, int8)
-    reference = (baseline or fp32).accuracy
-    drop = None if reference is None or int8.accuracy is None else reference - int8.accuracy
+    drop = None if reference.accuracy is None or int8.accuracy is None else reference.accuracy - int8.accuracy
     reasons = []
     if agreement < min_agreement:
-        reasons.append(f"top-1 agreement with FP32 {agreement:.2%} < {min_agreement:.2%}")
+        reasons.append(f"top-1 agreement with {fp32_name} {agreement:.2%} < {min_agreement:.2%}")
     if drop is not None and drop > max_accuracy_drop:
-        reasons.append(f"accuracy drop {drop * 100:.2f} pt > {max_accuracy_drop * 100:.2f} pt")
-    return Int8Gate(not reasons, agreement, drop, min_agreement, max_accuracy_drop, tuple(reasons))
+        reasons.append(f"accuracy drop from {drop_from} {drop * 100:.2f} pt > {max_accuracy_drop * 100:.2f} pt")
+    return Int8Gate(not reasons, agreement, drop, min_agreement, max_accuracy_drop, fp32_name, drop_from,
+                    tuple(reasons))
+
+
+# --- the data the stage reads ---------------------------------------------------------------
+
+#: What the gate scores on: the validation data, or a part of the training data held out from calibration
+GATE_SPLITS = ("validation", "training holdout")
+
+
+@dataclass(frozen=True)
+class Int8Data:
+    """The INT8 stage's data (:func:`int8_data`): calibration and quantization-aware retraining read
+    ``calibration``; the gate, the ORT accuracies and the sensitivity probe read ``gate``, which
+    calibration never sees."""
+
+    calibration: Any  # a Dataset
+    gate: Any  # a Dataset, DataLoader or (x, y) pair
+    split: str  # one of GATE_SPLITS: what ``gate`` is
+    holdout: float | None = None  # the fraction of the training data held out ("training holdout" only)
+
+
+def int8_data(train: Any, val: Any, *, holdout: float, seed: int = 0) -> Int8Data:
+    """Calibration data and gate data for :func:`quantize_run`.
+
+    With validation data (``val``), the gate scores on it and calibration reads ``train``. Without,
+    a seeded ``holdout`` fraction of ``train`` (at least one sample) is held out: the gate scores on
+    it and calibration never reads it. The FP32 model was still trained on those samples, so their
+    accuracies are training accuracies; the INT8-against-FP32 comparison is what stays honest.
+    ``train``: a Dataset, DataLoader (its dataset is used) or ``(x, y)`` pair.
+    """
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    source = train.dataset if isinstance(train, DataLoader) else train
+    if isinstance(source, tuple):
+        source = TensorDataset(*(torch.as_tensor(t) for t in source))
+    if val is not None:
+        return Int8Data(source, val, GATE_SPLITS[0])
+    if not 0 < holdout < 1:
+        raise StructADMMError(f"the INT8 holdout must be a fraction in (0, 1), got {holdout}")
+    total = len(source)
+    held = max(1, round(total * holdout))
+    if total - held < 1:
+        raise StructADMMError(f"no validation data, and {total} training sample(s) cannot be split into calibration "
+                              "and a held-out part for the INT8 gate: give validation data")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Int8Data(Subset(source, sorted(order[held:])), Subset(source, sorted(order[:held])), GATE_SPLITS[1],
+                    holdout)
 
 
 # --- the pipeline stage -----------------------------------------------------------------------
+
+
+VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "pruned INT8", "dense_int8": "dense INT8"}
+#: the label of a pruned INT8 file that failed its gate (it is never timed nor reported as pruned INT8)
+REJECTED_VARIANT = "rejected INT8"
+
+PRUNED_INT8, DENSE_INT8, REJECTED = "pruned-int8.onnx", "dense-int8.onnx", "pruned-int8.rejected.onnx"
+QAT_FP32 = "pruned-qat.onnx"  # the quantization-aware retrained model in FP32, the parent of its INT8 file
 
 
 @dataclass
@@ -400,15 +590,21 @@ class QuantizedRun:
     pruned: QuantizeResult
     dense: QuantizeResult
     gate: Int8Gate
-    accuracy: dict[str, float | None]  # ORT accuracy per variant
+    accuracy: dict[str, float | None]  # ORT accuracy per variant (a rejected file's under REJECTED_VARIANT)
+    gate_data: dict[str, Any]  # what the gate scored on: split (GATE_SPLITS), samples, holdout fraction
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     # when quantization-aware retraining replaced post-training quantization: what PTQ gave and the QAT epochs
     post_training: dict[str, Any] | None = None
 
     @property
+    def shipped(self) -> bool:
+        """Whether the pruned INT8 file passed its gate (a rejected one is kept only for inspection)."""
+        return self.gate.ok
+
+    @property
     def models(self) -> dict[str, Path]:
-        """The INT8 variants to time alongside dense and pruned FP32."""
-        return {"pruned_int8": self.pruned.path, "dense_int8": self.dense.path}
+        """The INT8 variants to time alongside dense and pruned FP32: a rejected file is not one."""
+        return {**({"pruned_int8": self.pruned.path} if self.shipped else {}), "dense_int8": self.dense.path}
 
     def report(self, run_dir: Path, latency, macs: int) -> dict[str, Any]:
         """report.json's ``quantized``, ``latency_variants`` and ``file_sizes``."""
@@ -425,27 +621,24 @@ class QuantizedRun:
                                  "median_ms": entry.median_ms, "p90_ms": entry.p90_ms,
                                  "speedup": base.median_ms / entry.median_ms})
         quantized = {
-            "accuracy": self.accuracy["pruned INT8"], "macs": macs, "onnx": self.pruned.path.name,
+            "accuracy": self.accuracy[VARIANTS["pruned_int8"] if self.shipped else REJECTED_VARIANT],
+            "shipped": self.shipped, "macs": macs, "onnx": self.pruned.path.name,
             "bytes": self.pruned.bytes, "mode": self.pruned.mode, "calibration_method": self.pruned.method,
             "calibration_samples": self.pruned.calibration_samples, "per_channel": self.pruned.per_channel,
             "excluded": list(self.pruned.excluded), "quantized_nodes": self.pruned.quantized_nodes,
             "gate": {**asdict(self.gate), "reasons": list(self.gate.reasons)},
+            "gate_data": self.gate_data,
             "ort_accuracy": self.accuracy,
             "dense_int8": {"onnx": self.dense.path.name, "bytes": self.dense.bytes,
-                           "accuracy": self.accuracy["dense INT8"]},
+                           "accuracy": self.accuracy[VARIANTS["dense_int8"]]},
             "sensitivity": [asdict(s) for s in self.sensitivity],
             "reduce_range": self.pruned.reduce_range,
+            "reduce_range_reason": self.pruned.reduce_range_reason,
             "qat": self.post_training,
             "slower_than_fp32": slower_than_fp32(rows),
         }
         return {"quantized": quantized, "latency_variants": rows,
                 "file_sizes": {name: (run_dir / name).stat().st_size for name in files}}
-
-
-VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "pruned INT8", "dense_int8": "dense INT8"}
-
-PRUNED_INT8, DENSE_INT8, REJECTED = "pruned-int8.onnx", "dense-int8.onnx", "pruned-int8.rejected.onnx"
-QAT_FP32 = "pruned-qat.onnx"  # the quantization-aware retrained model in FP32, the parent of its INT8 file
 
 
 def slower_than_fp32(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -461,37 +654,38 @@ def slower_than_fp32(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return slower
 
 
-def quantize_run(run_dir: str | Path, config, train, val,
+def quantize_run(run_dir: str | Path, config, data: Int8Data,
                  retrain: Callable[[Path], None] | None = None) -> QuantizedRun:
     """The ``--quantize int8`` stage: quantize pruned.onnx and dense.onnx in ``run_dir`` with the
-    same calibration (the first ``calibration_batches`` batches of ``train``), evaluate all four
-    variants on ``val`` with ONNX Runtime, gate pruned INT8 against pruned FP32, and score
-    per-layer sensitivity. A pruned INT8 model that fails the gate is written as
-    ``pruned-int8.rejected.onnx``, never as ``pruned-int8.onnx``.
+    same calibration (the first ``calibration_batches`` batches of ``data.calibration``), evaluate
+    all four variants on ``data.gate`` with ONNX Runtime, gate pruned INT8 against pruned FP32, and
+    score per-layer sensitivity. A pruned INT8 model that fails the gate is written as
+    ``pruned-int8.rejected.onnx``, never as ``pruned-int8.onnx``, and is labelled
+    :data:`REJECTED_VARIANT`, never pruned INT8 (:attr:`QuantizedRun.models` leaves it out).
 
     ``retrain(path)``: when post-training quantization fails the gate, called to write the FP32
     ONNX file of a quantization-aware retrained model at ``path`` (``pruned-qat.onnx``); that
     file is quantized in its place and gated the same way: agreement with its own FP32 parent,
-    accuracy drop from pruned FP32."""
+    accuracy drop from pruned FP32 (the gate names both)."""
     from structadmm.exporters.accuracy import onnx_outputs
 
     run_dir = Path(run_dir)
-    source = train.dataset if hasattr(train, "dataset") else train
+    source = data.calibration
     common = dict(mode=config.quantize_mode, method=config.calibration_method, batches=config.calibration_batches,
                   batch_size=config.batch_size, per_channel=config.quantize_per_channel,
-                  reduce_range=config.quantize_reduce_range, seed=config.seed)
+                  reduce_range=config.quantize_reduce_range, target_cpu=config.quantize_target_cpu, seed=config.seed)
     pruned = quantize_onnx(run_dir / "pruned.onnx", run_dir / PRUNED_INT8, source,
                            exclude=config.quantize_exclude, **common)
     # the dense reference: exclusions name pruned.onnx's nodes, which dense.onnx shares
     dense_graph = {n.name for n in load_onnx(run_dir / "dense.onnx").graph.node}
     dense = quantize_onnx(run_dir / "dense.onnx", run_dir / DENSE_INT8, source,
                           exclude=[n for n in config.quantize_exclude if n in dense_graph], **common)
-    data = val if val is not None else source
-    outputs = {label: onnx_outputs(run_dir / file, data, threads=config.bench_threads)
+    outputs = {label: onnx_outputs(run_dir / file, data.gate, threads=config.bench_threads)
                for label, file in (("dense FP32", "dense.onnx"), ("pruned FP32", "pruned.onnx"),
                                    ("pruned INT8", PRUNED_INT8), ("dense INT8", DENSE_INT8))}
+    pruned_fp32 = "pruned FP32 (pruned.onnx)"
     gate = check_int8(outputs["pruned FP32"], outputs["pruned INT8"], min_agreement=config.int8_min_agreement,
-                      max_accuracy_drop=config.int8_max_accuracy_drop)
+                      max_accuracy_drop=config.int8_max_accuracy_drop, fp32_name=pruned_fp32)
     post_training = None
     if not gate.ok and retrain is not None and pruned.mode == "static":
         post_training = {"accuracy": outputs["pruned INT8"].accuracy, "gate": {**asdict(gate), "reasons": list(gate.reasons)},
@@ -499,24 +693,26 @@ def quantize_run(run_dir: str | Path, config, train, val,
         retrain(run_dir / QAT_FP32)
         pruned = quantize_onnx(run_dir / QAT_FP32, run_dir / PRUNED_INT8, source, exclude=config.quantize_exclude,
                                **common)
-        outputs["pruned INT8"] = onnx_outputs(run_dir / PRUNED_INT8, data, threads=config.bench_threads)
-        parent = onnx_outputs(run_dir / QAT_FP32, data, threads=config.bench_threads)
+        outputs["pruned INT8"] = onnx_outputs(run_dir / PRUNED_INT8, data.gate, threads=config.bench_threads)
+        parent = onnx_outputs(run_dir / QAT_FP32, data.gate, threads=config.bench_threads)
         post_training["fp32_accuracy"] = parent.accuracy
         gate = check_int8(parent, outputs["pruned INT8"], min_agreement=config.int8_min_agreement,
-                          max_accuracy_drop=config.int8_max_accuracy_drop, baseline=outputs["pruned FP32"])
+                          max_accuracy_drop=config.int8_max_accuracy_drop, fp32_name=f"QAT FP32 ({QAT_FP32})",
+                          baseline=(pruned_fp32, outputs["pruned FP32"]))
     sensitivity = []
     if pruned.mode == "static":
-        probe = calibration_batches(data, 1, 256, config.seed)[0] if val is not None else None
-        if probe is not None:
-            sensitivity = layer_sensitivity(run_dir / "pruned.onnx", source, probe, method=config.calibration_method,
-                                            batches=config.calibration_batches, batch_size=config.batch_size,
-                                            per_channel=config.quantize_per_channel,
-                                            reduce_range=config.quantize_reduce_range, seed=config.seed,
-                                            threads=config.bench_threads)
+        probe = calibration_batches(data.gate, 1, 256, config.seed)[0]
+        sensitivity = layer_sensitivity(run_dir / "pruned.onnx", source, probe, method=config.calibration_method,
+                                        batches=config.calibration_batches, batch_size=config.batch_size,
+                                        per_channel=config.quantize_per_channel, reduce_range=pruned.reduce_range,
+                                        seed=config.seed, threads=config.bench_threads)
+    accuracy = {label: out.accuracy for label, out in outputs.items()}
     if not gate.ok:
         os.replace(pruned.path, run_dir / REJECTED)
         pruned = QuantizeResult(**{**asdict(pruned), "path": run_dir / REJECTED})
-    return QuantizedRun(pruned, dense, gate, {k: v.accuracy for k, v in outputs.items()}, sensitivity, post_training)
+        accuracy[REJECTED_VARIANT] = accuracy.pop(VARIANTS["pruned_int8"])
+    gate_data = {"split": data.split, "samples": len(outputs["pruned FP32"].logits), "holdout": data.holdout}
+    return QuantizedRun(pruned, dense, gate, accuracy, gate_data, sensitivity, post_training)
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..cpu import INT8_TARGETS
 from ..errors import StructADMMError
 from ..files import read_toml
 from ..prune.sparsity import parse_sparsity
@@ -71,12 +72,18 @@ class CompressConfig(BaseModel):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_batches: int = Field(8, ge=1)  # batches of training data (of batch_size) the calibration reads
     quantize_per_channel: bool = True
-    # weights in 7 bits ([-64, 64]); unset: on x86 CPUs without VNNI, whose int8 kernels saturate on full-range
-    # per-channel weights (exporters.quantize.needs_reduced_range)
+    # weights in 7 bits ([-64, 64]); unset: what quantize_target_cpu needs (7 bits on x86 without VNNI, whose int8
+    # kernels saturate on full-range per-channel weights; cpu.reduced_range_for)
     quantize_reduce_range: bool | None = None
+    quantize_target_cpu: str = Field("auto", description=(
+        "the CPU the INT8 model is for, which sets its weights' range unless quantize_reduce_range is given: "
+        + "; ".join(f"{name}: {meaning}" for name, meaning in INT8_TARGETS.items())))
     quantize_exclude: list[str] = Field(default_factory=list)  # ONNX node names left in FP32 (see sensitivity)
     int8_min_agreement: float = Field(0.98, ge=0, le=1)  # INT8 gate: top-1 agreement with the FP32 model
     int8_max_accuracy_drop: float = Field(0.005, ge=0, le=1)  # INT8 gate: FP32 minus INT8 accuracy (0.005 = 0.5 pt)
+    int8_holdout: float = Field(0.1, gt=0, lt=1, description=(
+        "without validation data, the fraction of the training data held out from INT8 calibration and QAT for "
+        "the INT8 gate to score on (report.json's quantized.gate_data says which split the gate used)"))
     # quantization-aware retraining (pipeline/qat.py) when post-training INT8 fails the gate: epochs of masked
     # retraining through INT8 fake quantization, then quantized again (0: off)
     qat_epochs: int = Field(0, ge=0)
@@ -118,6 +125,13 @@ class CompressConfig(BaseModel):
             parse_sparsity(value)
         except StructADMMError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("quantize_target_cpu")
+    @classmethod
+    def _known_target_cpu(cls, value: str) -> str:
+        if value not in INT8_TARGETS:
+            raise ValueError(f"must be one of {', '.join(INT8_TARGETS)}")
         return value
 
     @field_validator("admm_stages", mode="before")

@@ -432,17 +432,27 @@ def export_stage(run: Run, carry: Carry) -> Carry:
 
 @stage("quantize", needs=("small", "check_inputs"), gives=("quantized",),
        keys=("quantize", "quantize_mode", "calibration_method", "calibration_batches", "quantize_per_channel",
-             "quantize_reduce_range", "quantize_exclude", "int8_min_agreement", "int8_max_accuracy_drop",
-             "qat_epochs", "qat_lr"))
+             "quantize_reduce_range", "quantize_target_cpu", "quantize_exclude", "int8_min_agreement",
+             "int8_max_accuracy_drop", "int8_holdout", "qat_epochs", "qat_lr"))
 def quantize_stage(run: Run, carry: Carry) -> Carry:
-    """``quantize = "int8"``: INT8 files made, evaluated and gated in ORT (QAT when PTQ fails it)."""
-    from ..exporters.quantize import quantize_run
+    """``quantize = "int8"``: INT8 files made, evaluated and gated in ORT (QAT when PTQ fails it).
+    Without validation data, the gate scores on training data held out from calibration and QAT."""
+    from ..exporters.quantize import int8_data, needs_reduced_range, quantize_run
 
     c = run.config
     if not c.quantize:
         return carry
-    retrain = _qat(run, carry.small, carry.check_inputs) if c.qat_epochs else None
-    return replace(carry, quantized=quantize_run(run.out, c, run.train, run.val, retrain))
+    data = int8_data(run.train, run.val, holdout=c.int8_holdout, seed=c.seed)
+    retrain = None
+    if c.qat_epochs:
+        # QAT reads what calibration reads (never the gate's holdout), with the weight range ORT will use
+        reduce_range = (c.quantize_reduce_range if c.quantize_reduce_range is not None
+                        else needs_reduced_range(c.quantize_target_cpu))
+        train = run.train if data.split == "validation" else make_loader(data.calibration, c.batch_size, shuffle=True,
+                                                                          seed=c.seed)
+        retrain = _qat(replace(run, config=c.replace(quantize_reduce_range=reduce_range), train=train), carry.small,
+                       carry.check_inputs)
+    return replace(carry, quantized=quantize_run(run.out, c, data, retrain))
 
 
 def _qat(run: Run, small: nn.Module, check_inputs: Any) -> Callable[[Path], None]:
