@@ -163,3 +163,22 @@ def test_an_interval_without_its_coverage_shows_n_a_and_mixed_modes_are_named(tm
     assert "2.00x (1.90–2.10, coverage n/a)" in text and "95 %" not in text.split("## Latency")[1].split("\n\n")[1]
     assert ("timed in several modes: isolated: each alone in its own process, processes alternating (CPU batch 1); "
             "in-process: interleaved run by run in one process (CPU batch 64)") in text
+
+
+def test_report_md_names_what_the_int8_gate_compared_and_never_ships_a_rejected_file(tmp_path: Path) -> None:
+    report = spec_report()
+    report["quantized"] = {
+        "onnx": "pruned-int8.rejected.onnx", "shipped": False, "macs": 234567,
+        "ort_accuracy": {"dense FP32": 0.98, "pruned FP32": 0.97, "rejected INT8": 0.5, "dense INT8": 0.97},
+        "gate": {"ok": False, "agreement": 0.5, "min_agreement": 0.95, "accuracy_drop": 0.47, "max_accuracy_drop": 0.01,
+                 "agreement_with": "QAT FP32 (pruned-qat.onnx)", "accuracy_drop_from": "pruned FP32 (pruned.onnx)",
+                 "reasons": ["top-1 agreement 50.00 % < 95.00 %"]},
+        "gate_data": {"split": "training holdout", "samples": 144, "holdout": 0.1},
+        "reduce_range_reason": "7-bit weights: the target CPU (x86 without VNNI) saturates full-range int8",
+    }
+    write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert "rejected INT8" in md and "| pruned INT8 |" not in md and "not shipped and was not timed" in md
+    assert "agreement with QAT FP32 (pruned-qat.onnx)" in md and "drop from pruned FP32 (pruned.onnx)" in md
+    assert "Scored on 144 training holdout samples (a 10.00 % share" in md
+    assert "Weights: 7-bit weights" in md

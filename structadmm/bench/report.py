@@ -189,35 +189,44 @@ def _int8_section(report: Mapping[str, Any]) -> list[str]:
     dense, pruned, sizes = _side(report, "dense"), _side(report, "pruned"), _side(report, "file_sizes")
     dense_int8 = _side(quantized, "dense_int8")
     accuracy = _side(quantized, "ort_accuracy")
+    shipped = quantized.get("shipped", True)
+    pruned_int8 = "pruned INT8" if shipped else "rejected INT8"  # a rejected file is not shipped, nor timed
+    columns = tuple(pruned_int8 if v == "pruned INT8" else v for v in _VARIANTS)
     files = {"dense FP32": dense.get("onnx"), "pruned FP32": pruned.get("onnx"),
-             "pruned INT8": quantized.get("onnx"), "dense INT8": dense_int8.get("onnx")}
-    macs = {"dense FP32": dense.get("macs"), "pruned FP32": pruned.get("macs"), "pruned INT8": quantized.get("macs"),
+             pruned_int8: quantized.get("onnx"), "dense INT8": dense_int8.get("onnx")}
+    macs = {"dense FP32": dense.get("macs"), "pruned FP32": pruned.get("macs"), pruned_int8: quantized.get("macs"),
             "dense INT8": dense.get("macs")}
     lines = [
         "## INT8 (ONNX Runtime quantization)",
         "",
-        "| | " + " | ".join(_VARIANTS) + " |",
-        "|---|" + "---:|" * len(_VARIANTS),
-        "| accuracy (ONNX Runtime) | " + " | ".join(_percent(accuracy.get(v)) for v in _VARIANTS) + " |",
-        "| MACs / sample | " + " | ".join(_si(macs[v]) for v in _VARIANTS) + " |",
-        "| file | " + " | ".join(f"{files[v] or NA} ({_bytes(sizes.get(files[v]))})" for v in _VARIANTS) + " |",
+        "| | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        "| accuracy (ONNX Runtime) | " + " | ".join(_percent(accuracy.get(v)) for v in columns) + " |",
+        "| MACs / sample | " + " | ".join(_si(macs[v]) for v in columns) + " |",
+        "| file | " + " | ".join(f"{files[v] or NA} ({_bytes(sizes.get(files[v]))})" for v in columns) + " |",
     ]
     variants = report.get("latency_variants") or []
     for provider, batch in dict.fromkeys((r.get("provider"), r.get("batch")) for r in variants):
         by = {r.get("variant"): r for r in variants if (r.get("provider"), r.get("batch")) == (provider, batch)}
         lines.append(f"| {_short(provider)} batch {batch}: median ms (speedup) | " + " | ".join(
-            f"{_ms(by.get(v, {}).get('median_ms'))} ({_ratio(by.get(v, {}).get('speedup'))})" for v in _VARIANTS) + " |")
+            f"{_ms(by.get(v, {}).get('median_ms'))} ({_ratio(by.get(v, {}).get('speedup'))})" for v in columns) + " |")
     gate = _side(quantized, "gate")
+    gate_data = _side(quantized, "gate_data")
     verdict = "ok" if gate.get("ok") else "FAILED: " + "; ".join(gate.get("reasons") or [])
     drop = gate.get("accuracy_drop")
     lines += [
         "",
-        "All four timed in the same run; speedup is over dense FP32.",
+        ("All four timed in the same run; speedup is over dense FP32." if shipped else
+         "The pruned INT8 file failed its gate: it is not shipped and was not timed; speedup is over dense FP32."),
         "",
-        f"INT8 gate (pruned INT8 against pruned FP32): top-1 agreement {_percent(gate.get('agreement'))} "
-        f"(min {_percent(gate.get('min_agreement'))}), accuracy drop "
+        f"INT8 gate: top-1 agreement with {gate.get('agreement_with', 'FP32')} {_percent(gate.get('agreement'))} "
+        f"(min {_percent(gate.get('min_agreement'))}), accuracy drop from {gate.get('accuracy_drop_from', 'FP32')} "
         f"{f'{drop * 100:.2f} pt' if isinstance(drop, (int, float)) else NA} "
-        f"(max {_number((gate.get('max_accuracy_drop') or 0) * 100)} pt): {verdict}.",
+        f"(max {_number((gate.get('max_accuracy_drop') or 0) * 100)} pt): {verdict}."
+        + (f" Scored on {gate_data.get('samples', NA)} {gate_data.get('split', NA)} samples"
+           + (f" (a {_percent(gate_data.get('holdout'))} share of the training data that calibration and QAT "
+              "never read)" if gate_data.get("split") not in (None, "validation") else "") + "."
+           if gate_data else ""),
         "",
         *[f"Pruned INT8 is slower than pruned FP32 on {_short(s.get('provider'))} at batch {s.get('batch')} "
           f"({_number(s.get('time_ratio'))}x the time): pruned.onnx is the faster file there.\n"
@@ -225,7 +234,8 @@ def _int8_section(report: Mapping[str, Any]) -> list[str]:
         f"Quantization: {quantized.get('mode', NA)}, calibration {quantized.get('calibration_method') or 'none'} on "
         f"{quantized.get('calibration_samples', NA)} training samples, per-channel weights "
         f"{'on' if quantized.get('per_channel') else 'off'}, {quantized.get('quantized_nodes', NA)} matrix layers in "
-        f"INT8, left in FP32: {', '.join(quantized.get('excluded') or []) or 'none'}.",
+        f"INT8, left in FP32: {', '.join(quantized.get('excluded') or []) or 'none'}."
+        + (f" Weights: {quantized['reduce_range_reason']}." if quantized.get("reduce_range_reason") else ""),
         "",
     ]
     sensitivity = quantized.get("sensitivity") or []
