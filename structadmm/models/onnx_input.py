@@ -1,59 +1,82 @@
 """Load a user's ``.onnx`` file as a PyTorch module to prune, treating the file as untrusted data.
 
 The graph is converted with onnx2torch (a maintained converter; structadmm has no ONNX
-interpreter of its own). Before anything is converted or run, the file is checked, and
-every way it can be bad is one line of :class:`~structadmm.errors.StructADMMError`:
+interpreter of its own; it is installed with the ``cpu`` and ``gpu`` extras). Before anything
+is converted or run, the file is checked, and every way it can be bad is one line of
+:class:`~structadmm.errors.StructADMMError` (the CLI's exit status 2):
 
-1. its size, external data included, is at most ``max_bytes``;
-2. it is parsed as data (a protobuf; no custom op library is ever loaded): ops outside the
-   standard ONNX domain are refused by name;
-3. external-data paths must stay inside the file's folder and name files that exist;
-4. ``onnx.checker`` (full check, with shape inference) must pass;
-5. shapes must be sane: no negative or huge dimensions, initializers whose stored data
-   matches their declared shape, inputs with a dynamic batch axis (dim 0);
-6. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
+1. :func:`~.onnx_guard.read_model` reads it once, with its external data (every location
+   resolved once, inside the file's folder), as data: a protobuf, with no custom op library ever
+   loaded; it refuses custom ops, too many nodes, subgraphs nested too deep, element types such as
+   bfloat16 or float8 anywhere, initializers whose data does not match their shape, and inputs
+   with absurd shapes; and it renames every node, value and initializer to a safe identifier (no
+   name from the file reaches the Python source torch.fx generates and runs), keeping the map
+   back for messages and the file's own input and output names;
+2. inputs need a dynamic batch axis (dim 0) and fixed other axes (or ``input_shape``);
+3. :func:`~.onnx_sandbox.dry_run` checks and converts it first in a child process with a memory
+   and a time limit: shape inference with data propagation must give every tensor a known size,
+   at most ``max_tensor_bytes`` (default max(1 GiB, 4x the largest initializer)), none growing
+   faster than the batch, and the estimated memory to convert and run it must stay under
+   ``memory_limit``; then the child converts it and runs it once. A file that passes is converted
+   again in this process, by the same code on the same bytes;
+4. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
    the file's opset, the graph is first moved to the newest opset it covers with
    ``onnx.version_converter``; otherwise the error names the op. Before that, ``allowzero=1``
    is cleared from every Reshape whose shape is a constant without a 0 (where, by the ONNX
-   spec, it has no effect): onnx2torch converts ``allowzero=0`` only.
+   spec, it has no effect): onnx2torch converts ``allowzero=0`` only. An initializer that several
+   nodes read is converted once and shared, except where a layer makes it its own parameter
+   (a Conv's weight, say): each such layer gets its own copy, as surgery prunes layers apart.
 
 The converted module's global average pools become ``torch.nn`` ones (exact by the ONNX spec),
-it is checked against ONNX Runtime running the file itself, at two batch sizes, and a few
+it is checked against ONNX Runtime running the checked model, at two batch sizes, and a few
 more onnx2torch wrappers are swapped for the equivalent ``torch.nn``
 layers (checked numerically) so that the channel tracer and surgery see ordinary layers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
 import torch
 import torch.fx
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import ParityError, StructADMMError, one_line
-from ..exporters import OnnxSignature, load_onnx, onnx_signature, verify_onnx
+from ..exporters import OnnxSignature, onnx_signature, verify_onnx
+from . import onnx_sandbox
 from .loading import LoadedModel
+from .onnx_guard import (
+    FILE_MARK,
+    MAX_BYTES,
+    MAX_DEPTH,
+    MAX_NODES,
+    STANDARD_DOMAINS,
+    CheckedModel,
+    all_nodes,
+    assert_safe,
+    op_name,
+    read_bytes,
+    read_model,
+    rename_added,
+)
 
-#: Largest file (with its external data) that is loaded: protobuf's own limit is 2 GiB.
-MAX_BYTES = 2 * 1024**3
-#: Largest tensor (elements) an initializer may declare.
-MAX_TENSOR_ELEMENTS = 2**31
-#: Largest sample (elements, without the batch axis) an input may take.
-MAX_SAMPLE_ELEMENTS = 2**26
-MAX_RANK = 8
 #: Oldest opset tried when onnx2torch lags the file's opset.
 _OLDEST_OPSET = 9
 #: The two batch sizes the converted module is checked at against ONNX Runtime.
 CHECK_BATCHES = (2, 3)
-_STANDARD_DOMAINS = ("", "ai.onnx")
+#: Memory the first conversion may take by default: max(this, 6x the file and its external data).
+MIN_MEMORY_LIMIT = 3 * 1024**3 // 2
+#: Time it may take by default: this, plus as much again per GB of the file.
+MIN_TIME_LIMIT = 60.0
 
 
 def load_onnx_model(
@@ -63,6 +86,11 @@ def load_onnx_model(
     max_bytes: int = MAX_BYTES,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    max_tensor_bytes: int | None = None,
+    memory_limit: int | None = None,
+    time_limit: float | None = None,
+    max_nodes: int = MAX_NODES,
+    max_depth: int = MAX_DEPTH,
 ) -> LoadedModel:
     """The model in the ONNX file at ``path`` as a prunable ``nn.Module`` (see the module docstring).
 
@@ -70,32 +98,78 @@ def load_onnx_model(
     axes other than the batch dynamic. The result's ``onnx_file`` is ``path``: the pipeline
     times the file as given as the dense baseline and writes the pruned model with its input
     and output names, dtypes and dynamic axes.
+
+    Limits (each refusal is one line): ``max_bytes`` for the file with its external data;
+    ``max_tensor_bytes`` for any tensor the model makes (default max(1 GiB, 4x its largest
+    initializer)); ``memory_limit`` bytes and ``time_limit`` seconds for the first, sandboxed
+    conversion (defaults max(1.5 GiB, 6x the file) and 60 s plus 60 s per GB of the file);
+    ``max_nodes`` nodes and subgraphs ``max_depth`` deep.
     """
+    require_onnx2torch()
+    onnx_sandbox.warm()  # the child's imports overlap the reading below
     path = Path(path)
-    proto = _read_checked(path, max_bytes)
-    signature = onnx_signature(proto)
+    checked = read_model(path, max_bytes=max_bytes, max_nodes=max_nodes, max_depth=max_depth)
+    signature = checked.signature
     shapes = _sample_shapes(signature, input_shape, path)
-    converted = _convert(_at_convertible_opset(clear_inert_allowzero(proto, path), path), path)
-    check = [_example_inputs(signature, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
-    global_pools(converted, check[0])
-    for inputs in check:
-        _check_against_runtime(converted, path, inputs, atol, rtol)
-    module = replace_wrappers(converted, check[0])
+    with _file_names(checked, path):
+        model = checked.proto.SerializeToString()
+        request = onnx_sandbox.Request(
+            sample_shapes=[list(s) for s in shapes], batch=max(CHECK_BATCHES), tensor=checked.tensor_limit(max_tensor_bytes),
+            memory=memory_limit if memory_limit is not None else max(MIN_MEMORY_LIMIT, 6 * checked.total_bytes),
+            seconds=time_limit if time_limit is not None else MIN_TIME_LIMIT * (1 + checked.total_bytes / 1e9),
+        )
+        answer = onnx_sandbox.dry_run(model, request)
+        if "error" in answer or answer.get("ok") is not True:
+            raise StructADMMError(str(answer.get("error", "the sandbox gave no verdict")))
+        check = [example_batch(checked.proto, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
+        converted = convert(checked.proto, FILE_MARK, check[0])
+        for inputs in check:
+            _check_against_runtime(converted, model, inputs, atol, rtol)
+        module = replace_wrappers(converted, check[0])
     output = signature.outputs[0].dims if len(signature.outputs) == 1 else ()
     classes = output[1] if len(output) == 2 and isinstance(output[1], int) else None
     return LoadedModel(module.eval(), path.stem, shapes[0] if len(shapes) == 1 else None, classes, onnx_file=path)
 
 
+def require_onnx2torch() -> None:
+    """One line naming the extra to install when onnx2torch (which converts ONNX files) is missing."""
+    if importlib.util.find_spec("onnx2torch") is None:
+        raise StructADMMError(
+            "an .onnx model needs onnx2torch, which converts it to PyTorch: pip install 'structadmm[cpu]' "
+            "(or 'structadmm[gpu]'), or pip install onnx2torch"
+        )
+
+
+@contextlib.contextmanager
+def _file_names(checked: CheckedModel, path: Path) -> Iterator[None]:
+    """Errors raised inside name the file's own nodes and values, and its path."""
+    try:
+        yield
+    except StructADMMError as exc:
+        message = checked.names.restore_text(str(exc)).replace(FILE_MARK, str(path))
+        raise type(exc)(message) from exc
+
+
+def file_signature(path: str | Path) -> OnnxSignature:
+    """The inputs and outputs of the ONNX file at ``path``, read as data (no external data)."""
+    try:
+        return onnx_signature(onnx.ModelProto.FromString(read_bytes(Path(path), MAX_BYTES)))
+    except StructADMMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - protobuf's decode errors
+        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {one_line(exc)}") from exc
+
+
 def example_inputs(path: str | Path, batch: int, *, input_shape: Sequence[int] | None = None,
                    seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded example inputs for the ONNX file at ``path``, one per graph input, at ``batch``."""
-    signature = onnx_signature(onnx.load(Path(path), load_external_data=False))
-    return _example_inputs(signature, _sample_shapes(signature, input_shape, Path(path)), batch, seed)
+    signature = file_signature(path)
+    return example_batch(signature, _sample_shapes(signature, input_shape, Path(path)), batch, seed)
 
 
 def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: str) -> None:
     """One line unless the data's samples give as many inputs as the ONNX file takes."""
-    names = [t.name for t in onnx_signature(onnx.load(Path(path), load_external_data=False)).inputs]
+    names = [t.name for t in file_signature(path).inputs]
     first = next(iter(data)) if isinstance(data, (DataLoader, IterableDataset)) else data[0]
     x = first[0] if isinstance(first, (tuple, list)) else first
     given = len(x) if isinstance(x, (tuple, list)) else 1
@@ -106,109 +180,6 @@ def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: st
             "(module:function data)" if len(names) > 1 else
             f"{Path(path).name} takes one input ({names[0]}) but the samples of {data_name} give {given}"
         )
-
-
-# --- reading the file as data ----------------------------------------------------------------------
-
-
-def _read_checked(path: Path, max_bytes: int) -> onnx.ModelProto:
-    if not path.is_file():
-        raise StructADMMError(f"ONNX file {path} does not exist; check the path")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise StructADMMError(f"{path} is {size / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit for ONNX files")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {one_line(exc)}") from exc
-    _check_domains(proto, path)
-    _check_external_data(proto, path, max_bytes - size)
-    proto = load_onnx(path)  # external data (from inside the folder) and onnx.checker's full check
-    _check_shapes(proto, path)
-    return proto
-
-
-def _check_domains(proto: onnx.ModelProto, path: Path) -> None:
-    if proto.functions:
-        raise StructADMMError(
-            f"{path} defines model-local functions ({proto.functions[0].name}); inline them first "
-            "(onnx.inliner.inline_local_functions)"
-        )
-    for node in _all_nodes(proto.graph):
-        if node.domain not in _STANDARD_DOMAINS:
-            raise StructADMMError(
-                f"{path}: op {node.op_type} of domain {node.domain!r} is a custom op; only standard ONNX ops "
-                "can be converted"
-            )
-
-
-def _check_external_data(proto: onnx.ModelProto, path: Path, budget: int) -> None:
-    folder = path.resolve().parent
-    total = 0
-    seen: set[Path] = set()
-    for tensor in _all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise StructADMMError(
-                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the "
-                "file's folder; external data must sit beside the model"
-            )
-        if not target.is_file():
-            raise StructADMMError(f"{path}: external data file {location!r} of tensor {tensor.name!r} does not exist")
-        if target not in seen:
-            seen.add(target)
-            total += target.stat().st_size
-    if total > budget:
-        raise StructADMMError(f"{path}: its external data is {total / 1e6:.0f} MB, over the limit for ONNX files")
-
-
-def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
-    for tensor in _all_tensors(proto):
-        dims = list(tensor.dims)
-        if any(d < 0 for d in dims) or len(dims) > MAX_RANK:
-            raise StructADMMError(f"{path}: initializer {tensor.name!r} has an invalid shape {dims}")
-        elements = math.prod(dims)
-        if elements > MAX_TENSOR_ELEMENTS:
-            raise StructADMMError(
-                f"{path}: initializer {tensor.name!r} declares shape {dims} ({elements:.3g} elements), "
-                f"over the limit of {MAX_TENSOR_ELEMENTS:.3g}"
-            )
-        stored = _stored_elements(tensor)
-        if stored is not None and stored != elements:
-            raise StructADMMError(
-                f"{path}: initializer {tensor.name!r} declares shape {dims} but stores {stored} elements"
-            )
-    for value in (*proto.graph.input, *proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        fixed = [d.dim_value for d in dims if d.HasField("dim_value")]
-        if len(dims) > MAX_RANK or any(d < 0 for d in fixed):
-            raise StructADMMError(f"{path}: {value.name!r} has an invalid shape {[_dim(d) for d in dims]}")
-        if math.prod(fixed[1:] if len(fixed) == len(dims) else fixed) > MAX_SAMPLE_ELEMENTS:
-            raise StructADMMError(
-                f"{path}: {value.name!r} has shape {[_dim(d) for d in dims]}, over the limit of "
-                f"{MAX_SAMPLE_ELEMENTS:.3g} elements per sample"
-            )
-
-
-def _stored_elements(tensor: onnx.TensorProto) -> int | None:
-    """Elements the tensor's stored data holds, where it can be told without reading external data."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    if tensor.HasField("raw_data"):
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
-            return None
-        return len(tensor.raw_data) // itemsize
-    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        values = getattr(tensor, field)
-        if len(values):
-            complex_pairs = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
-            return len(values) // 2 if complex_pairs else len(values)
-    return None
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -247,8 +218,11 @@ def _sample_shapes(signature: OnnxSignature, input_shape: Sequence[int] | None,
     return shapes
 
 
-def _example_inputs(signature: OnnxSignature, shapes: list[tuple[int, ...]], batch: int,
-                    seed: int) -> tuple[torch.Tensor, ...]:
+def example_batch(model: OnnxSignature | onnx.ModelProto, shapes: Sequence[Sequence[int]], batch: int,
+                  seed: int) -> tuple[torch.Tensor, ...]:
+    """Seeded inputs for ``model`` (a signature, or a proto whose signature it is): ``batch`` samples
+    of ``shapes[i]`` for input ``i``."""
+    signature = onnx_signature(model) if isinstance(model, onnx.ModelProto) else model
     generator = torch.Generator().manual_seed(seed)
     inputs = []
     for spec, shape in zip(signature.inputs, shapes):
@@ -279,17 +253,17 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
     computed at run time.
     """
     constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) == 1}
-    for node in _all_nodes(proto.graph):
+    for node in all_nodes(proto.graph):
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name in ("value", "value_ints"):
             attr = node.attribute[0]
             constants[node.output[0]] = numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(attr.ints)
-    for node in _all_nodes(proto.graph):
-        if node.op_type != "Reshape" or node.domain not in _STANDARD_DOMAINS:
+    for node in all_nodes(proto.graph):
+        if node.op_type != "Reshape" or node.domain not in STANDARD_DOMAINS:
             continue
         flag = next((a for a in node.attribute if a.name == "allowzero"), None)
         if flag is None or flag.i == 0:
             continue
-        where = f"{path}: Reshape {node.name or node.output[0]!r} has allowzero=1"
+        where = f"{path}: Reshape {node.name or repr(node.output[0])} has allowzero=1"
         if len(node.input) < 2 or node.input[1] not in constants:
             raise StructADMMError(f"{where} with a shape computed at run time; onnx2torch converts allowzero=0 only")
         shape = constants[node.input[1]]
@@ -302,10 +276,10 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
     return proto
 
 
-def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+def _at_convertible_opset(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
     """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
     opset at which it does; one line naming the op when there is none."""
-    opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), None)
+    opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), None)
     if opset is None:
         raise StructADMMError(f"{path} imports no standard ONNX opset")
     missing = _unconvertible(proto, opset)
@@ -322,8 +296,8 @@ def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto
             continue
         if not _unconvertible(moved, target):
             return moved
-    op, version = missing[0]
-    more = f" (and {', '.join(o for o, _ in missing[1:4])})" if len(missing) > 1 else ""
+    op, version = op_name(missing[0][0]), missing[0][1]
+    more = f" (and {', '.join(op_name(o) for o, _ in missing[1:4])})" if len(missing) > 1 else ""
     raise StructADMMError(
         f"{path}: op {op} (opset {version}) cannot be converted to PyTorch: onnx2torch has no converter for it{more}"
     )
@@ -360,7 +334,7 @@ def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
 
     _register_type_only_versions()
     missing: dict[str, int] = {}
-    for node in _all_nodes(proto.graph):
+    for node in all_nodes(proto.graph):
         try:
             get_converter(operation_type=node.op_type, version=opset, domain=node.domain)
         except NotImplementedError:
@@ -368,26 +342,97 @@ def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
     return list(missing.items())
 
 
-def _convert(proto: onnx.ModelProto, path: Path) -> nn.Module:
+def convert(proto: onnx.ModelProto, where: str | Path, example: tuple[torch.Tensor, ...]) -> nn.Module:
+    """The renamed model ``proto`` (from :func:`~.onnx_guard.read_model`) as an fx module, its global
+    average pools made ``torch.nn`` ones on ``example``; one line naming the op or the converter's
+    complaint where it cannot be converted. Changes ``proto`` (see :func:`clear_inert_allowzero`).
+    The sandboxed child and the parent both convert with this."""
+    proto = _at_convertible_opset(clear_inert_allowzero(proto, where), where)
+    module = _onnx2torch(proto, where)
+    global_pools(module, example)
+    return module
+
+
+def _onnx2torch(proto: onnx.ModelProto, where: str | Path) -> nn.Module:
     import onnx2torch
 
+    rename_added(proto)  # names the version converter added
+    assert_safe(proto)  # only names read_model gave reach the source torch.fx writes and runs
     try:
-        return onnx2torch.convert(proto).eval()
+        with _initializers_once():
+            module = onnx2torch.convert(proto).eval()
     except Exception as exc:  # noqa: BLE001 - an attribute or case the converter does not cover
-        raise StructADMMError(f"{path}: onnx2torch cannot convert it: {one_line(exc)}") from exc
+        raise StructADMMError(f"{where}: onnx2torch cannot convert it: {one_line(exc)}") from exc
+    _own_parameters(module)
+    return module
 
 
-def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...],
+_ONCE = threading.Lock()
+
+
+@contextlib.contextmanager
+def _initializers_once() -> Iterator[None]:
+    """onnx2torch converts an initializer to a tensor once, however many nodes read it.
+
+    onnx2torch makes a new tensor (a copy of the data) for every use of an initializer: for
+    every node that reads it as an input, and for every layer that takes it as its weight (one
+    16 MB initializer read by 1,500 nodes took 24 GB). Its ``OnnxTensor.to_torch`` is made to
+    return a view of the tensor it made the first time, for as long as this lasts (a new view each
+    time: onnx2torch numbers its buffers by counting distinct tensors).
+    """
+    from onnx2torch.onnx_tensor import OnnxTensor
+
+    def to_torch(self: OnnxTensor) -> torch.Tensor:
+        made = self.__dict__.get("_structadmm_tensor")
+        if made is None:
+            made = self.__dict__["_structadmm_tensor"] = original(self)
+        return made.view_as(made)
+
+    with _ONCE:
+        original = OnnxTensor.to_torch
+        OnnxTensor.to_torch = to_torch
+        try:
+            yield
+        finally:
+            OnnxTensor.to_torch = original
+
+
+def _own_parameters(module: nn.Module) -> None:
+    """Give every layer's parameters and buffers that share data with another tensor of the module a copy
+    of their own (onnx2torch's shared initializer tensors stay shared): pruning changes a layer's
+    weights in place. What the copies take is bounded before conversion (:func:`~.onnx_guard.check_sizes`)."""
+    from onnx2torch.converter import InitializersContainer
+
+    shared: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    constants = set()
+    for owner in module.modules():
+        for name, tensor in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+            if tensor is None or tensor.numel() == 0:
+                continue
+            key = tensor.untyped_storage().data_ptr()
+            if isinstance(owner, InitializersContainer):
+                constants.add(key)
+            else:
+                shared.setdefault(key, []).append((owner, name, isinstance(tensor, nn.Parameter)))
+    for key, users in shared.items():
+        for owner, name, is_parameter in users[0 if key in constants else 1:]:
+            tensor = getattr(owner, name)
+            with torch.no_grad():
+                copy = tensor.detach().clone()
+            setattr(owner, name, nn.Parameter(copy, requires_grad=tensor.requires_grad) if is_parameter else copy)
+
+
+def _check_against_runtime(module: nn.Module, model: bytes, inputs: tuple[torch.Tensor, ...],
                            atol: float, rtol: float) -> None:
     try:
-        verify_onnx(module, path, inputs, atol=atol, rtol=rtol)
+        verify_onnx(module, FILE_MARK, inputs, atol=atol, rtol=rtol, model_bytes=model)
     except ParityError as exc:
-        raise ParityError(f"the PyTorch conversion of {path} does not compute what ONNX Runtime does: {exc}") from exc
+        raise ParityError(f"the PyTorch conversion of {FILE_MARK} does not compute what ONNX Runtime does: {exc}") from exc
     except StructADMMError:
         raise
     except Exception as exc:  # noqa: BLE001 - the converted module failed to run
         raise StructADMMError(
-            f"the PyTorch conversion of {path} fails at batch {inputs[0].shape[0]}: {type(exc).__name__}: "
+            f"the PyTorch conversion of {FILE_MARK} fails at batch {inputs[0].shape[0]}: {type(exc).__name__}: "
             f"{one_line(exc)}"
         ) from exc
 
@@ -719,29 +764,3 @@ def _same(a: object, b: object) -> bool:
 
     xs, ys = flat_outputs(a), flat_outputs(b)
     return len(xs) == len(ys) and all(x.shape == y.shape and torch.allclose(x, y, atol=1e-6) for x, y in zip(xs, ys))
-
-
-# --- small helpers --------------------------------------------------------------------------------
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
-                yield from _all_nodes(sub)
-
-
-def _all_tensors(proto: onnx.ModelProto):
-    yield from proto.graph.initializer
-    for node in _all_nodes(proto.graph):
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-
-
-def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
-    return d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
-
-
