@@ -79,6 +79,9 @@ _NODE_NAME = re.compile(r"n\d+_[A-Za-z0-9_]*")
 _VALUE_NAME = re.compile(r"[vwg]\d+")
 _GIVEN_NAME = re.compile(r"\b(?:n\d+_[A-Za-z0-9_]*|[vwg]\d+)\b")
 _SLUG = 32
+#: How files are opened: never blocking (a FIFO named as the model or its data would wait for a writer
+#: forever; it is refused as not a regular file once open), not inherited by child processes.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -165,7 +168,7 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
     """The file's bytes, read once through one descriptor; one line if it is missing, not a regular
     file, 2 GiB or more (protobuf's limit) or over ``max_bytes``."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
         raise StructADMMError(f"ONNX file {path} does not exist; check the path") from None
     except OSError as exc:
@@ -384,7 +387,7 @@ def _open_location(location: str, folder: Path, path: Path, name: str) -> tuple[
     if not target.is_relative_to(folder):
         raise outside
     try:
-        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(target, _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise StructADMMError(f"{where}: external data {quoted(location)} cannot be opened: {exc.strerror}") from None
     info = os.fstat(fd)
@@ -615,8 +618,9 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
     the converted module and ONNX Runtime, and its activations at their peak) stays under
     ``limits.memory``. Names are the renamed model's.
 
-    Shapes come from ONNX shape inference with data propagation, and where that leaves a size open,
-    from folding the small constants that compute it (:func:`_fold_shape_constants`) and inferring again.
+    Shapes come from ONNX shape inference; where that leaves a size open, from folding the small
+    constants that compute it (:func:`_fold_shape_constants`) and inferring again, and last from
+    inference with data propagation (:func:`_infer_folded`).
     """
     shapes_only = _without_weight_data(proto)
     initializers = {t.name for t in proto.graph.initializer}
@@ -644,15 +648,19 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
 
 def _infer_folded(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequence[Sequence[int]], batch: int,
                   where: str) -> onnx.ModelProto:
-    """:func:`_infer`, folding shape constants and inferring again while that leaves sizes open and folds more."""
+    """:func:`_infer`, then, while sizes stay open, fold the shape constants that compute them and infer
+    again; ONNX's own data propagation last, for what folding leaves open (it computes the values it
+    propagates without bounding them first, so it runs only where it is needed, in the sandbox)."""
     inferred = _infer(model, inputs, sample_shapes, batch, where)
     for _ in range(_FOLD_ROUNDS):
         if not _open_sizes(inferred):
-            break
+            return inferred
         folded = _fold_shape_constants(inferred)
         if folded is None:
             break
         inferred = _infer(folded, inputs, sample_shapes, batch, where)
+    if _open_sizes(inferred):
+        inferred = _infer(inferred, inputs, sample_shapes, batch, where, data_prop=True)
     return inferred
 
 
@@ -785,9 +793,9 @@ def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequence[Sequence[int]], batch: int,
-           where: str) -> onnx.ModelProto:
-    """``model`` with its ``inputs`` fixed at ``batch`` samples of ``sample_shapes``, through shape
-    inference with data propagation."""
+           where: str, data_prop: bool = False) -> onnx.ModelProto:
+    """``model`` with its ``inputs`` fixed at ``batch`` samples of ``sample_shapes``, through ONNX shape
+    inference (strict; with data propagation if asked)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     values = {v.name: v for v in fixed.graph.input}
@@ -797,7 +805,7 @@ def _infer(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequenc
         for d in (batch, *shape):
             dims.dim.add().dim_value = int(d)
     try:
-        return onnx.shape_inference.infer_shapes(fixed, check_type=True, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(fixed, check_type=True, strict_mode=True, data_prop=data_prop)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
         raise StructADMMError(f"{where}: invalid ONNX model at batch {batch}: {one_line(exc)}") from exc
 

@@ -399,18 +399,17 @@ def _initializers_once() -> Iterator[None]:
 
 def _own_parameters(module: nn.Module) -> None:
     """Give every layer's parameters and buffers that share data with another tensor of the module a copy
-    of their own (onnx2torch's shared initializer tensors stay shared): pruning changes a layer's
+    of their own (the constants the graph reads, ``get_attr``, stay shared): pruning changes a layer's
     weights in place. What the copies take is bounded before conversion (:func:`~.onnx_guard.check_sizes`)."""
-    from onnx2torch.converter import InitializersContainer
-
+    read = {str(node.target) for node in module.graph.nodes if node.op == "get_attr"}  # the shared constants
     shared: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     constants = set()
-    for owner in module.modules():
+    for prefix, owner in module.named_modules():
         for name, tensor in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
             if tensor is None or tensor.numel() == 0:
                 continue
             key = tensor.untyped_storage().data_ptr()
-            if isinstance(owner, InitializersContainer):
+            if (f"{prefix}.{name}" if prefix else name) in read:
                 constants.add(key)
             else:
                 shared.setdefault(key, []).append((owner, name, isinstance(tensor, nn.Parameter)))

@@ -30,7 +30,8 @@ onnx2torch and structadmm once and forks a child per file. A fork takes millisec
 fresh interpreter takes seconds to import torch and onnx2torch. Forking is safe there because the
 zygote never runs a model: it has no thread but OpenBLAS's (which handles fork; the zygote runs
 with ``OPENBLAS_NUM_THREADS=1``, so not even that), and ONNX Runtime, whose import starts a
-thread, is imported by each child. The zygote exits when the parent closes its pipe (at exit, or
+thread, is imported by each child. It runs in the file system's root folder, and its children
+send nothing to the terminal. The zygote exits when the parent closes its pipe (at exit, or
 when the parent dies). The address-space limit needs Linux (``/proc/self/status``); elsewhere the
 child runs with the time limit only.
 """
@@ -84,13 +85,22 @@ def dry_run(model: bytes, request: Request) -> dict:
             if _ZYGOTE is None or _ZYGOTE.poll() is not None:
                 _ZYGOTE = _Zygote()
             try:
-                return _ZYGOTE.ask(request, model)
+                answer = _ZYGOTE.ask(request, model)
+                _LAST.clear()
+                _LAST.update({k: answer[k] for k in ("seconds", "peak") if isinstance(answer.get(k), (int, float))})
+                return answer
             except BrokenPipeError:
                 _ZYGOTE.close()
                 _ZYGOTE = None
                 if attempt:
                     raise StructADMMError("the sandbox process for ONNX files stopped; try again") from None
     raise AssertionError("unreachable")
+
+
+def last_child() -> dict:
+    """What the latest child took: ``seconds`` of wall time and ``peak`` bytes of resident memory beyond
+    what it had when forked (for tests and diagnostics)."""
+    return dict(_LAST)
 
 
 def warm() -> None:
@@ -106,6 +116,7 @@ def warm() -> None:
 
 _LOCK = threading.Lock()
 _ZYGOTE: "_Zygote | None" = None
+_LAST: dict = {}
 
 _BOOT = """
 import sys
@@ -123,7 +134,7 @@ class _Zygote:
         self.ready = False
         self.process = subprocess.Popen(
             [sys.executable, "-P", "-c", _BOOT.format(root=root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=env, close_fds=True,
+            stderr=subprocess.DEVNULL, env=env, close_fds=True, cwd=os.path.abspath(os.sep),
         )
         atexit.register(self.close)
 
@@ -218,6 +229,9 @@ def _answer(stream, answer: dict) -> None:
 
 
 def _fork_child(request: Request, model: bytes) -> dict:
+    """Fork a child to :func:`_check` ``model``; its answer (or why there is none), with the ``seconds`` it
+    took and its ``peak`` resident memory beyond what it had when it started."""
+    started = time.monotonic()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -227,6 +241,7 @@ def _fork_child(request: Request, model: bytes) -> dict:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):  # nothing it prints reaches the parent's pipe or terminal
                 os.dup2(devnull, fd)
+            os.write(write, b"%d\n" % _status_bytes("VmRSS"))  # what it maps at the start: the base of its peak
             answer = _check(request, model)
             os.write(write, json.dumps(answer).encode()[:_ANSWER_BYTES])
             code = 0
@@ -249,21 +264,41 @@ def _fork_child(request: Request, model: bytes) -> dict:
         os.close(read)
         if timed_out:
             os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
+    start, _, data = data.partition(b"\n")
+    peak = max(0, usage.ru_maxrss * 1024 - int(start)) if start.isdigit() else None
+    return {**_verdict(data, status, timed_out, request), "seconds": time.monotonic() - started, "peak": peak}
+
+
+def _verdict(data: bytes, status: int, timed_out: bool, request: Request) -> dict:
+    from .onnx_guard import FILE_MARK
+
     if timed_out:
-        return {"error": f"converting it took longer than {request.seconds:.0f} s, the limit for ONNX files"}
+        return {"error": f"{FILE_MARK}: converting it took longer than {request.seconds:.0f} s, the time limit for "
+                         "ONNX files (time_limit)"}
     try:
-        return json.loads(data)
+        answer = json.loads(data)
+        if isinstance(answer, dict):
+            return answer
     except ValueError:
         pass
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
-        return {"error": f"converting it crashed ({name}); with a memory limit of {request.memory / 1e9:.3g} GB, "
-                         "it may need more"}
-    return {"error": f"converting it stopped without an answer (exit status {os.WEXITSTATUS(status)})"}
+        return {"error": f"{FILE_MARK}: converting it crashed ({name}); it may need more than the memory limit "
+                         f"for ONNX files, {request.memory / 1e9:.3g} GB (memory_limit)"}
+    return {"error": f"{FILE_MARK}: converting it stopped without an answer (exit status {os.WEXITSTATUS(status)})"}
 
 
 # --- the child ------------------------------------------------------------------------------------------
+
+
+def _status_bytes(field: str) -> int:
+    """A size from /proc/self/status (``VmSize``, ``VmRSS``, ``VmHWM``: the peak RSS); 0 where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def _limit_memory(memory: int) -> None:
@@ -272,10 +307,10 @@ def _limit_memory(memory: int) -> None:
         import resource
 
         import torch
-
-        with open("/proc/self/status") as status:
-            mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
-    except (ImportError, OSError, StopIteration):
+    except ImportError:
+        return
+    mapped = _status_bytes("VmSize")
+    if not mapped:
         return  # not Linux: the time limit alone
     soft = mapped + memory + _HEADROOM + _PER_THREAD * torch.get_num_threads()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
