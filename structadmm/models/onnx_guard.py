@@ -18,14 +18,16 @@
   the original's ASCII letters, digits and underscores, for readable layer names), an initializer
   ``w<i>``, any other value ``v<i>``, a graph ``g<i>``. onnx2torch names its modules after the nodes
   and torch.fx writes those names into Python source it executes, so only these names may reach
-  it (:func:`assert_safe` checks that right before conversion). :class:`NameMap` maps every new
+  it (:func:`rename_added` names what a version conversion adds the same way, and :func:`assert_safe`
+  checks every name right before conversion). :class:`NameMap` maps every new
   name back: error messages quote the file's own names, and ``CheckedModel.signature`` keeps the
   file's input and output names, which the pruned file is written with.
 
 Everything here is protobuf and numpy work bounded by the file's size; no ONNX or PyTorch code runs
 on the model. :func:`check_sizes` is the other half, run in the sandboxed child
-(:mod:`.onnx_sandbox`): shape inference with data propagation at concrete batch sizes, then every
-tensor's size is known and bounded before anything computes it. Every refusal is one line of
+(:mod:`.onnx_sandbox`): shape inference at concrete batch sizes (folding, with bounded sizes, the
+small constants that compute shapes, and ONNX's data propagation last), after which every tensor's
+size is known and bounded before anything computes it. Every refusal is one line of
 :class:`~structadmm.errors.StructADMMError`.
 """
 
@@ -137,7 +139,7 @@ class CheckedModel:
 def quoted(name: str, limit: int = 60) -> str:
     """``name`` as a one-line Python literal, cut to about ``limit`` characters."""
     text = repr(name)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
+    return text if len(text) <= limit else text[: limit - 4] + "..." + text[0]
 
 
 # --- reading -----------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ must not take the parent down. :func:`dry_run` hands the renamed, self-contained
 process which, under an address-space limit (``RLIMIT_AS``: what the child maps when it starts plus
 ``memory`` bytes) and a wall-clock limit (killed after ``seconds``):
 
-1. runs :func:`~.onnx_guard.check_sizes`: ONNX shape inference with data propagation at the
-   largest batch the parent checks, so that every tensor's size is known and bounded before
-   anything computes it;
+1. runs :func:`~.onnx_guard.check_sizes`: ONNX shape inference (with constant folding of shapes
+   and data propagation) at the largest batch the parent checks, so that every tensor's size is
+   known and bounded before anything computes it;
 2. converts the model with :func:`~.onnx_input.convert`, the parent's own conversion code, and
    runs the module and ONNX Runtime once on seeded inputs at that batch;
 3. answers with one JSON line: ``{"ok": true, "memory": <bytes the checks estimate>}`` or
@@ -28,10 +28,12 @@ Children come from a *zygote*: one fresh interpreter per parent process (``pytho
 nothing in the current folder shadows a module), started on first use, which imports torch, onnx,
 onnx2torch and structadmm once and forks a child per file. A fork takes milliseconds where a
 fresh interpreter takes seconds to import torch and onnx2torch. Forking is safe there because the
-zygote never runs a model: it has no thread but OpenBLAS's (which handles fork; the zygote runs
-with ``OPENBLAS_NUM_THREADS=1``, so not even that), and ONNX Runtime, whose import starts a
-thread, is imported by each child. It runs in the file system's root folder, and its children
-send nothing to the terminal. The zygote exits when the parent closes its pipe (at exit, or
+zygote never runs a model: no OpenMP or torch thread pool has started, OpenBLAS runs with
+``OPENBLAS_NUM_THREADS=1`` (no thread of its own), and the one other thread is the idle one ONNX
+Runtime's module starts when imported; the zygote never creates a session, each child creates its
+own. (A child that hung on a lock held across the fork would be stopped by its time limit.) The
+zygote runs in the file system's root folder; its children send nothing to the terminal and are
+killed if it dies. The zygote exits when the parent closes its pipe (at exit, or
 when the parent dies). The address-space limit needs Linux (``/proc/self/status``); elsewhere the
 child runs with the time limit only.
 """
@@ -87,7 +89,7 @@ def dry_run(model: bytes, request: Request) -> dict:
             try:
                 answer = _ZYGOTE.ask(request, model)
                 _LAST.clear()
-                _LAST.update({k: answer[k] for k in ("seconds", "peak") if isinstance(answer.get(k), (int, float))})
+                _LAST.update({k: answer[k] for k in ("seconds", "cpu", "peak") if isinstance(answer.get(k), (int, float))})
                 return answer
             except BrokenPipeError:
                 _ZYGOTE.close()
@@ -98,8 +100,8 @@ def dry_run(model: bytes, request: Request) -> dict:
 
 
 def last_child() -> dict:
-    """What the latest child took: ``seconds`` of wall time and ``peak`` bytes of resident memory beyond
-    what it had when forked (for tests and diagnostics)."""
+    """What the latest child took: ``seconds`` of wall time, ``cpu`` seconds, and ``peak`` bytes of resident
+    memory beyond what it had when forked (for tests and diagnostics)."""
     return dict(_LAST)
 
 
@@ -267,7 +269,8 @@ def _fork_child(request: Request, model: bytes) -> dict:
         _, status, usage = os.wait4(pid, 0)
     start, _, data = data.partition(b"\n")
     peak = max(0, usage.ru_maxrss * 1024 - int(start)) if start.isdigit() else None
-    return {**_verdict(data, status, timed_out, request), "seconds": time.monotonic() - started, "peak": peak}
+    return {**_verdict(data, status, timed_out, request), "seconds": time.monotonic() - started, "peak": peak,
+            "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def _verdict(data: bytes, status: int, timed_out: bool, request: Request) -> dict:
@@ -301,18 +304,27 @@ def _status_bytes(field: str) -> int:
         return 0
 
 
-def _limit_memory(memory: int) -> None:
-    """Cap the address space at what is mapped now plus ``memory`` and room for thread stacks."""
+def _limit(request: Request) -> None:
+    """Cap the child's address space at what it maps now plus ``request.memory`` and room for thread
+    stacks, and its CPU time (a backstop to the zygote's clock); kill it if the zygote dies."""
     try:
+        import ctypes
         import resource
 
         import torch
     except ImportError:
         return
-    mapped = _status_bytes("VmSize")
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    threads = torch.get_num_threads()
+    cpu, hard = int(request.seconds * (threads + 1)) + 10, resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu if hard == resource.RLIM_INFINITY else min(cpu, hard), hard))
+    mapped, memory = _status_bytes("VmSize"), request.memory
     if not mapped:
-        return  # not Linux: the time limit alone
-    soft = mapped + memory + _HEADROOM + _PER_THREAD * torch.get_num_threads()
+        return  # not Linux: the time limits alone
+    soft = mapped + memory + _HEADROOM + _PER_THREAD * threads
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         soft = min(soft, hard)
@@ -328,9 +340,9 @@ def _check(request: Request, model: bytes) -> dict:
     from .onnx_guard import FILE_MARK
 
     warnings.simplefilter("ignore")
-    _limit_memory(request.memory)
     stage = f"{FILE_MARK}: checking it failed"
     try:
+        _limit(request)
         import onnx
         import torch
 
