@@ -620,10 +620,15 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
     the converted module and ONNX Runtime, and its activations at their peak) stays under
     ``limits.memory``. Names are the renamed model's.
 
-    Shapes come from ONNX shape inference; where that leaves a size open, from folding the small
-    constants that compute it (:func:`_fold_shape_constants`) and inferring again, and last from
-    inference with data propagation (:func:`_infer_folded`).
+    The model must first pass ``onnx.checker``. Shapes come from ONNX shape inference (strict); where
+    that leaves a size open, from folding the small constants that compute it
+    (:func:`_fold_shape_constants`) and inferring again, and last from inference with data
+    propagation (:func:`_infer_folded`).
     """
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise StructADMMError(f"{where}: invalid ONNX model: {one_line(exc)}") from exc
     shapes_only = _without_weight_data(proto)
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v.name for v in proto.graph.input if v.name not in initializers]

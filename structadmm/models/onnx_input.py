@@ -64,6 +64,7 @@ from .onnx_guard import (
     all_nodes,
     assert_safe,
     op_name,
+    quoted,
     read_bytes,
     read_model,
     rename_added,
@@ -106,7 +107,8 @@ def load_onnx_model(
     ``max_nodes`` nodes and subgraphs ``max_depth`` deep.
     """
     require_onnx2torch()
-    onnx_sandbox.warm()  # the child's imports overlap the reading below
+    onnx_sandbox.warm()  # the zygote's imports overlap this process's own (onnx2torch) and the reading below
+    import onnx2torch  # noqa: F401
     path = Path(path)
     checked = read_model(path, max_bytes=max_bytes, max_nodes=max_nodes, max_depth=max_depth)
     signature = checked.signature
@@ -169,7 +171,7 @@ def example_inputs(path: str | Path, batch: int, *, input_shape: Sequence[int] |
 
 def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: str) -> None:
     """One line unless the data's samples give as many inputs as the ONNX file takes."""
-    names = [t.name for t in file_signature(path).inputs]
+    names = [t.name if t.name.isprintable() and len(t.name) <= 60 else quoted(t.name) for t in file_signature(path).inputs]
     first = next(iter(data)) if isinstance(data, (DataLoader, IterableDataset)) else data[0]
     x = first[0] if isinstance(first, (tuple, list)) else first
     given = len(x) if isinstance(x, (tuple, list)) else 1
