@@ -74,8 +74,10 @@ from .onnx_guard import (
 _OLDEST_OPSET = 9
 #: The two batch sizes the converted module is checked at against ONNX Runtime.
 CHECK_BATCHES = (2, 3)
-#: Memory the first conversion may take by default: max(this, 6x the file and its external data).
-MIN_MEMORY_LIMIT = 3 * 1024**3 // 2
+#: Memory the first conversion may take by default: this, plus 6x the file and its external data (the
+#: model is held about five times over while it is checked, converted and run: the proto, onnx.checker's
+#: copy, the module, ONNX Runtime's session and its optimized graph; AlexNet's 244 MB peaked at 1.55 GB).
+BASE_MEMORY_LIMIT = 3 * 1024**3 // 2
 #: Time it may take by default: this, plus as much again per GB of the file.
 MIN_TIME_LIMIT = 60.0
 
@@ -103,7 +105,7 @@ def load_onnx_model(
     Limits (each refusal is one line): ``max_bytes`` for the file with its external data;
     ``max_tensor_bytes`` for any tensor the model makes (default max(1 GiB, 4x its largest
     initializer)); ``memory_limit`` bytes and ``time_limit`` seconds for the first, sandboxed
-    conversion (defaults max(1.5 GiB, 6x the file) and 60 s plus 60 s per GB of the file);
+    conversion (defaults 1.5 GiB plus 6x the file, and 60 s plus 60 s per GB of the file);
     ``max_nodes`` nodes and subgraphs ``max_depth`` deep.
     """
     require_onnx2torch()
@@ -117,7 +119,7 @@ def load_onnx_model(
         model = checked.proto.SerializeToString()
         request = onnx_sandbox.Request(
             sample_shapes=[list(s) for s in shapes], batch=max(CHECK_BATCHES), tensor=checked.tensor_limit(max_tensor_bytes),
-            memory=memory_limit if memory_limit is not None else max(MIN_MEMORY_LIMIT, 6 * checked.total_bytes),
+            memory=memory_limit if memory_limit is not None else BASE_MEMORY_LIMIT + 6 * checked.total_bytes,
             seconds=time_limit if time_limit is not None else MIN_TIME_LIMIT * (1 + checked.total_bytes / 1e9),
         )
         answer = onnx_sandbox.dry_run(model, request)
