@@ -47,7 +47,7 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
         except StructADMMError as exc:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -217,7 +217,8 @@ def _load_model(model: str, checkpoint: Optional[Path], input_shape: Optional[st
     from .models.loading import load_model
 
     shape = parse_shape(input_shape) if input_shape else None
-    loaded = load_model(model, checkpoint=checkpoint, input_shape=shape)
+    with _warnings_as_lines():  # "this runs the file's code" for .py and .pt2 models
+        loaded = load_model(model, checkpoint=checkpoint, input_shape=shape)
     if shape:
         loaded.input_shape = shape
     return loaded

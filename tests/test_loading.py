@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from structadmm.errors import StructADMMError
+from structadmm.errors import StructADMMError, StructADMMWarning
 from structadmm.models.data import check_compatible, load_data, parse_shape
 from structadmm.models.loading import LoadedModel, load_checkpoint, load_model
 
@@ -281,6 +282,28 @@ def test_exported_program_errors(tmp_path: Path, capfd: pytest.CaptureFixture[st
     export(tiny(), static, dynamic=False)
     with fails(r"exported for batch size 2 only.*Dim\('batch'\)"):
         load_model(str(static))
+
+
+def test_models_that_run_code_say_so_in_one_warning_line(tmp_path: Path, model_file: Path) -> None:
+    with pytest.warns(StructADMMWarning, match=r"runs the code in .*my_models\.py \(imported, then build\(\) called\)") as seen:
+        load_model(f"{model_file}:build")
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    path = tmp_path / "tiny.pt2"
+    export(tiny(), path)
+    with pytest.warns(StructADMMWarning, match=r"tiny\.pt2 runs code from it .*unpickles") as seen:
+        load_model(str(path))
+    assert len(seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StructADMMWarning)
+        load_model("lenet5")  # the zoo's own models: no warning
+    from typer.testing import CliRunner
+
+    from structadmm.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "--model", f"{model_file}:build", "--input-shape", "1x8x8"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "my_models.py" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "runs the code" in lines[0]
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from structadmm.cli import app
 from structadmm.errors import ParityError, StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, load_onnx, onnx_signature
 from structadmm.models import get_spec
-from structadmm.models.onnx_input import SplitMergeReshape, clear_inert_allowzero, example_inputs, load_onnx_model
+from structadmm.models.onnx_convert import SplitMergeReshape, clear_inert_allowzero
+from structadmm.models.onnx_input import example_inputs, load_onnx_model
 from structadmm.pipeline import CompressConfig, compress
 from structadmm.prune import PruningPlan, compact
 

@@ -78,3 +78,11 @@ def test_the_check_catches_a_core_dependency_on_one_flavour() -> None:
 def test_makefile_installs_one_flavour_cpu_by_default() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "ORT ?= cpu" in makefile and '-e ".[$(ORT),dev]"' in makefile
+
+
+def test_either_runtime_extra_brings_the_onnx_converter(wheel_metadata) -> None:
+    # `pip install structadmm[cpu]` then `--model x.onnx` must not end in a missing onnx2torch (issue 24)
+    requirements = [Requirement(r) for r in wheel_metadata.get_all("Requires-Dist")]
+    for extra in FLAVOURS:
+        assert any(r.name == "onnx2torch" and r.marker is not None and r.marker.evaluate({"extra": extra})
+                   for r in requirements), extra

@@ -185,8 +185,13 @@ def verify_onnx(
     inputs: Inputs,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    *,
+    model_bytes: bytes | None = None,
 ) -> float:
     """Run ``model`` (in eval mode) and the ONNX file on ``inputs``; return the max abs difference.
+
+    With ``model_bytes`` (a serialized model, already read and checked), ONNX Runtime runs those
+    bytes and ``path`` only names them in messages.
 
     Outputs match when ``|onnx − torch| <= atol + rtol·max|torch|`` for every element of each
     output (float32 rounding grows with the magnitude of the computation, not of each element:
@@ -196,7 +201,7 @@ def verify_onnx(
     inputs = _as_tuple(inputs)
     with eval_mode(model):
         expected = [t.detach().cpu().numpy() for t in flat_outputs(_run_torch(model, inputs))]
-    actual = _run_onnx(Path(path), inputs)
+    actual = _run_onnx(Path(path), inputs, model_bytes)
     batch = inputs[0].shape[0]
     if len(actual) != len(expected):
         raise ParityError(
@@ -427,11 +432,12 @@ def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(batch)
 
 
-def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...], model_bytes: bytes | None = None) -> list[np.ndarray]:
     import onnxruntime as ort  # heavy import, only needed here
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path) if model_bytes is None else model_bytes,
+                                       providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
         raise StructADMMError(f"{path}: ONNX Runtime cannot load it: {one_line(exc)}") from exc
     arrays = [t.detach().cpu().numpy() for t in inputs]

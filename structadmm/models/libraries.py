@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..errors import StructADMMError, one_line

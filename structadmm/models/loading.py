@@ -8,9 +8,11 @@ A model reference is one of
 * ``module:function`` or ``path/to/file.py:function``: the module is imported and the function
   called with no arguments; it returns an ``nn.Module`` or ``(module, input_shape)`` with the
   shape of one sample (no batch dimension). **This runs the user's code**, with the current
-  folder (or the file's folder) on ``sys.path`` while it is imported and called,
+  folder (or the file's folder) on ``sys.path`` while it is imported and called; for a ``.py``
+  file, :func:`load_model` says so in one :class:`~structadmm.errors.StructADMMWarning` line,
 * a ``.pt2`` file written by ``torch.export.save``. ``torch.export.load`` unpickles parts of the
-  file, so a ``.pt2`` file is trusted like code: load only files you made or trust,
+  file, so a ``.pt2`` file is trusted like code: load only files you made or trust
+  (:func:`load_model` says so in one warning line),
 * an ``.onnx`` file, loaded as data and converted (see :mod:`.onnx_input`).
 
 Weights come separately, from a checkpoint that is always loaded safely: ``.safetensors``
@@ -31,6 +33,7 @@ import logging
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
@@ -38,7 +41,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import StructADMMError, one_line
+from ..errors import StructADMMError, StructADMMWarning, one_line
 from .lifting import lift
 from .libraries import input_shape_of, is_library_ref, load_from_library
 from .loaded import LoadedModel
@@ -60,10 +63,16 @@ def load_model(ref: str, *, checkpoint: str | Path | None = None,
 
         loaded = load_onnx_model(ref, input_shape=input_shape)
     elif ref.lower().endswith(".pt2"):
+        warnings.warn(f"loading {ref} runs code from it (torch.export.load unpickles parts of the file); "
+                      "load only .pt2 files you made or trust", StructADMMWarning, stacklevel=2)
         loaded = _load_exported(Path(ref))
     elif is_library_ref(ref):
         loaded = load_from_library(ref)
     elif ":" in ref and not Path(ref).exists():
+        target, _, function = ref.rpartition(":")
+        if target.lower().endswith(".py"):
+            warnings.warn(f"--model {ref} runs the code in {target} (imported, then {function}() called); "
+                          "give only files you trust", StructADMMWarning, stacklevel=2)
         loaded = _load_from_function(ref)
     else:
         loaded = _load_from_zoo(ref)

@@ -1,59 +1,74 @@
 """Load a user's ``.onnx`` file as a PyTorch module to prune, treating the file as untrusted data.
 
 The graph is converted with onnx2torch (a maintained converter; structadmm has no ONNX
-interpreter of its own). Before anything is converted or run, the file is checked, and
-every way it can be bad is one line of :class:`~structadmm.errors.StructADMMError`:
+interpreter of its own; it is installed with the ``cpu`` and ``gpu`` extras). Before anything
+is converted or run, the file is checked, and every way it can be bad is one line of
+:class:`~structadmm.errors.StructADMMError` (the CLI's exit status 2):
 
-1. its size, external data included, is at most ``max_bytes``;
-2. it is parsed as data (a protobuf; no custom op library is ever loaded): ops outside the
-   standard ONNX domain are refused by name;
-3. external-data paths must stay inside the file's folder and name files that exist;
-4. ``onnx.checker`` (full check, with shape inference) must pass;
-5. shapes must be sane: no negative or huge dimensions, initializers whose stored data
-   matches their declared shape, inputs with a dynamic batch axis (dim 0);
-6. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
+1. :func:`~.onnx_guard.read_model` reads it once, with its external data (every location
+   resolved once, inside the file's folder), as data: a protobuf, with no custom op library ever
+   loaded; it refuses custom ops, too many nodes, subgraphs nested too deep, element types such as
+   bfloat16 or float8 anywhere, initializers whose data does not match their shape, and inputs
+   with absurd shapes; and it renames every node, value and initializer to a safe identifier (no
+   name from the file reaches the Python source torch.fx generates and runs), keeping the map
+   back for messages and the file's own input and output names;
+2. inputs need a dynamic batch axis (dim 0) and fixed other axes (or ``input_shape``);
+3. :func:`~.onnx_sandbox.dry_run` checks and converts it first in a child process with a memory
+   and a time limit: shape inference with data propagation must give every tensor a known size,
+   at most ``max_tensor_bytes`` (default max(1 GiB, 4x the largest initializer)), none growing
+   faster than the batch, and the estimated memory to convert and run it must stay under
+   ``memory_limit``; then the child converts it and runs it once. A file that passes is converted
+   again in this process, by the same code on the same bytes;
+4. every op must have an onnx2torch converter at the file's opset; where onnx2torch lags
    the file's opset, the graph is first moved to the newest opset it covers with
    ``onnx.version_converter``; otherwise the error names the op. Before that, ``allowzero=1``
    is cleared from every Reshape whose shape is a constant without a 0 (where, by the ONNX
-   spec, it has no effect): onnx2torch converts ``allowzero=0`` only.
+   spec, it has no effect): onnx2torch converts ``allowzero=0`` only. An initializer that several
+   nodes read is converted once and shared, except where a layer makes it its own parameter
+   (a Conv's weight, say): each such layer gets its own copy, as surgery prunes layers apart.
 
 The converted module's global average pools become ``torch.nn`` ones (exact by the ONNX spec),
-it is checked against ONNX Runtime running the file itself, at two batch sizes, and a few
+it is checked against ONNX Runtime running the checked model, at two batch sizes, and a few
 more onnx2torch wrappers are swapped for the equivalent ``torch.nn``
 layers (checked numerically) so that the channel tracer and surgery see ordinary layers.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import importlib.util
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import numpy as np
 import onnx
 import torch
 import torch.fx
-from google.protobuf.message import DecodeError
-from onnx import numpy_helper
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..errors import ParityError, StructADMMError, one_line
-from ..exporters import OnnxSignature, load_onnx, onnx_signature, verify_onnx
+from ..errors import StructADMMError, one_line
+from ..exporters import OnnxSignature, onnx_signature
+from . import onnx_sandbox
 from .loaded import LoadedModel
+from .onnx_convert import check_against_runtime, convert, example_batch, replace_wrappers
+from .onnx_guard import (
+    FILE_MARK,
+    MAX_BYTES,
+    MAX_DEPTH,
+    MAX_NODES,
+    CheckedModel,
+    quoted,
+    read_bytes,
+    read_model,
+)
 
-#: Largest file (with its external data) that is loaded: protobuf's own limit is 2 GiB.
-MAX_BYTES = 2 * 1024**3
-#: Largest tensor (elements) an initializer may declare.
-MAX_TENSOR_ELEMENTS = 2**31
-#: Largest sample (elements, without the batch axis) an input may take.
-MAX_SAMPLE_ELEMENTS = 2**26
-MAX_RANK = 8
-#: Oldest opset tried when onnx2torch lags the file's opset.
-_OLDEST_OPSET = 9
 #: The two batch sizes the converted module is checked at against ONNX Runtime.
 CHECK_BATCHES = (2, 3)
-_STANDARD_DOMAINS = ("", "ai.onnx")
+#: Memory the first conversion may take by default: this, plus 6x the file and its external data (the
+#: model is held about five times over while it is checked, converted and run: the proto, onnx.checker's
+#: copy, the module, ONNX Runtime's session and its optimized graph; AlexNet's 244 MB peaked at 1.55 GB).
+BASE_MEMORY_LIMIT = 3 * 1024**3 // 2
+#: Time it may take by default: this, plus as much again per GB of the file.
+MIN_TIME_LIMIT = 60.0
 
 
 def load_onnx_model(
@@ -63,6 +78,11 @@ def load_onnx_model(
     max_bytes: int = MAX_BYTES,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    max_tensor_bytes: int | None = None,
+    memory_limit: int | None = None,
+    time_limit: float | None = None,
+    max_nodes: int = MAX_NODES,
+    max_depth: int = MAX_DEPTH,
 ) -> LoadedModel:
     """The model in the ONNX file at ``path`` as a prunable ``nn.Module`` (see the module docstring).
 
@@ -70,32 +90,79 @@ def load_onnx_model(
     axes other than the batch dynamic. The result's ``onnx_file`` is ``path``: the pipeline
     times the file as given as the dense baseline and writes the pruned model with its input
     and output names, dtypes and dynamic axes.
+
+    Limits (each refusal is one line): ``max_bytes`` for the file with its external data;
+    ``max_tensor_bytes`` for any tensor the model makes (default max(1 GiB, 4x its largest
+    initializer)); ``memory_limit`` bytes and ``time_limit`` seconds for the first, sandboxed
+    conversion (defaults 1.5 GiB plus 6x the file, and 60 s plus 60 s per GB of the file);
+    ``max_nodes`` nodes and subgraphs ``max_depth`` deep.
     """
+    require_onnx2torch()
+    onnx_sandbox.warm()  # the zygote's imports overlap this process's own (onnx2torch) and the reading below
+    import onnx2torch  # noqa: F401
     path = Path(path)
-    proto = _read_checked(path, max_bytes)
-    signature = onnx_signature(proto)
+    checked = read_model(path, max_bytes=max_bytes, max_nodes=max_nodes, max_depth=max_depth)
+    signature = checked.signature
     shapes = _sample_shapes(signature, input_shape, path)
-    converted = _convert(_at_convertible_opset(clear_inert_allowzero(proto, path), path), path)
-    check = [_example_inputs(signature, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
-    global_pools(converted, check[0])
-    for inputs in check:
-        _check_against_runtime(converted, path, inputs, atol, rtol)
-    module = replace_wrappers(converted, check[0])
+    with _file_names(checked, path):
+        model = checked.proto.SerializeToString()
+        request = onnx_sandbox.Request(
+            sample_shapes=[list(s) for s in shapes], batch=max(CHECK_BATCHES), tensor=checked.tensor_limit(max_tensor_bytes),
+            memory=memory_limit if memory_limit is not None else BASE_MEMORY_LIMIT + 6 * checked.total_bytes,
+            seconds=time_limit if time_limit is not None else MIN_TIME_LIMIT * (1 + checked.total_bytes / 1e9),
+        )
+        answer = onnx_sandbox.dry_run(model, request)
+        if "error" in answer or answer.get("ok") is not True:
+            raise StructADMMError(str(answer.get("error", "the sandbox gave no verdict")))
+        check = [example_batch(checked.proto, shapes, batch, seed=batch) for batch in CHECK_BATCHES]
+        converted = convert(checked.proto, FILE_MARK, check[0])
+        for inputs in check:
+            check_against_runtime(converted, model, inputs, atol, rtol)
+        module = replace_wrappers(converted, check[0])
     output = signature.outputs[0].dims if len(signature.outputs) == 1 else ()
     classes = output[1] if len(output) == 2 and isinstance(output[1], int) else None
     return LoadedModel(module.eval(), path.stem, shapes[0] if len(shapes) == 1 else None, classes, onnx_file=path)
 
 
+def require_onnx2torch() -> None:
+    """One line naming the extra to install when onnx2torch (which converts ONNX files) is missing."""
+    if importlib.util.find_spec("onnx2torch") is None:
+        raise StructADMMError(
+            "an .onnx model needs onnx2torch, which converts it to PyTorch: pip install 'structadmm[cpu]' "
+            "(or 'structadmm[gpu]'), or pip install onnx2torch"
+        )
+
+
+@contextlib.contextmanager
+def _file_names(checked: CheckedModel, path: Path) -> Iterator[None]:
+    """Errors raised inside name the file's own nodes and values, and its path."""
+    try:
+        yield
+    except StructADMMError as exc:
+        message = checked.names.restore_text(str(exc)).replace(FILE_MARK, str(path))
+        raise type(exc)(message) from exc
+
+
+def file_signature(path: str | Path) -> OnnxSignature:
+    """The inputs and outputs of the ONNX file at ``path``, read as data (no external data)."""
+    try:
+        return onnx_signature(onnx.ModelProto.FromString(read_bytes(Path(path), MAX_BYTES)))
+    except StructADMMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - protobuf's decode errors
+        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {one_line(exc)}") from exc
+
+
 def example_inputs(path: str | Path, batch: int, *, input_shape: Sequence[int] | None = None,
                    seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded example inputs for the ONNX file at ``path``, one per graph input, at ``batch``."""
-    signature = onnx_signature(onnx.load(Path(path), load_external_data=False))
-    return _example_inputs(signature, _sample_shapes(signature, input_shape, Path(path)), batch, seed)
+    signature = file_signature(path)
+    return example_batch(signature, _sample_shapes(signature, input_shape, Path(path)), batch, seed)
 
 
 def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: str) -> None:
     """One line unless the data's samples give as many inputs as the ONNX file takes."""
-    names = [t.name for t in onnx_signature(onnx.load(Path(path), load_external_data=False)).inputs]
+    names = [t.name if t.name.isprintable() and len(t.name) <= 60 else quoted(t.name) for t in file_signature(path).inputs]
     first = next(iter(data)) if isinstance(data, (DataLoader, IterableDataset)) else data[0]
     x = first[0] if isinstance(first, (tuple, list)) else first
     given = len(x) if isinstance(x, (tuple, list)) else 1
@@ -106,109 +173,6 @@ def check_data_feeds(path: str | Path, data: Dataset | DataLoader, data_name: st
             "(module:function data)" if len(names) > 1 else
             f"{Path(path).name} takes one input ({names[0]}) but the samples of {data_name} give {given}"
         )
-
-
-# --- reading the file as data ----------------------------------------------------------------------
-
-
-def _read_checked(path: Path, max_bytes: int) -> onnx.ModelProto:
-    if not path.is_file():
-        raise StructADMMError(f"ONNX file {path} does not exist; check the path")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise StructADMMError(f"{path} is {size / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit for ONNX files")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise StructADMMError(f"{path}: not a readable ONNX file (truncated or corrupt?): {one_line(exc)}") from exc
-    _check_domains(proto, path)
-    _check_external_data(proto, path, max_bytes - size)
-    proto = load_onnx(path)  # external data (from inside the folder) and onnx.checker's full check
-    _check_shapes(proto, path)
-    return proto
-
-
-def _check_domains(proto: onnx.ModelProto, path: Path) -> None:
-    if proto.functions:
-        raise StructADMMError(
-            f"{path} defines model-local functions ({proto.functions[0].name}); inline them first "
-            "(onnx.inliner.inline_local_functions)"
-        )
-    for node in _all_nodes(proto.graph):
-        if node.domain not in _STANDARD_DOMAINS:
-            raise StructADMMError(
-                f"{path}: op {node.op_type} of domain {node.domain!r} is a custom op; only standard ONNX ops "
-                "can be converted"
-            )
-
-
-def _check_external_data(proto: onnx.ModelProto, path: Path, budget: int) -> None:
-    folder = path.resolve().parent
-    total = 0
-    seen: set[Path] = set()
-    for tensor in _all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise StructADMMError(
-                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the "
-                "file's folder; external data must sit beside the model"
-            )
-        if not target.is_file():
-            raise StructADMMError(f"{path}: external data file {location!r} of tensor {tensor.name!r} does not exist")
-        if target not in seen:
-            seen.add(target)
-            total += target.stat().st_size
-    if total > budget:
-        raise StructADMMError(f"{path}: its external data is {total / 1e6:.0f} MB, over the limit for ONNX files")
-
-
-def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
-    for tensor in _all_tensors(proto):
-        dims = list(tensor.dims)
-        if any(d < 0 for d in dims) or len(dims) > MAX_RANK:
-            raise StructADMMError(f"{path}: initializer {tensor.name!r} has an invalid shape {dims}")
-        elements = math.prod(dims)
-        if elements > MAX_TENSOR_ELEMENTS:
-            raise StructADMMError(
-                f"{path}: initializer {tensor.name!r} declares shape {dims} ({elements:.3g} elements), "
-                f"over the limit of {MAX_TENSOR_ELEMENTS:.3g}"
-            )
-        stored = _stored_elements(tensor)
-        if stored is not None and stored != elements:
-            raise StructADMMError(
-                f"{path}: initializer {tensor.name!r} declares shape {dims} but stores {stored} elements"
-            )
-    for value in (*proto.graph.input, *proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        fixed = [d.dim_value for d in dims if d.HasField("dim_value")]
-        if len(dims) > MAX_RANK or any(d < 0 for d in fixed):
-            raise StructADMMError(f"{path}: {value.name!r} has an invalid shape {[_dim(d) for d in dims]}")
-        if math.prod(fixed[1:] if len(fixed) == len(dims) else fixed) > MAX_SAMPLE_ELEMENTS:
-            raise StructADMMError(
-                f"{path}: {value.name!r} has shape {[_dim(d) for d in dims]}, over the limit of "
-                f"{MAX_SAMPLE_ELEMENTS:.3g} elements per sample"
-            )
-
-
-def _stored_elements(tensor: onnx.TensorProto) -> int | None:
-    """Elements the tensor's stored data holds, where it can be told without reading external data."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    if tensor.HasField("raw_data"):
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
-            return None
-        return len(tensor.raw_data) // itemsize
-    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        values = getattr(tensor, field)
-        if len(values):
-            complex_pairs = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
-            return len(values) // 2 if complex_pairs else len(values)
-    return None
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -245,503 +209,3 @@ def _sample_shapes(signature: OnnxSignature, input_shape: Sequence[int] | None,
                 "of one sample (--input-shape, e.g. 3x224x224)"
             )
     return shapes
-
-
-def _example_inputs(signature: OnnxSignature, shapes: list[tuple[int, ...]], batch: int,
-                    seed: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = []
-    for spec, shape in zip(signature.inputs, shapes):
-        dtype = np.dtype(spec.dtype)
-        if np.issubdtype(dtype, np.floating):
-            inputs.append(torch.randn((batch, *shape), generator=generator).to(torch.from_numpy(np.zeros(0, dtype)).dtype))
-        elif dtype == np.bool_:
-            inputs.append(torch.randint(0, 2, (batch, *shape), generator=generator).bool())
-        elif np.issubdtype(dtype, np.integer):  # token ids, indices: the valid range is unknown; 0 and 1 are safe
-            inputs.append(torch.randint(0, 2, (batch, *shape), generator=generator).to(
-                torch.from_numpy(np.zeros(0, dtype)).dtype))
-        else:
-            raise StructADMMError(f"input {spec.name!r} is {spec.dtype}; structadmm feeds numeric inputs only")
-    return tuple(inputs)
-
-
-# --- conversion -----------------------------------------------------------------------------------
-
-
-def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
-    """``proto``, changed in place: ``allowzero=1`` removed from every Reshape whose shape is a constant
-    with no 0 entry.
-
-    ``allowzero`` only decides what a 0 in the shape means (copy the input's dimension, or a
-    dimension of size 0), so without a 0 it has no effect (ONNX spec, Reshape-14) and clearing
-    it is exact. onnx2torch converts ``allowzero=0`` only; the dynamo exporter writes ``allowzero=1``
-    on every Reshape. One line where it does matter: a constant shape with a 0, or a shape
-    computed at run time.
-    """
-    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) == 1}
-    for node in _all_nodes(proto.graph):
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name in ("value", "value_ints"):
-            attr = node.attribute[0]
-            constants[node.output[0]] = numpy_helper.to_array(attr.t) if attr.name == "value" else np.array(attr.ints)
-    for node in _all_nodes(proto.graph):
-        if node.op_type != "Reshape" or node.domain not in _STANDARD_DOMAINS:
-            continue
-        flag = next((a for a in node.attribute if a.name == "allowzero"), None)
-        if flag is None or flag.i == 0:
-            continue
-        where = f"{path}: Reshape {node.name or node.output[0]!r} has allowzero=1"
-        if len(node.input) < 2 or node.input[1] not in constants:
-            raise StructADMMError(f"{where} with a shape computed at run time; onnx2torch converts allowzero=0 only")
-        shape = constants[node.input[1]]
-        if (shape == 0).any():
-            raise StructADMMError(
-                f"{where} and a 0 in its shape {shape.tolist()} (a dimension of size 0); onnx2torch converts "
-                "allowzero=0 only"
-            )
-        node.attribute.remove(flag)
-    return proto
-
-
-def _at_convertible_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
-    opset at which it does; one line naming the op when there is none."""
-    opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), None)
-    if opset is None:
-        raise StructADMMError(f"{path} imports no standard ONNX opset")
-    missing = _unconvertible(proto, opset)
-    if not missing:
-        return proto
-    from onnx import version_converter
-
-    for target in range(opset - 1, _OLDEST_OPSET - 1, -1):
-        if _unconvertible(proto, target):
-            continue
-        try:
-            moved = version_converter.convert_version(proto, target)
-        except Exception:  # noqa: BLE001 - the converter cannot move this graph: try an older opset
-            continue
-        if not _unconvertible(moved, target):
-            return moved
-    op, version = missing[0]
-    more = f" (and {', '.join(o for o, _ in missing[1:4])})" if len(missing) > 1 else ""
-    raise StructADMMError(
-        f"{path}: op {op} (opset {version}) cannot be converted to PyTorch: onnx2torch has no converter for it{more}"
-    )
-
-
-#: ONNX op versions newer than onnx2torch's that only widened the element types accepted
-#: (float8 in 19, int4 in 21; Cast-19's saturate applies to float8 alone): the older
-#: version's converter is exact for every type it converts. The ONNX Runtime check is the backstop.
-_TYPE_ONLY_VERSIONS = {
-    "Cast": (19, 21), "Constant": (19, 21), "Identity": (19, 21), "Reshape": (19, 21), "Shape": (19, 21),
-    "Size": (19, 21), "Flatten": (21,), "Transpose": (21,), "Squeeze": (21,), "Unsqueeze": (21,),
-}
-
-
-def _register_type_only_versions() -> None:
-    from onnx2torch.node_converters.registry import add_converter, get_converter
-
-    for op, versions in _TYPE_ONLY_VERSIONS.items():
-        for version in versions:
-            try:
-                get_converter(operation_type=op, version=version)
-                continue  # onnx2torch has it (a newer onnx2torch)
-            except NotImplementedError:
-                pass
-            try:
-                older = get_converter(operation_type=op, version=version - 1)
-            except NotImplementedError:
-                continue
-            add_converter(operation_type=op, version=version)(older)
-
-
-def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
-    from onnx2torch.node_converters.registry import get_converter
-
-    _register_type_only_versions()
-    missing: dict[str, int] = {}
-    for node in _all_nodes(proto.graph):
-        try:
-            get_converter(operation_type=node.op_type, version=opset, domain=node.domain)
-        except NotImplementedError:
-            missing.setdefault(node.op_type, opset)
-    return list(missing.items())
-
-
-def _convert(proto: onnx.ModelProto, path: Path) -> nn.Module:
-    import onnx2torch
-
-    try:
-        return onnx2torch.convert(proto).eval()
-    except Exception as exc:  # noqa: BLE001 - an attribute or case the converter does not cover
-        raise StructADMMError(f"{path}: onnx2torch cannot convert it: {one_line(exc)}") from exc
-
-
-def _check_against_runtime(module: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...],
-                           atol: float, rtol: float) -> None:
-    try:
-        verify_onnx(module, path, inputs, atol=atol, rtol=rtol)
-    except ParityError as exc:
-        raise ParityError(f"the PyTorch conversion of {path} does not compute what ONNX Runtime does: {exc}") from exc
-    except StructADMMError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the converted module failed to run
-        raise StructADMMError(
-            f"the PyTorch conversion of {path} fails at batch {inputs[0].shape[0]}: {type(exc).__name__}: "
-            f"{one_line(exc)}"
-        ) from exc
-
-
-# --- onnx2torch wrappers → torch.nn layers ---------------------------------------------------------
-
-
-def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module:
-    """Swap onnx2torch wrapper modules for the equivalent ``torch.nn`` layers, in place.
-
-    (Global average pools are ``nn.AdaptiveAvgPool{1,2,3}d(1)`` already: :func:`global_pools`.)
-
-    * A functional ``OnnxBatchNorm`` (emitted where the file shares or copies its statistics
-      through Identity nodes, as the legacy exporter does at old opsets) whose statistics are
-      constants becomes an ``nn.BatchNorm{1,2,3}d`` with its own copy of them, which surgery can slice.
-    * onnx2torch's Reshape, Slice, Squeeze and Unsqueeze read their shape, bounds or axes from
-      tensors at run time, which the channel tracer (built on torch.export) cannot follow. Where
-      those are constants: a Reshape that flattens each sample becomes ``nn.Flatten``, one that
-      splits or merges the dims after the batch a :class:`SplitMergeReshape` (both follow a pruned
-      channel count), any other a :class:`StaticReshape`; a Slice that takes one of n equal parts
-      of an axis becomes a :class:`ChunkSlice` (what ``torch.chunk`` exports to), any other a
-      :class:`StaticSlice`; a Squeeze or Unsqueeze, onnx2torch's own static-axes module.
-    * ``HardSigmoid(1/6, 1/2)`` becomes ``nn.Hardsigmoid``, which the tracer knows as elementwise.
-
-    Each swap is kept only where the module's outputs on ``example`` are unchanged.
-    """
-    if isinstance(module, torch.fx.GraphModule):
-        _own_batchnorms(module, example)
-        _static_arguments(module, example)
-    from onnx2torch.node_converters.activations import OnnxHardSigmoid
-
-    swaps = {name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
-             and math.isclose(sub.alpha, 1 / 6, rel_tol=1e-6) and math.isclose(sub.beta, 0.5, rel_tol=1e-6)}
-    with torch.no_grad():
-        reference = module(*example)
-    for name, new in swaps.items():
-        old = module.get_submodule(name)
-        _set_submodule(module, name, new)
-        with torch.no_grad():
-            if not _same(reference, module(*example)):
-                _set_submodule(module, name, old)
-    return module
-
-
-def global_pools(module: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
-    """onnx2torch's GlobalAveragePool modules become ``nn.AdaptiveAvgPool{1,2,3}d(1)``, in place.
-
-    By the ONNX spec, GlobalAveragePool averages every axis after the channels, which is what
-    the adaptive pools compute (and the channel tracer knows as spatial). onnx2torch's module
-    averages every axis of the input instead where the file leaves the rank of the pool's input
-    unknown (after a Reshape to a computed shape, say). Run before the check against ONNX Runtime,
-    which then checks this too. Nothing is swapped where the module fails to run: the check says why.
-    """
-    from onnx2torch.node_converters.global_average_pool import (
-        OnnxGlobalAveragePool,
-        OnnxGlobalAveragePoolWithKnownInputShape,
-    )
-
-    pools = {3: nn.AdaptiveAvgPool1d, 4: nn.AdaptiveAvgPool2d, 5: nn.AdaptiveAvgPool3d}
-    shapes: dict[str, tuple[int, ...]] = {}
-    try:  # the pools reached before the module fails (as after a wrong pool) are recorded all the same
-        _input_shapes(module, example, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape), shapes)
-    except Exception:  # noqa: BLE001 - the check against ONNX Runtime reports a module that fails to run
-        pass
-    for name, rank in {name: len(shape) for name, shape in shapes.items()}.items():
-        if rank in pools:
-            _set_submodule(module, name, pools[rank](1))
-
-
-def _own_batchnorms(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
-    from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
-
-    norms = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-    ranks = _input_ranks(module, example, (OnnxBatchNorm,))
-    if not ranks:
-        return
-    with torch.no_grad():
-        reference = module(*example)
-    undo = []
-    for node in module.graph.nodes:
-        if node.op != "call_module" or node.target not in ranks or len(node.args) != 5 or node.kwargs:
-            continue
-        stats = [_constant(module, arg) for arg in node.args[1:]]
-        if any(t is None for t in stats) or ranks[node.target] not in norms:
-            continue
-        old = module.get_submodule(node.target)
-        weight, bias, mean, var = (t.detach().clone().float() for t in stats)
-        norm = norms[ranks[node.target]](len(weight), eps=old.epsilon, momentum=old.momentum).eval()
-        with torch.no_grad():
-            norm.weight.copy_(weight), norm.bias.copy_(bias)
-            norm.running_mean.copy_(mean), norm.running_var.copy_(var)
-        undo.append((node, node.args, old))
-        _set_submodule(module, node.target, norm)
-        node.args = (node.args[0],)
-    _keep_if_same(module, example, reference, undo)
-
-
-class StaticReshape(nn.Module):
-    """ONNX Reshape (``allowzero=0``) to a shape known when the graph is converted: a 0 copies the
-    input's dimension at that index, a -1 is inferred."""
-
-    def __init__(self, shape: Sequence[int]) -> None:
-        super().__init__()
-        self.shape = tuple(int(d) for d in shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # copied sizes other than the batch as numbers: exported files keep their shapes inferable
-        return x.reshape([(x.shape[0] if i == 0 else int(x.shape[i])) if d == 0 else d
-                          for i, d in enumerate(self.shape)])
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}"
-
-
-def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
-    """``OnnxReshape``, ``OnnxSlice`` and ``Onnx(Un)SqueezeDynamicAxes`` nodes whose shape (starts,
-    ends, axes, steps) are constants become layers that hold them as numbers."""
-    from onnx2torch.node_converters.reshape import OnnxReshape
-    from onnx2torch.node_converters.slice import OnnxSlice
-    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
-    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
-
-    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes))
-    with torch.no_grad():
-        reference = module(*example)
-    undo = []
-    for node in module.graph.nodes:
-        if node.op != "call_module" or node.target not in shapes or node.kwargs:
-            continue
-        old = module.get_submodule(str(node.target))
-        values = [_constant(module, arg) for arg in node.args[1:]]
-        if not values or any(v is None or v.dim() != 1 or v.dtype.is_floating_point for v in values):
-            continue
-        values = [v.tolist() for v in values]
-        if isinstance(old, OnnxReshape) and len(values) == 1:
-            new = _reshape_layer(values[0], shapes[node.target])
-        elif isinstance(old, OnnxSlice) and len(values) in (2, 3, 4):
-            starts, ends, axes, steps = (values + [None, None])[:4]
-            axes = axes if axes is not None else list(range(len(starts)))
-            steps = steps if steps is not None else [1] * len(starts)
-            if min(steps, default=0) < 1 or not len(starts) == len(ends) == len(axes) == len(steps):
-                continue  # reversed slices stay onnx2torch's
-            new = _slice_layer(list(zip(axes, starts, ends, steps)), shapes[node.target])
-        elif isinstance(old, OnnxSqueezeDynamicAxes) and len(values) == 1 and values[0]:
-            new = OnnxSqueezeStaticAxes(axes=values[0])
-        elif isinstance(old, OnnxUnsqueezeDynamicAxes) and len(values) == 1:
-            new = OnnxUnsqueezeStaticAxes(axes=values[0])
-        else:
-            continue
-        undo.append((node, node.args, old))
-        _set_submodule(module, str(node.target), new)
-        node.args = (node.args[0],)
-    _keep_if_same(module, example, reference, undo)
-
-
-def _slice_layer(slices: list[tuple[int, int, int, int]], given: tuple[int, ...]) -> nn.Module:
-    """The layer for a Slice with constant bounds of inputs shaped ``given``: a :class:`ChunkSlice`
-    where it takes one of ``n`` equal parts of a non-batch axis (``x[:, 24:48]`` of 48 channels:
-    what ``torch.chunk`` exports to), which follows the size of that axis; else a :class:`StaticSlice`."""
-    if len(slices) == 1:
-        axis, start, end, step = slices[0]
-        size = given[axis] if -len(given) <= axis < len(given) else 0
-        start, end = (min(max(b + size if b < 0 else b, 0), size) for b in (start, end))
-        part = end - start
-        if step == 1 and axis % len(given) != 0 and 0 < part < size and size % part == 0 and start % part == 0:
-            return ChunkSlice(axis, size // part, start // part)
-    return StaticSlice(slices)
-
-
-class ChunkSlice(nn.Module):
-    """Part ``index`` of ``chunks`` equal parts of ``axis``: ``torch.chunk(x, chunks, axis)[index]``."""
-
-    def __init__(self, axis: int, chunks: int, index: int) -> None:
-        super().__init__()
-        self.axis, self.chunks, self.index = int(axis), int(chunks), int(index)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.chunk(x, self.chunks, self.axis)[self.index]
-
-    def extra_repr(self) -> str:
-        return f"axis={self.axis}, chunks={self.chunks}, index={self.index}"
-
-
-class StaticSlice(nn.Module):
-    """ONNX Slice with constant starts, ends, axes and positive steps, as ``x[start:end:step]`` per axis
-    (the same clamping of out-of-range bounds as ONNX)."""
-
-    def __init__(self, slices) -> None:
-        super().__init__()
-        self.slices = tuple((int(a), int(start), int(end), int(step)) for a, start, end, step in slices)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = [slice(None)] * x.dim()
-        for axis, start, end, step in self.slices:
-            index[axis] = slice(start, end, step)
-        return x[tuple(index)]
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"axis {a}: {start}:{end}:{step}" for a, start, end, step in self.slices)
-
-
-def _reshape_layer(shape: list[int], given: tuple[int, ...]) -> nn.Module:
-    """The layer for a Reshape to the constant ``shape`` of inputs shaped ``given`` (batch first):
-    ``nn.Flatten()`` where it flattens each sample (``[-1, C*H*W]``, ``[0, -1]``); a
-    :class:`SplitMergeReshape` where it keeps the batch and splits or merges the dims between a
-    kept prefix and suffix (a channel shuffle's ``[-1, g, C/g, H, W]``); else a :class:`StaticReshape`.
-    The first two are exact for every batch size (the other axes of the file's inputs are fixed)
-    and follow the channel count when surgery changes it."""
-    if len(shape) == 2 and len(given) >= 2 and shape[0] in (0, -1) and (
-            shape[1] == math.prod(given[1:]) or shape == [0, -1]):
-        return nn.Flatten()
-    out = _resolved(shape, given)
-    if out is None or not given or shape[0] not in (0, -1) or out[0] != given[0]:
-        return StaticReshape(shape)
-    head = 1
-    while head < min(len(given), len(out)) and out[head] == given[head]:
-        head += 1
-    tail = 0
-    while tail < min(len(given), len(out)) - head and out[-1 - tail] == given[-1 - tail]:
-        tail += 1
-    middle = out[head:len(out) - tail]
-    if not middle or len(given) - head - tail < 1:
-        return StaticReshape(shape)
-    return SplitMergeReshape(head, middle[:-1], tail)
-
-
-def _resolved(shape: list[int], given: tuple[int, ...]) -> list[int] | None:
-    """The output shape of an ONNX Reshape (allowzero=0) of a ``given``-shaped input to ``shape``."""
-    out = [given[i] if d == 0 and i < len(given) else d for i, d in enumerate(shape)]
-    known = math.prod(d for d in out if d != -1)
-    if out.count(-1) > 1 or known == 0 or any(d < -1 for d in out):
-        return None
-    if -1 in out:
-        out[out.index(-1)] = math.prod(given) // known
-    return out if math.prod(out) == math.prod(given) else None
-
-
-class SplitMergeReshape(nn.Module):
-    """A Reshape that keeps the first ``head`` and last ``tail`` dims of its input and turns the
-    dims between into ``(*fixed, -1)``: the last new dim follows the input's size, so a channel
-    shuffle ``[-1, g, C/g, H, W]`` or its merge ``[-1, C, H, W]`` stays right when C changes."""
-
-    def __init__(self, head: int, fixed: Sequence[int], tail: int) -> None:
-        super().__init__()
-        self.head, self.fixed, self.tail = int(head), tuple(int(d) for d in fixed), int(tail)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the batch as -1 and the other sizes as numbers: exported files keep their dynamic batch
-        # and their shapes inferable
-        shape = [int(d) for d in x.shape[1:]]
-        middle = math.prod(shape[self.head - 1:len(shape) - self.tail]) // math.prod(self.fixed)
-        return x.reshape([-1, *shape[:self.head - 1], *self.fixed, middle, *shape[len(shape) - self.tail:]])
-
-    def extra_repr(self) -> str:
-        return f"head={self.head}, fixed={self.fixed}, tail={self.tail}"
-
-
-def _keep_if_same(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], reference: object,
-                  undo: list) -> None:
-    """Keep the swaps in ``undo`` ((node, old args, old module) each, already made) if the module's
-    outputs on ``example`` are still ``reference``, else undo them all (onnx2torch's modules are
-    exact, if not prunable); then drop what no node uses any more."""
-    if not undo:
-        return
-    module.recompile()
-    with torch.no_grad():
-        same = _same(reference, module(*example))
-    if not same:
-        for node, args, old in undo:
-            _set_submodule(module, str(node.target), old)
-            node.args = args
-        module.recompile()
-        return
-    module.graph.eliminate_dead_code()
-    module.delete_all_unused_submodules()
-    module.recompile()
-
-
-def _constant(module: torch.fx.GraphModule, arg: object) -> torch.Tensor | None:
-    """The tensor an fx argument always holds: an initializer, possibly through Identity copies."""
-    from onnx2torch.node_converters.identity import OnnxCopyIdentity
-
-    if not isinstance(arg, torch.fx.Node):
-        return None
-    if arg.op == "get_attr":
-        value = module
-        for part in str(arg.target).split("."):
-            value = getattr(value, part)
-        return value if isinstance(value, torch.Tensor) else None
-    if arg.op == "call_module" and len(arg.args) == 1 and isinstance(
-            module.get_submodule(str(arg.target)), (OnnxCopyIdentity, nn.Identity)):
-        return _constant(module, arg.args[0])
-    return None
-
-
-def _input_ranks(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...]) -> dict[str, int]:
-    return {name: len(shape) for name, shape in _input_shapes(module, example, types).items()}
-
-
-def _input_shapes(module: nn.Module, example: tuple[torch.Tensor, ...], types: tuple[type, ...],
-                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
-    """The shape of the first input of every submodule of one of ``types`` (first call) on ``example``,
-    recorded into ``shapes`` as the module runs."""
-    shapes = {} if shapes is None else shapes
-
-    def record(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, tuple(args[0].shape))
-        return hook
-
-    handles = [sub.register_forward_pre_hook(record(name))
-               for name, sub in module.named_modules() if isinstance(sub, types)]
-    try:
-        with torch.no_grad():
-            module(*example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
-def _same(a: object, b: object) -> bool:
-    from ..layers import flat_outputs
-
-    xs, ys = flat_outputs(a), flat_outputs(b)
-    return len(xs) == len(ys) and all(x.shape == y.shape and torch.allclose(x, y, atol=1e-6) for x, y in zip(xs, ys))
-
-
-# --- small helpers --------------------------------------------------------------------------------
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
-                yield from _all_nodes(sub)
-
-
-def _all_tensors(proto: onnx.ModelProto):
-    yield from proto.graph.initializer
-    for node in _all_nodes(proto.graph):
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-
-
-def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
-    return d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
-
-
