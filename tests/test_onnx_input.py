@@ -446,14 +446,18 @@ def test_too_big_a_file_is_refused_before_parsing(tmp_path: Path) -> None:
     _fails(path, r"over the 0 MB limit", max_bytes=100)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a protobuf at all \xff\xfe", "truncated"])
-def test_garbage_and_truncated_files(content, tmp_path: Path) -> None:
+@pytest.mark.parametrize("content, message", [
+    (b"", r"bad\.onnx takes no inputs"),  # an empty protobuf parses: a model of nothing
+    (b"not a protobuf at all \xff\xfe", r"not a readable ONNX file \(truncated or corrupt\?\)"),
+    ("truncated", r"not a readable ONNX file \(truncated or corrupt\?\)"),
+])
+def test_garbage_and_truncated_files(content, message: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.onnx"
     if content == "truncated":
         full = _helper_model(tmp_path / "full.onnx").read_bytes()
         content = full[: len(full) // 2]
     path.write_bytes(content)
-    _fails(path, r"not a readable ONNX file|invalid ONNX model|takes no inputs")
+    _fails(path, message)
 
 
 def test_checker_errors_are_one_line(tmp_path: Path) -> None:
@@ -503,7 +507,7 @@ def test_absurd_initializer_shape_is_refused(tmp_path: Path) -> None:
     fc.dims[:] = [1 << 20, 1 << 20]
     path = tmp_path / "huge.onnx"
     onnx.save(model, path)
-    _fails(path, r"fc_b.*(over the limit|declares shape)|invalid ONNX model")
+    _fails(path, r"initializer 'fc_b' declares shape \[1048576, 1048576\] \(1\.1e\+12 elements\), over the limit")
 
 
 def test_initializer_with_less_data_than_its_shape_is_refused(tmp_path: Path) -> None:
@@ -512,7 +516,7 @@ def test_initializer_with_less_data_than_its_shape_is_refused(tmp_path: Path) ->
     fc.dims[:] = [10, 10]
     path = tmp_path / "short.onnx"
     onnx.save(model, path)
-    _fails(path, r"fc_b.*declares shape \[10, 10\] but stores 10 elements|invalid ONNX model")
+    _fails(path, r"initializer 'fc_b' declares shape \[10, 10\] but stores 10 elements")
 
 
 def test_absurd_input_shape_is_refused(tmp_path: Path) -> None:
