@@ -10,7 +10,15 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 # The ONNX Runtime build, one of the extras cpu or gpu (never both): `make ORT=gpu` for onnxruntime-gpu.
 ORT ?= cpu
 
-.PHONY: demo test test-slow bench clean
+# `make test-min`: the fast suite in its own virtualenv with every dependency at the lowest version
+# pyproject.toml allows (tools/floors.py turns each >=X into ==X; their dependencies resolve as pip
+# chooses). transformers is left out: it is only a test zoo, and its own requirements are above our
+# floors (5.23 needs safetensors>=0.8), so the tests that need it skip.
+VENV_MIN ?= .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
+STAMP_MIN ?= $(VENV_MIN)/.installed
+
+.PHONY: demo test test-slow test-min bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +26,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[$(ORT),dev]"
 	touch $(STAMP)
+
+$(STAMP_MIN): pyproject.toml tools/floors.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip install --quiet --upgrade pip
+	$(PY_MIN) tools/floors.py $(ORT) dev --without transformers > $(VENV_MIN)/floors.txt
+	$(PY_MIN) -m pip install --quiet --only-binary=:all: -r $(VENV_MIN)/floors.txt
+	$(PY_MIN) -m pip install --quiet --no-deps -e .
+	touch $(STAMP_MIN)
 
 demo: $(STAMP)
 	$(VENV)/bin/structadmm run
@@ -29,8 +46,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]
 
+# The installed versions are printed first, so a log shows what the run tested.
+test-min: $(STAMP_MIN)
+	$(PY_MIN) -m pip freeze --exclude-editable
+	$(PY_MIN) -m pytest -m 'not slow' $(ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/digits_default.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_MIN) runs .pytest_cache
