@@ -91,12 +91,17 @@ def listing(root: Path) -> list[str]:
 
 
 def refused(workdir: Path, *args: str) -> str:
-    """Run the CLI without --out and expect one line, exit 2, and nothing written; the message."""
+    """Run the CLI without --out and expect one line, exit 2, and nothing written; the message. A
+    model given as user code is announced first, in one warning line of its own (it runs that code)."""
     before = listing(workdir)
     result = runner.invoke(app, ["run", "--config", "fast.toml", *args])
     assert result.exit_code == 2, result.output
     ended_cleanly(result)
     lines = result.output.strip().splitlines()
+    model = args[args.index("--model") + 1] if "--model" in args else ""
+    if ".py:" in model:
+        assert re.match(r"warning: --model \S+ runs the code in ", lines[0]), result.output
+        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert listing(workdir) == before and not (workdir / "runs").exists()
     return lines[0]
