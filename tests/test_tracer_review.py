@@ -98,3 +98,34 @@ def test_a_group_norm_without_affine_parameters_is_left_whole() -> None:
     plan, small = prune(model, x)
     assert not plan.units and any("group norm without affine parameters" in why for _, why in plan.skipped)
     assert small.norm.num_groups == 4 and small.a.out_channels == 8
+
+
+class CachedBias(nn.Module):
+    """Caches a value computed in forward() in a dict while in eval mode (timm's LeViT and
+    EfficientFormer cache their attention biases so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.table = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def bias(self) -> torch.Tensor:
+        if self.training:
+            return self.table.view(1, -1, 1, 1)
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.table.view(1, -1, 1, 1) * 1.0
+        return self.cache["cpu"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x) + self.bias()))
+
+
+def test_a_cache_filled_in_forward_while_tracing_is_emptied_again() -> None:
+    """The trace's fake tensors must not stay in a module's cache: nothing could run or copy it."""
+    torch.manual_seed(0)
+    model, x = CachedBias().eval(), torch.randn(2, 3, 4, 4)
+    sa.PruningPlan.uniform(model, x, "filter", 0.5, keep_ends=False)
+    assert model.cache == {}
+    plan, small = prune(model, x)  # compact traces and deep-copies the model
+    assert all(type(v) is torch.Tensor for v in small.cache.values())

@@ -7,6 +7,7 @@ from :mod:`.rules`, which is imported here so every rule is registered before th
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,6 +65,9 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
     tensors, which nothing can run or copy afterwards. Parameters, buffers and submodules are
     restored by identity too; values that did not change are left alone."""
     saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    # caches kept in a dict or list attribute (timm's attention-bias caches) are filled in place
+    contents = [(value, copy.copy(value)) for _, attrs, *_ in saved for key, value in attrs.items()
+                if not key.startswith("_") and type(value) in (dict, list)]
     try:
         yield
     finally:
@@ -75,9 +79,23 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
                 for key, value in before.items():
                     if store.get(key, _MISSING) is not value:
                         store[key] = value
+        for container, before in contents:
+            if not _same_items(container, before):
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(before)
+                else:
+                    container.update(before)
 
 
 _MISSING = object()
+
+
+def _same_items(now: dict | list, before: dict | list) -> bool:
+    """Whether a container holds the very objects it held (compared by identity, never by value)."""
+    if isinstance(now, list):
+        return len(now) == len(before) and all(a is b for a, b in zip(now, before))
+    return now.keys() == before.keys() and all(now[k] is v for k, v in before.items())
 
 
 def _check_inputs_fit(model: nn.Module, inputs: tuple) -> None:
