@@ -98,8 +98,9 @@ InputShapeOpt = typer.Option(None, "--input-shape", help="Shape of one sample, e
 def run(
     model: str = ModelOpt,
     data: str = typer.Option("digits", "--data", help=(
-        "'digits' or 'mnist1d' (built in), an .npz with x and y arrays, an image folder with one sub-folder per class, "
-        "or module:function returning datasets (this runs that code).")),
+        "'digits' or 'mnist1d' (built in, labelled), 'photos' (built-in unlabeled photographs), an .npz with x (and y "
+        "for labels), an image folder (one sub-folder per class, or images alone: unlabeled), or module:function "
+        "returning data (this runs that code). Without labels the model distils from its dense self.")),
     checkpoint: Optional[Path] = CheckpointOpt,
     input_shape: Optional[str] = InputShapeOpt,
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s",
@@ -110,6 +111,12 @@ def run(
         "Choose per-layer ratios for this MAC reduction (e.g. 4 for 4x fewer), by layer sensitivity.")),
     target_latency: Optional[float] = typer.Option(None, "--target-latency", help=(
         "Choose per-layer ratios for this measured ONNX Runtime CPU speedup over dense (e.g. 3).")),
+    objective: Optional[str] = typer.Option(None, "--objective", help=(
+        "labels (cross-entropy on class labels), distill (the model as given is the teacher; every output matched, "
+        "no labels used) or auto (the default: distill when the data has no labels or the model is no classifier).")),
+    boxes: Optional[str] = typer.Option(None, "--boxes", help=(
+        "yolo: the report also scores the pruned model's boxes against the dense model's (mAP@0.5), decoding an "
+        "Ultralytics-style [batch, 4 + classes, anchors] output.")),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=(
         "int8: also quantize pruned.onnx and dense.onnx with ONNX Runtime (static QDQ, per-channel, calibrated "
         "on training batches), measure them in ONNX Runtime and gate the pruned INT8 model.")),
@@ -136,6 +143,7 @@ def run(
         raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
                                          target_macs=target_macs, target_latency=target_latency, quantize=quantize,
+                                         objective=objective, boxes=boxes,
                                          plan=str(plan) if plan else None,
                                          admm_stages=_ratios(admm_stages, "--admm-stages")).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")

@@ -56,6 +56,14 @@ def render_table(report: Mapping[str, Any]) -> Table:
                   _ratio(_ratio_value(report, "mac_ratio", "macs")))
     table.add_row("params", _si(dense.get("params")), _si(pruned.get("params")),
                   _ratio(_ratio_value(report, "param_ratio", "params")))
+    fidelity = _side(report, "fidelity")
+    for output in fidelity.get("outputs") or []:
+        table.add_row(f"{output.get('name')} vs dense", "", f"cos {_number3(output.get('cosine'))}",
+                      f"rel err {_number3(output.get('rel_error'))}")
+    if fidelity.get("top1_agreement") is not None:
+        table.add_row("top-1 agreement", "", _percent(fidelity.get("top1_agreement")), "")
+    if fidelity.get("box_map50") is not None:
+        table.add_row("box mAP@0.5 vs dense", "", _number3(fidelity.get("box_map50")), "")
     quantized = _side(report, "quantized")
     if quantized:
         ort_acc = _side(quantized, "ort_accuracy")
@@ -102,6 +110,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{_parity_text(report)}.",
         "",
+        *_fidelity_section(report),
         *_shortfall_section(report),
         *_stages_section(report),
         f"## Latency (ONNX Runtime, dense and pruned {_mode_text(report.get('latency') or [])})",
@@ -127,6 +136,28 @@ def _markdown(report: Mapping[str, Any]) -> str:
         *_layer_table(report.get("layers") or []),
     ]
     return "\n".join(lines)
+
+
+def _fidelity_section(report: Mapping[str, Any]) -> list[str]:
+    """pruned.onnx against dense.onnx on held-out inputs: what the report gives in place of accuracy
+    when training distilled from the dense model (and alongside it otherwise)."""
+    fidelity, objective = _side(report, "fidelity"), _side(report, "objective")
+    if not fidelity:
+        return []
+    lines = [f"## Fidelity to the dense model ({fidelity.get('samples', NA)} held-out inputs, both files in "
+             "ONNX Runtime)", "",
+             f"Trained on: {'the labels' if objective.get('mode') == 'labels' else 'the dense model as teacher'}.", "",
+             "| output | relative error | cosine similarity |", "|---|---:|---:|"]
+    lines += [f"| {o.get('name')} | {_number3(o.get('rel_error'))} | {_number3(o.get('cosine'))} |"
+              for o in fidelity.get("outputs") or []]
+    lines.append("")
+    if fidelity.get("top1_agreement") is not None:
+        lines += [f"Top-1 agreement with the dense model: {_percent(fidelity['top1_agreement'])}.", ""]
+    if fidelity.get("box_map50") is not None:
+        lines += [f"Box mAP@0.5 against the dense model's boxes (after NMS): {_number3(fidelity['box_map50'])}.", ""]
+    lines += ["Relative error = ‖pruned − dense‖ / ‖dense‖ over all samples; cosine similarity is per sample, "
+              "averaged.", ""]
+    return lines
 
 
 def _shortfall_section(report: Mapping[str, Any]) -> list[str]:

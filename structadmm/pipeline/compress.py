@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.progress import Progress
@@ -34,6 +34,7 @@ from ..prune.plan import Masks
 from . import distributed
 from .checkpoint import ResumeMismatch, RunFolder, RunState, final_of, phases_of, run_identity, staging_of
 from .config import CompressConfig
+from .objective import OutputLoss, resolve_objective
 from .stages import CONVERTING, PUBLISHING, TRAINING, Carry, Run, run_stages
 
 
@@ -68,10 +69,13 @@ def compress(
     progress: Progress | None = None,
     resume: bool = False,
     dense_onnx: str | Path | None = None,
+    loss: OutputLoss | None = None,
+    metric: Callable[[nn.Module, DataLoader], float] | None = None,
 ) -> CompressResult:
     """Run the whole pipeline on ``model`` and write the run folder (see module docstring).
 
-    ``train_data``/``val_data``: a Dataset, a DataLoader or an ``(x, y)`` pair. ``model`` is
+    ``train_data``/``val_data``: a Dataset, a DataLoader, an ``(x, y)`` pair or inputs alone
+    (samples ``(x,)``, e.g. ``TensorDataset(x)``: unlabeled data). ``model`` is
     trained in place (it ends masked, not compacted) and a pruned copy is returned in the result.
     The data is checked first (:func:`structadmm.models.validate.check_data`): data the model cannot learn
     from raises :class:`StructADMMError` before any training and before anything is written.
@@ -80,6 +84,13 @@ def compress(
     (:func:`~structadmm.models.onnx_input.load_onnx_model`). It is the dense baseline, copied as
     ``dense.onnx`` and timed as given, and ``pruned.onnx`` keeps its input and output names,
     dtypes and dynamic axes (a drop-in replacement).
+
+    What training minimises is ``config.objective`` (:mod:`.objective`): ``"labels"``, ``"distill"``
+    (the model as given is the teacher and every output is matched; no labels needed and no dense
+    training) or ``"auto"`` (distil when the data has no labels or the model is not a classifier).
+    ``loss(student_outputs, teacher_outputs, inputs)`` replaces the distillation terms (and means
+    distillation); ``metric(model, val_loader) -> float`` replaces top-1 accuracy as the held-out
+    score in the report. Either way the report gives pruned.onnx's fidelity to dense.onnx.
 
     ``resume=True`` continues the interrupted run whose folder is ``out_dir`` from its last
     checkpoint; model, data, config and process count must be the ones it was started with.
@@ -91,15 +102,20 @@ def compress(
     name = model_name or type(model).__name__
     ctx = distributed.setup(config.device)
     try:
-        # the data is checked before anything is written, the default runs/ folder included
-        distributed.on_main(lambda: check_data(model, train_data, val_data, model_name=name), ctx)
+        # what training minimises, and the data checked for it, before anything is written (runs/ included)
+        mode = resolve_objective(config.objective, model, train_data, loss)
+        distributed.on_main(lambda: check_data(model, train_data, val_data, model_name=name,
+                                               labels=mode == "labels" if mode else config.objective == "labels"),
+                            ctx)
+        mode = mode or resolve_objective(config.objective, model, train_data, loss)
         identity = run_identity(config.to_dict(), name, model, _sample_count(train_data), ctx.world_size)
         run_dir = distributed.on_main(lambda: _run_dir(out_dir, name, resume), ctx)
         folder = RunFolder(run_dir) if ctx.is_main else None  # only rank 0 touches the disk
         resumed = distributed.on_main(lambda: folder.resume(identity) if resume else folder.create(), ctx)
         try:
             result = _train_and_publish(model, config, name, ctx, run_dir, folder, identity, resumed, train_data,
-                                        val_data, progress, Path(dense_onnx) if dense_onnx is not None else None)
+                                        val_data, progress, Path(dense_onnx) if dense_onnx is not None else None,
+                                        mode, loss, metric)
         except KeyboardInterrupt:
             if folder is not None:
                 folder.keep_if_resumable()  # a deliberate stop: --resume picks it up
@@ -124,11 +140,12 @@ def compress(
 def _train_and_publish(model: nn.Module, config: CompressConfig, name: str, ctx: distributed.DistContext,
                        run_dir: Path, folder: RunFolder | None, identity: dict[str, Any],
                        resumed: dict[str, Any] | None, train_data: Data, val_data: Data | None,
-                       progress: Progress | None, dense_onnx: Path | None) -> CompressResult:
+                       progress: Progress | None, dense_onnx: Path | None, mode: str, loss: OutputLoss | None,
+                       metric: Callable[[nn.Module, DataLoader], float] | None) -> CompressResult:
     """The run as its list of stages: every rank trains, rank 0 alone publishes."""
     run = Run.start(model, config, name, ctx, run_dir, folder, staging_of(run_dir), identity, resumed,
                     train_data, val_data, phases=phases_of(len(config.stage_ratios())), progress=progress,
-                    dense_onnx=dense_onnx)
+                    dense_onnx=dense_onnx, mode=mode, loss=loss, metric=metric)
     trained = run_stages(TRAINING, run)
     published: list[Carry] = []  # rank 0's; the other ranks get the report alone (it is broadcast)
 

@@ -41,8 +41,21 @@ class CompressConfig(BaseModel):
     # kept channels rounded up to a multiple (see sparsity.keep_count): ONNX Runtime's CPU kernels work on
     # blocks of 8 (AVX2) or 16 (AVX-512) channels; 1 keeps the exact ratios
     channel_multiple: int = Field(16, ge=1)
+    # what training minimises: "labels" (cross-entropy on integer class labels), "distill" (the model as given is
+    # the teacher and every output is matched; no labels needed, dense training skipped) or "auto" (distill when
+    # the data has no labels or the model's output is not one [batch, classes] tensor, else labels)
+    objective: Literal["labels", "distill", "auto"] = "auto"
+    # how distillation matches an output: "auto" (KL for a single [batch, classes] output, scaled MSE otherwise),
+    # "mse" (every output, e.g. an embedder's single [batch, dim] output) or "kl" (every output is class scores)
+    distill_loss: Literal["auto", "mse", "kl"] = "auto"
+    # the report also scores the pruned model's boxes against the dense model's (mAP@0.5): "yolo" decodes an
+    # Ultralytics-style [batch, 4 + classes, anchors] output (cx, cy, w, h, class scores) and applies NMS
+    boxes: Literal["yolo"] | None = None
+    # distillation clips the gradient's global norm to this before every step (0: off): its outputs are matched
+    # relative to their spread, which makes plain SGD unstable on outputs that barely vary
+    distill_grad_clip: float = Field(1.0, ge=0)
     # training (the built-in trainer; SGD with momentum and a cosine schedule per phase)
-    dense_epochs: int = Field(12, ge=0)  # train the dense model first; 0 for an already trained model
+    dense_epochs: int = Field(12, ge=0)  # train the dense model first; 0 for an already trained model (distill: unused)
     admm_rounds: int = Field(8, ge=1)  # Z/U updates
     admm_epochs: int = Field(2, ge=1)  # epochs of W-steps between two Z/U updates
     retrain_epochs: int = Field(8, ge=0)  # masked retraining after the hard prune
@@ -96,7 +109,7 @@ class CompressConfig(BaseModel):
     admm_tolerance: float = Field(0.0, ge=0)  # hard prune only once the primal residual ||W-Z||/||W|| is at most this
     admm_extra_rounds: int = Field(0, ge=0)  # at most this many rounds beyond admm_rounds while above admm_tolerance
     distill: float = Field(0.0, ge=0, lt=1)  # weight of distillation from the dense model in masked retraining; 0: off
-    distill_temperature: float = Field(4.0, gt=0)
+    distill_temperature: float = Field(4.0, gt=0)  # of the KL on class scores, here and with objective = "distill"
     prune_ends: bool = False  # False: the first layer and the classifier are left whole by uniform plans
     prune_residual: bool = False  # also prune a transformer's residual stream (channels its LayerNorms normalise)
     # progressive stages for extreme ratios: ADMM at each of these ratios in turn, each followed by a hard

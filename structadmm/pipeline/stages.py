@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..batches import first_batch, make_loader, run_model
+from ..batches import first_batch, make_loader, run_model, split_batch
 from ..errors import StructADMMError, StructADMMWarning
+from ..layers import eval_mode, flat_outputs
 from ..prune.admm import ADMM, AdmmSchedule
 from ..prune.masks import apply_masks, sparsity_of
 from ..prune.plan import Masks, PruningPlan
@@ -45,7 +47,7 @@ from ..prune.surgery import compact_with_report
 from . import distributed
 from .checkpoint import ResumeMismatch, RunFolder, RunState
 from .config import CompressConfig
-from .objective import Objective, objective_of
+from .objective import Objective, OutputLoss, is_class_scores, objective_of
 from .train import evaluate, train_epochs
 
 __all__ = ["CONVERTING", "Carry", "PUBLISHING", "RUN_WIDE", "Run", "Stage", "TRAINING", "run_stages", "stage"]
@@ -57,7 +59,7 @@ class Carry:
 
     plan: PruningPlan | None = None
     dense_accuracy: float | None = None
-    teacher: nn.Module | None = None  # the frozen dense model, for distillation
+    teacher: nn.Module | None = None  # the frozen dense model (torch, or the user's ONNX file in ORT), for distillation
     within: Masks | None = None  # the masks of the last earlier ADMM stage: they stay pruned
     admm: ADMM | None = None
     masks: Masks | None = None
@@ -66,6 +68,7 @@ class Carry:
     pruned_accuracy: float | None = None
     check_inputs: Any = None  # held-out inputs the exported files are checked on
     parity: float | None = None
+    fidelity: dict[str, Any] | None = None  # pruned.onnx against dense.onnx on held-out inputs
     quantized: Any = None  # exporters.quantize.QuantizeRun
     latency: Any = None  # bench.LatencyReport
     report: dict[str, Any] | None = None
@@ -99,6 +102,12 @@ def run_stages(stages: tuple[Stage, ...], run: "Run", carry: Carry | None = None
     return carry
 
 
+def _outputs(model: nn.Module, example: Any) -> Any:
+    """``model``'s outputs on ``example``, in eval mode, without gradients."""
+    with eval_mode(model), torch.no_grad():
+        return run_model(model, example)
+
+
 _TIMINGS = {"dense": "dense_training_s", "admm": "admm_s", "retrain": "retrain_s"}
 
 
@@ -128,13 +137,18 @@ class Run:
     dense_onnx: Path | None = None  # the user's own ONNX file, the dense baseline when given
     progress: Progress | None = None
     fit: dict[str, Any] = field(default_factory=dict)
+    mode: str = "labels"  # what training minimises: "labels" or "distill" (config.objective resolved)
+    loss: OutputLoss | None = None  # the caller's distillation loss(student_outputs, teacher_outputs, inputs)
+    metric: Callable[[nn.Module, DataLoader], float] | None = None  # the caller's score; else top-1 accuracy
 
     @classmethod
     def start(cls, model: nn.Module, config: CompressConfig, name: str, ctx: distributed.DistContext,
               run_dir: Path, folder: RunFolder | None, out: Path, identity: dict[str, Any],
               resumed: dict[str, Any] | None, train_data: Any, val_data: Any, *, phases: tuple[str, ...],
-              progress: Progress | None = None, dense_onnx: Path | None = None) -> "Run":
-        """A run that trains: seeds, checks the device, makes the loaders and the checkpoint state."""
+              progress: Progress | None = None, dense_onnx: Path | None = None, mode: str = "labels",
+              loss: OutputLoss | None = None, metric: Callable[[nn.Module, DataLoader], float] | None = None) -> "Run":
+        """A run that trains: seeds, checks the device, makes the loaders and the checkpoint state.
+        ``mode``: what training minimises (``config.objective`` resolved: :func:`.objective.resolve_objective`)."""
         torch.manual_seed(config.seed)
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise StructADMMError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
@@ -145,7 +159,7 @@ class Run:
         fit = dict(momentum=config.momentum, weight_decay=config.weight_decay, device=config.device,
                    progress=progress if ctx.is_main else None)
         return cls(model, config, name, ctx, run_dir, folder, out, state, train, val, first_batch(train, 8),
-                   dense_onnx, progress, fit)
+                   dense_onnx, progress, fit, mode, loss, metric)
 
     # -- what several stages use -------------------------------------------------------------
     def train_phase(self, phase: str, epochs: int, epoch_offset: int, *, objective: Objective | None = None,
@@ -154,10 +168,20 @@ class Run:
         ``objective``: what it minimises (:func:`.objective.objective_of`: the labels by default)."""
         resume = self.state.enter(phase)
         train_epochs(self.model, self.train, epochs, resume=resume, epoch_offset=epoch_offset,
-                     objective=objective or objective_of(),
+                     objective=objective or objective_of(), freeze_norms=self.mode == "distill",
+                     grad_clip=self.config.distill_grad_clip if self.mode == "distill" else None,
                      on_epoch_end=lambda trainer: self.state.save(phase, trainer), **kwargs, **self.fit)
         self.model.cpu()
         self.state.leave(timing_key(phase))
+
+    def objective(self, teacher: Any) -> Objective:
+        """What the training after dense training minimises (ADMM's W-steps, masked retraining): the one
+        place a run's objective comes from."""
+        c = self.config
+        if self.mode == "distill":
+            return objective_of("distill", teacher, temperature=c.distill_temperature, kind=c.distill_loss,
+                                loss=self.loss)
+        return objective_of("labels", teacher, distill=c.distill, temperature=c.distill_temperature)
 
     def schedule(self) -> AdmmSchedule:
         c = self.config
@@ -171,10 +195,19 @@ class Run:
         before = c.dense_epochs + (number - 1) * (admm_epochs + c.admm_stage_retrain_epochs)
         return before + (admm_epochs if phase == "retrain" else 0)
 
-    def evaluate(self) -> float | None:
-        """Held-out accuracy, measured on rank 0 with rank 0's BatchNorm statistics."""
-        val = self.val
-        return distributed.on_main(lambda: evaluate(self.model, val) if val is not None else None, self.ctx)
+    def evaluate(self, model: nn.Module | None = None) -> float | None:
+        """Held-out accuracy (or the caller's ``metric``) of ``model`` (the run's), measured on rank 0
+        with rank 0's BatchNorm statistics; None without held-out labels (and no metric)."""
+        model = self.model if model is None else model
+        return distributed.on_main(lambda: self.score(model), self.ctx)
+
+    def score(self, model: nn.Module) -> float | None:
+        if self.val is None:
+            return None
+        if self.metric is not None:
+            with eval_mode(model), torch.no_grad():
+                return float(self.metric(model, self.val))
+        return evaluate(model, self.val)
 
     def export(self, model: nn.Module, filename: str) -> None:
         """``model`` as ``filename`` in the staging folder, with the user's file's names when given."""
@@ -206,15 +239,17 @@ def plan_stage(run: Run, carry: Carry) -> Carry:
     return replace(carry, plan=plan)
 
 
-@stage("dense", gives=("dense_accuracy",), keys=("dense_epochs", "lr", "distill"))
+@stage("dense", gives=("dense_accuracy",), keys=("dense_epochs", "lr", "distill", "objective"))
 def dense_stage(run: Run, carry: Carry) -> Carry:
-    """Dense training (skipped when resumed past it), held-out accuracy, dense.onnx."""
+    """Dense training (skipped when resumed past it, and when distilling: the model as given is the
+    teacher), held-out accuracy, dense.onnx."""
     if not run.state.done("dense"):
         c = run.config
-        run.train_phase("dense", c.dense_epochs, 0, lr=c.lr, description="dense training")
+        run.train_phase("dense", c.dense_epochs if run.mode == "labels" else 0, 0, lr=c.lr,
+                        description="dense training")
         run.model.eval()
         run.state.facts["dense_accuracy"] = run.evaluate()
-        if c.distill > 0:  # the teacher of masked retraining, kept in the checkpoint
+        if c.distill > 0 or run.mode == "distill":  # the teacher, kept in the checkpoint
             run.state.facts["dense_weights"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         distributed.on_main(lambda: _write_dense(run), run.ctx)
     run.model.cpu().eval()
@@ -264,20 +299,24 @@ def final_plan_stage(run: Run, carry: Carry) -> Carry:
 def _budget_plan(run: Run) -> PruningPlan:
     """Per-group ratios for the MAC or latency target, from the trained dense model.
 
-    Sensitivity is probed on up to 512 held-out samples (training samples without any);
-    every rank computes the same plan from the same weights and data.
+    Sensitivity is probed on up to 512 held-out samples (training samples without any): top-1
+    accuracy when training on labels, else the mean cosine similarity of every output to the dense
+    model's. Every rank computes the same plan from the same weights and data.
     """
     from ..prune.budget import plan_for_latency, plan_for_macs
 
     c = run.config
     source = (run.val if run.val is not None else run.train).dataset
-    x_probe, y_probe = next(iter(make_loader(source, 512, shuffle=False)))[:2]
-    x_probe = tuple(x_probe) if isinstance(x_probe, list) else x_probe
+    x_probe, y_probe = split_batch(next(iter(make_loader(source, 512, shuffle=False))))
+    if run.mode == "labels" and y_probe is not None:
+        def probe(net: nn.Module) -> float:
+            return float((_outputs(net, x_probe).argmax(1) == y_probe).float().mean())
+    else:
+        reference = [t.flatten(1) for t in flat_outputs(_outputs(run.model, x_probe)) if t.is_floating_point()]
 
-    def probe(net: nn.Module) -> float:
-        net.eval()
-        with torch.no_grad():
-            return float((run_model(net, x_probe).argmax(1) == y_probe).float().mean())
+        def probe(net: nn.Module) -> float:
+            got = [t.flatten(1) for t in flat_outputs(_outputs(net, x_probe)) if t.is_floating_point()]
+            return float(torch.stack([F.cosine_similarity(a, b, dim=1).mean() for a, b in zip(got, reference)]).mean())
 
     common = dict(probe=probe, sparsity=c.sparsity, multiple=c.channel_multiple)
     if c.target_macs:
@@ -305,11 +344,17 @@ def reach_stage(run: Run, carry: Carry) -> Carry:
     return carry
 
 
-@stage("teacher", gives=("teacher",), keys=("distill",))
+@stage("teacher", gives=("teacher",), keys=("distill", "objective"))
 def teacher_stage(run: Run, carry: Carry) -> Carry:
-    """The dense model, frozen, for distillation during masked retraining (None when off)."""
-    if run.config.distill <= 0:
+    """The dense model, frozen: the teacher of every phase after dense training when distilling, of
+    masked retraining when ``distill`` > 0 (None when neither). A model converted from the user's
+    ONNX file distils from that file itself, run in ONNX Runtime, when it trains on the CPU."""
+    if run.config.distill <= 0 and run.mode != "distill":
         return carry
+    if run.mode == "distill" and run.dense_onnx is not None and run.config.device == "cpu":
+        from ..exporters.onnx_module import OnnxModule
+
+        return replace(carry, teacher=OnnxModule(run.dense_onnx))
     teacher = copy.deepcopy(run.model)
     teacher.load_state_dict(run.state.facts["dense_weights"])
     return replace(carry, teacher=teacher.eval().requires_grad_(False))
@@ -325,7 +370,7 @@ def earlier_stages(run: Run, carry: Carry) -> Carry:
     for number, ratio in enumerate(run.config.stage_ratios()[:-1], 1):
         plan = carry.plan.at_ratio(ratio)
         admm = run.new_admm(plan, within)
-        masks = _admm_phase(run, admm, within, f"admm-{number}", run.offset(number, "admm"))
+        masks = _admm_phase(run, admm, within, carry.teacher, f"admm-{number}", run.offset(number, "admm"))
         record = run.state.facts.setdefault("stages", {}).setdefault(str(number), {})
         if "ratio" not in record:  # the stage's ADMM ran now, not in an interrupted earlier run
             record.update(ratio=plan.units[0].ratio, admm=[r.__dict__ for r in admm.history],
@@ -342,17 +387,17 @@ def earlier_stages(run: Run, carry: Carry) -> Carry:
 
 @stage("ADMM", needs=("plan",), gives=("admm", "masks"),
        keys=("admm_rounds", "admm_epochs", "admm_lr", "admm_tolerance", "admm_extra_rounds", "admm_lr_restart",
-             "rho", "rho_growth", "rho_max"))
+             "rho", "rho_growth", "rho_max", "distill_loss", "distill_temperature"))
 def admm_stage(run: Run, carry: Carry) -> Carry:
     """ADMM at the final ratio (within the earlier stages' masks), then the hard prune."""
     admm = run.new_admm(carry.plan, carry.within)
     number = len(run.config.stage_ratios())
-    masks = _admm_phase(run, admm, carry.within, "admm", run.offset(number, "admm"))
+    masks = _admm_phase(run, admm, carry.within, carry.teacher, "admm", run.offset(number, "admm"))
     return replace(carry, admm=admm, masks=masks)
 
 
 @stage("masked retraining", needs=("masks",), keys=("retrain_epochs", "retrain_lr", "distill",
-                                                     "distill_temperature"))
+                                                     "distill_temperature", "distill_loss"))
 def retrain_stage(run: Run, carry: Carry) -> Carry:
     number = len(run.config.stage_ratios())
     _retrain_phase(run, carry.masks, carry.teacher, "retrain", run.config.retrain_epochs,
@@ -360,8 +405,9 @@ def retrain_stage(run: Run, carry: Carry) -> Carry:
     return carry
 
 
-def _admm_phase(run: Run, admm: ADMM, within: Masks | None, phase: str, offset: int) -> Masks:
-    """ADMM, then the hard prune; ``within``: an earlier stage's masks, held at zero while it trains."""
+def _admm_phase(run: Run, admm: ADMM, within: Masks | None, teacher: Any, phase: str, offset: int) -> Masks:
+    """ADMM, then the hard prune; ``within``: an earlier stage's masks, held at zero while it trains;
+    the W-steps minimise the run's objective (distillation from ``teacher`` when distilling) plus the penalty."""
     if run.state.done(phase):
         return run.state.resumed_masks()
     schedule, ctx = run.schedule(), run.ctx
@@ -375,6 +421,7 @@ def _admm_phase(run: Run, admm: ADMM, within: Masks | None, phase: str, offset: 
         run.train_phase(phase, schedule.max_epochs(), offset, lr=run.config.admm_lr,
                         description="ADMM" if phase == "admm" else f"ADMM stage {phase.rsplit('-', 1)[1]}",
                         after_step=guard.enforce if guard is not None else None,
+                        objective=run.objective(teacher) if run.mode == "distill" else None,
                         **schedule.train_kwargs(admm, check))
     finally:
         if guard is not None:
@@ -395,14 +442,14 @@ def _retrain_phase(run: Run, masks: Masks, teacher: nn.Module | None, phase: str
     guard = apply_masks(run.model, masks)
     run.train_phase(phase, epochs, offset, lr=c.retrain_lr, after_step=guard.enforce,
                     description="masked retraining",
-                    objective=objective_of(teacher, c.distill, c.distill_temperature))
+                    objective=run.objective(teacher))
     guard.enforce()
     guard.remove()
     run.model.eval()
 
 
 #: config keys every stage may read: the run's own (seeding, device, the loaders and the optimiser)
-RUN_WIDE = ("seed", "device", "batch_size", "momentum", "weight_decay")
+RUN_WIDE = ("seed", "device", "batch_size", "momentum", "weight_decay", "objective", "distill_grad_clip")
 
 #: the training stages of :func:`~structadmm.pipeline.compress.compress`, in order
 TRAINING = (plan_stage, dense_stage, final_plan_stage, reach_stage, teacher_stage, earlier_stages, admm_stage,
@@ -415,7 +462,7 @@ TRAINING = (plan_stage, dense_stage, final_plan_stage, reach_stage, teacher_stag
 def compact_stage(run: Run, carry: Carry) -> Carry:
     """Surgery: the physically smaller model, checked against the masked one inside."""
     small, cuts = compact_with_report(run.model, run.example)
-    accuracy = evaluate(small, run.val) if run.val is not None else None
+    accuracy = run.score(small)
     return replace(carry, small=small, cuts=cuts, pruned_accuracy=accuracy)
 
 
@@ -428,6 +475,30 @@ def export_stage(run: Run, carry: Carry) -> Carry:
     check_inputs = first_batch(run.val, 64) if run.val is not None else run.example
     parity = verify_onnx(run.model, run.out / "pruned.onnx", check_inputs)
     return replace(carry, check_inputs=check_inputs, parity=parity)
+
+
+@stage("fidelity", needs=("small",), gives=("fidelity",), keys=("boxes",))
+def fidelity_stage(run: Run, carry: Carry) -> Carry:
+    """pruned.onnx against dense.onnx, both run in ONNX Runtime on up to 64 held-out inputs (training
+    inputs without any, the example inputs without either): per output, the relative error and the
+    cosine similarity; the top-1 agreement of a classifier; with ``boxes = "yolo"``, the mAP@0.5 of
+    the pruned model's boxes against the dense model's."""
+    from ..exporters.fidelity import box_map50, output_fidelity, top1_agreement, yolo_boxes
+    from ..exporters.onnx_module import OnnxModule
+
+    source = run.val if run.val is not None else run.train
+    inputs = first_batch(source, 64) if source is not None else run.example
+    items = inputs if isinstance(inputs, tuple) else (inputs,)
+    pruned_file = OnnxModule(run.out / "pruned.onnx")
+    dense, pruned = OnnxModule(run.out / "dense.onnx")(*items), pruned_file(*items)
+    flat_dense, flat_pruned = flat_outputs(dense), flat_outputs(pruned)
+    fidelity: dict[str, Any] = {"samples": int(items[0].shape[0]), "outputs": [
+        {**f.to_dict(), "name": name} for f, name in zip(output_fidelity(dense, pruned), pruned_file.output_names)]}
+    if len(flat_dense) == 1 and is_class_scores(flat_dense[0]):
+        fidelity["top1_agreement"] = top1_agreement(flat_dense[0], flat_pruned[0])
+    if run.config.boxes == "yolo":
+        fidelity["box_map50"] = box_map50(yolo_boxes(flat_dense[0]), yolo_boxes(flat_pruned[0]))
+    return replace(carry, fidelity=fidelity)
 
 
 @stage("quantize", needs=("small", "check_inputs"), gives=("quantized",),
@@ -485,12 +556,13 @@ def bench_stage(run: Run, carry: Carry) -> Carry:
     return replace(carry, latency=latency)
 
 
-@stage("report", needs=("small", "cuts", "masks", "parity", "latency"), gives=("report",))
+@stage("report", needs=("small", "cuts", "masks", "parity", "fidelity", "latency"), gives=("report",))
 def report_stage(run: Run, carry: Carry) -> Carry:
     """report.json, report.md and the plots; then the staging folder is renamed into place."""
     from ..bench import write_report
     from ..bench.profile import layer_table
     from ..exporters import count_onnx, sparse_storage
+    from ..exporters.onnx_module import OnnxModule
     from ..prune.lowering import LoweredConv
 
     c, out, facts, plan, admm = run.config, run.out, run.state.facts, carry.plan, carry.admm
@@ -511,6 +583,11 @@ def report_stage(run: Run, carry: Carry) -> Carry:
                            "compression": storage.compression},
         "param_ratio": dense_cost.params / max(pruned_cost.params, 1),
         "parity": {"max_abs_diff": carry.parity, "ok": True},
+        "objective": {"mode": run.mode, "asked": c.objective,
+                      "teacher": (None if carry.teacher is None else
+                                  "onnx" if isinstance(carry.teacher, OnnxModule) else "torch"),
+                      "score": "metric" if run.metric is not None else "top-1 accuracy"},
+        "fidelity": carry.fidelity,
         "latency": carry.latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios),
         "skipped_providers": [{"provider": p, "reason": r} for p, r in carry.latency.skipped],
         "admm": [r.__dict__ for r in admm.history] if admm is not None else [],
@@ -550,7 +627,7 @@ def versions() -> dict[str, str]:
 
 
 #: after training, on rank 0: from the masked model to the finished run folder
-PUBLISHING = (compact_stage, export_stage, quantize_stage, bench_stage, report_stage)
+PUBLISHING = (compact_stage, export_stage, fidelity_stage, quantize_stage, bench_stage, report_stage)
 
 
 @stage("dense as given", gives=("masks", "dense_accuracy"))
@@ -560,7 +637,7 @@ def given_stage(run: Run, carry: Carry) -> Carry:
     started = time.perf_counter()
     # the pruning the weights hold: zeros in every Conv/Linear weight (for the report's weight_sparsity)
     masks = {name: p.detach().ne(0).float() for name, p in run.model.named_parameters() if p.dim() > 1}
-    accuracy = evaluate(run.model, run.val) if run.val is not None else None
+    accuracy = run.score(run.model)
     run.export(run.model, "dense.onnx")
     run.state.facts["timings"]["dense_export_s"] = time.perf_counter() - started
     return replace(carry, masks=masks, dense_accuracy=accuracy)

@@ -53,6 +53,8 @@ def train_epochs(
     distill: float = 0.0,
     temperature: float = 4.0,
     objective: Objective | None = None,
+    freeze_norms: bool = False,
+    grad_clip: float | None = None,
 ) -> list[float]:
     """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch run.
 
@@ -69,7 +71,10 @@ def train_epochs(
     ``restart_every``: the cosine restarts from ``lr`` every that many epochs (warm restarts).
     ``should_stop`` is asked after every epoch (after ``after_epoch``); True ends the phase
     early. ``objective`` is what each step minimises (:mod:`.objective`; cross-entropy on the
-    labels by default). ``teacher`` with ``distill`` = a in (0, 1] is the shorthand for
+    labels by default). ``freeze_norms``: BatchNorm layers run on their running statistics and keep
+    them (their scale and shift still train), so a student distilled from its own dense copy
+    starts out computing exactly what the teacher computes. ``grad_clip``: the gradient's global
+    norm is clipped to it before every step. ``teacher`` with ``distill`` = a in (0, 1] is the shorthand for
     :class:`~.objective.Distillation`: ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` at
     ``temperature`` T, the teacher in eval mode.
 
@@ -85,6 +90,10 @@ def train_epochs(
     device = distributed.rank_device(device, ctx)
     loader = distributed.shard(loader, ctx)
     model.to(device).train()
+    if freeze_norms:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total = epochs * len(loader)
@@ -102,8 +111,8 @@ def train_epochs(
     task = (progress.add_task(description, total=total, completed=start * len(loader))
             if progress is not None else None)
     if objective is None:
-        objective = objective_of(teacher, distill, temperature)
-    step = _Step(net, optimizer, schedule, objective, penalty, after_step, device, description, ctx)
+        objective = objective_of("labels", teacher, distill=distill, temperature=temperature)
+    step = _Step(net, optimizer, schedule, objective, penalty, after_step, device, description, ctx, grad_clip)
     losses = []
     for epoch in range(start, epochs):
         if isinstance(loader.sampler, DistributedSampler):
@@ -131,10 +140,10 @@ class _Step:
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, objective: Objective,
                  penalty: Callable[[], torch.Tensor] | None, after_step: Callable[[], None] | None,
-                 device: str, description: str, ctx: distributed.DistContext):
+                 device: str, description: str, ctx: distributed.DistContext, grad_clip: float | None = None):
         self.net, self.optimizer, self.schedule, self.objective = net, optimizer, schedule, objective
         self.penalty, self.after_step = penalty, after_step
-        self.device, self.description, self.ctx = device, description, ctx
+        self.device, self.description, self.ctx, self.grad_clip = device, description, ctx, grad_clip
 
     def __call__(self, batch: Any, epoch: int) -> float:
         x, y = split_batch(batch)
@@ -152,6 +161,8 @@ class _Step:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
         self.optimizer.step()
         self.schedule.step()
         if self.after_step is not None:
