@@ -52,6 +52,8 @@ from torch.utils.data._utils.collate import default_collate
 from ..errors import StructADMMError, StructADMMWarning, one_line
 from .data import ImageFiles, format_shape
 
+_NO_LABELS = ("the {split} data has no labels; give (input, label) pairs, or compress without labels, with the "
+              "dense model as teacher")
 BATCH_SIZE = 256  # samples read at a time where the data does not set its own batch size
 
 
@@ -89,6 +91,8 @@ def _check(model: nn.Module, train: Any, val: Any | None, name: str, labels: boo
             held_out = _source(val, "held-out")
             _check_split(held_out, held_out.batches(), 0, name, needs_labels=False)
         return
+    if first.y is None:
+        raise StructADMMError(_NO_LABELS.format(split="training"))
     classes = _classes(model, first.x, name)
     counts = _check_split(source, itertools.chain([first], batches), classes, name, needs_labels=True)
     missing = torch.nonzero(counts == 0).flatten().tolist()
@@ -152,10 +156,7 @@ def _check_split(source: _Source, batches: Iterable[_Batch], classes: int, name:
         seen += len(first) if first.dim() else 1
         if batch.y is None or not classes:  # classes 0: labels are not used
             if needs_labels and batch.y is None:
-                raise StructADMMError(
-                    f"the {source.split} data has no labels; give (input, label) pairs, or compress without "
-                    "labels, with the dense model as teacher"
-                )
+                raise StructADMMError(_NO_LABELS.format(split=source.split))
             continue
         counts += _check_labels(batch, source, classes, name)
     if not seen:
