@@ -145,6 +145,9 @@ def alone():
 def one_tuple():
     return (_x(),)
 
+def numpy_alone():
+    return _x().numpy().astype("float64")
+
 def two_inputs():
     return ((_x(), _x() * -1),)
 
@@ -201,13 +204,14 @@ def user_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sys.modules.pop("sa_unlabeled_user", None)
 
 
-@pytest.mark.parametrize("function, samples", [("alone", 10), ("one_tuple", 10), ("batch_generator", 12)])
+@pytest.mark.parametrize("function, samples", [("alone", 10), ("one_tuple", 10), ("numpy_alone", 10),
+                                               ("batch_generator", 12)])
 def test_user_inputs_without_labels(user_data: str, function: str, samples: int) -> None:
     data = load_data(f"{user_data}:{function}", input_shape=(3, 4), test_fraction=0.5)
     assert (data.labelled, data.num_classes, data.input_shape) == (False, None, (3, 4))
     assert len(data.train) + len(data.val) == samples
     everything = torch.cat([inputs_of(data.train), inputs_of(data.val)])
-    assert everything.shape == (samples, 3, 4)
+    assert everything.shape == (samples, 3, 4) and everything.dtype == torch.float32
     if function == "batch_generator":  # batch k is _x(4) + k: every value of every batch is there once
         expected = torch.cat([torch.arange(48.0).reshape(4, 3, 4) + k for k in range(3)])
         assert torch.equal(everything.sum(0), expected.sum(0))
@@ -249,7 +253,8 @@ def test_labelled_items_stay_labelled(user_data: str) -> None:
 
 @pytest.mark.parametrize("function, message", [
     ("float_pair", r"returned an \(x, y\) pair whose y is float32 of shape 10x3, not integer labels: a pair is "
-                   r"read as \(inputs, labels\); give several inputs without labels as \(\(a, b\),\)"),
+                   r"read as \(inputs, labels\); give several inputs without labels as \(\(a, b\),\) \(or training and "
+                   r"held-out inputs as \(TensorDataset\(x\), TensorDataset\(x_val\)\)\)"),
     ("float_second_element", r"the labels of item 0 of .* is float32 .* give several inputs without labels as"),
     ("unlike_items", r"item 1 of .* has 1 input\(s\) with labels but item 0 has 1 without; every item must be alike"),
     ("unlike_shapes", r"item 1 of .*: input 0 is 2x4x3, not 2 sample\(s\) of 3x4 like the rest"),

@@ -528,13 +528,14 @@ def _train_val(result: Any, ref: str, input_shape: tuple[int, ...] | None, test_
 
 
 def _pair_dataset(x: torch.Tensor, y: torch.Tensor, ref: str) -> TensorDataset:
-    _check_labels(y, len(x), f"{ref} returned an (x, y) pair whose y")
+    _check_labels(y, len(x), f"{ref} returned an (x, y) pair whose y",
+                  " (or training and held-out inputs as (TensorDataset(x), TensorDataset(x_val)))")
     return TensorDataset(x, y)
 
 
-def _check_labels(y: torch.Tensor, samples: int, what: str) -> None:
+def _check_labels(y: torch.Tensor, samples: int, what: str, more: str = "") -> None:
     """Labels are integer class indices, one per sample; else the pair was meant as two inputs."""
-    hint = "; give several inputs without labels as ((a, b),)"
+    hint = f"; give several inputs without labels as ((a, b),){more}"
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() == 0:
         raise StructADMMError(
             f"{what} is {str(y.dtype).removeprefix('torch.')} of shape {format_shape(y.shape) or 'scalar'}, not "
@@ -549,6 +550,8 @@ def _check_labels(y: torch.Tensor, samples: int, what: str) -> None:
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
+    if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))  # as .npz inputs are read
     if isinstance(value, np.ndarray) and (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
         return torch.from_numpy(np.ascontiguousarray(value))
     raise StructADMMError(
