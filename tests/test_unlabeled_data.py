@@ -169,6 +169,9 @@ def labelled_samples():
 def two_input_samples():
     return (((_x(1)[0] + i, torch.zeros(5)),) for i in range(6))
 
+def two_inputs_labelled():
+    return (_x(), _x() * -1), torch.arange(10) % 3
+
 def float_pair():
     return _x(), torch.rand(10, 3)
 
@@ -245,6 +248,10 @@ def test_labelled_items_stay_labelled(user_data: str) -> None:
     assert batches.labelled and len(batches.train) + len(batches.val) == 12
     _, y = split_batch(next(iter(make_loader(batches.train, 12, shuffle=False))))
     assert y.dtype == torch.int64
+    two = load_data(f"{user_data}:two_inputs_labelled", test_fraction=0.5)
+    assert two.labelled and two.input_shape == (3, 4) and len(two.train) == 5
+    (a, b), label = two.train[0]
+    assert torch.equal(b, -a) and label == int(a[0, 0]) // 12 % 3  # sample i starts at 12 i and has label i % 3
     samples = load_data(f"{user_data}:labelled_samples", input_shape=(3, 4), test_fraction=0.5)
     assert samples.labelled and len(samples.train) == 3
     labels = sorted(int(samples.train[i][1]) for i in range(3)) + sorted(int(samples.val[i][1]) for i in range(3))

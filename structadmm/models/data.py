@@ -25,7 +25,8 @@ A data reference is one of
 
   - ``(train, val)`` datasets or DataLoaders (``val`` may be None), or a single dataset or
     DataLoader; DataLoaders are kept as given;
-  - an ``(x, y)`` tensor pair: inputs and integer labels, one per sample;
+  - an ``(x, y)`` tensor pair: inputs and integer labels, one per sample (``((a, b), y)`` for a
+    model with several inputs);
   - inputs without labels: a tensor ``x`` alone (N x ...), or a 1-tuple ``(x,)``, or ``((a, b),)``
     for a model with several inputs;
   - any other iterable, a generator say, of items that are each ``inputs``, ``(inputs,)`` or
@@ -513,6 +514,9 @@ def _train_val(result: Any, ref: str, input_shape: tuple[int, ...] | None, test_
             return _split_dataset(_pair_dataset(first, second, ref), ref, test_fraction, seed)
         if isinstance(first, data_types) and (second is None or isinstance(second, data_types)):
             return first, second
+        if (isinstance(first, (tuple, list)) and first and all(isinstance(t, torch.Tensor) for t in first)
+                and isinstance(second, torch.Tensor)):  # ((a, b), y): several inputs with labels
+            return _split_dataset(_collect([result], ref, None), ref, test_fraction, seed)
     if isinstance(result, data_types):
         dataset = result.dataset if isinstance(result, DataLoader) else result
         return _split_dataset(dataset, ref, test_fraction, seed)
