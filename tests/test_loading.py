@@ -346,7 +346,8 @@ def test_npz_with_held_out_arrays(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arrays, message", [
-    ({"x": np.zeros((4, 2))}, r"has arrays x; it needs x .* and y"),
+    ({"y": np.zeros(4, np.int64)}, r"has arrays y; it needs x .* and y .* or x alone"),
+    ({"x": np.zeros((4, 2)), "y_val": np.zeros(2, np.int64)}, r"has y_val but no y"),
     ({"x": np.zeros((4, 2)), "y": np.zeros(3, np.int64)}, r"x in .* has 4 samples but y has 3 labels"),
     ({"x": np.zeros((4, 2)), "y": np.zeros(4, np.float32)}, r"labels y .* are float32 .* integer class indices"),
     ({"x": np.zeros((4, 2)), "y": np.zeros(4, np.int64), "x_val": np.zeros((2, 2))}, r"only one of x_val and y_val"),
@@ -364,7 +365,7 @@ def test_missing_or_unknown_data(tmp_path: Path) -> None:
         load_data(str(tmp_path / "absent.npz"))
     with fails(r"data .*no_dir does not exist"):
         load_data(str(tmp_path / "no_dir"))
-    with fails(r"unknown data set 'cifar'; give 'digits', 'mnist1d', an \.npz file"):
+    with fails(r"unknown data set 'cifar'; give 'digits', 'mnist1d', 'photos', an \.npz file"):
         load_data("cifar")
     with fails(r"test_fraction must be in \(0, 1\)"):
         load_data("digits", test_fraction=1.0)
@@ -419,11 +420,10 @@ def test_image_folder_with_train_and_val(tmp_path: Path) -> None:
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    (flat / "0.png").write_bytes(b"")
-    with fails(r"flat has no class folders; put each class's images in a sub-folder"):
-        load_data(str(flat))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with fails(r"empty has no images and no class folders; put each class's images in a sub-folder"):
+        load_data(str(empty))
 
     no_images = tmp_path / "notes"
     (no_images / "a").mkdir(parents=True)

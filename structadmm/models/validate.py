@@ -15,6 +15,12 @@ sample (an image by its file), for
 
 and warns (:class:`StructADMMWarning`) when some of the model's classes have no training sample.
 
+Labels are checked where a run learns from them. ``labels=False`` is for a run that does not
+(the dense model as teacher, inputs alone): no label is needed or checked and the model's output
+may be anything (a detector's boxes, several tensors), but the model must still run on two
+training samples, and every input must be finite. ``labels=None`` checks labels where the
+training data has them and skips them where it has none (samples ``(inputs,)``).
+
 Samples are numbered as the user knows them: a split taken out of a bigger data set with
 ``Subset`` (the seeded hold-out split) is numbered by its place in that data set, so sample 537
 of an ``.npz`` file is ``x[537]``. A DataLoader that reads its whole data set is read again in
@@ -46,33 +52,47 @@ from torch.utils.data._utils.collate import default_collate
 from ..errors import StructADMMError, StructADMMWarning, one_line
 from .data import ImageFiles, format_shape
 
+_NO_LABELS = ("the {split} data has no labels; give (input, label) pairs, or compress without labels, with the "
+              "dense model as teacher")
 BATCH_SIZE = 256  # samples read at a time where the data does not set its own batch size
 
 
-def check_data(model: nn.Module, train: Any, val: Any | None, *, model_name: str | None = None) -> None:
+def check_data(model: nn.Module, train: Any, val: Any | None, *, model_name: str | None = None,
+               labels: bool | None = True) -> None:
     """Raise a one-line :class:`StructADMMError` when ``model`` cannot learn from this data.
 
     ``train``/``val``: a Dataset, a DataLoader or an ``(x, y)`` tensor pair (``val`` may be None,
-    and may lack labels). See the module docstring for what is checked.
+    and may lack labels). ``labels``: True where the run learns from labels (they are required
+    and checked), False where it does not (none are checked), None to check them where the
+    training data has them. See the module docstring for what is checked.
     """
     name = model_name or type(model).__name__
     generators = [*_generators(train), *_generators(val)]
     states = [g.get_state() for g in generators]
     try:
         with torch.random.fork_rng(devices=[]):  # reading data must not move the caller's random state
-            _check(model, train, val, name)
+            _check(model, train, val, name, labels)
     finally:
         for generator, state in zip(generators, states):
             generator.set_state(state)
 
 
-def _check(model: nn.Module, train: Any, val: Any | None, name: str) -> None:
+def _check(model: nn.Module, train: Any, val: Any | None, name: str, labels: bool | None) -> None:
     source = _source(train, "training")
     batches = source.batches()
     first = next(batches, None)
     if first is None:
         raise StructADMMError("the training data is empty; give it samples")
     _check_inputs(first, source)
+    if labels is False or (labels is None and first.y is None):
+        _run(model, first.x, name)
+        _check_split(source, itertools.chain([first], batches), 0, name, needs_labels=False)
+        if val is not None:
+            held_out = _source(val, "held-out")
+            _check_split(held_out, held_out.batches(), 0, name, needs_labels=False)
+        return
+    if first.y is None:
+        raise StructADMMError(_NO_LABELS.format(split="training"))
     classes = _classes(model, first.x, name)
     counts = _check_split(source, itertools.chain([first], batches), classes, name, needs_labels=True)
     missing = torch.nonzero(counts == 0).flatten().tolist()
@@ -121,7 +141,8 @@ class _Source:
                 ) from exc
             x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
             yield _Batch(start, x, y)
-            start += len(x) if isinstance(x, torch.Tensor) and x.dim() else 1
+            lead = x[0] if isinstance(x, (tuple, list)) and x else x  # several inputs: the first one's count
+            start += len(lead) if isinstance(lead, torch.Tensor) and lead.dim() else 1
 
 
 def _check_split(source: _Source, batches: Iterable[_Batch], classes: int, name: str, *,
@@ -133,9 +154,9 @@ def _check_split(source: _Source, batches: Iterable[_Batch], classes: int, name:
         _check_inputs(batch, source)
         first = batch.x[0] if isinstance(batch.x, (tuple, list)) else batch.x
         seen += len(first) if first.dim() else 1
-        if batch.y is None:
-            if needs_labels:
-                raise StructADMMError(f"the {source.split} data has no labels; give (input, label) pairs")
+        if batch.y is None or not classes:  # classes 0: labels are not used
+            if needs_labels and batch.y is None:
+                raise StructADMMError(_NO_LABELS.format(split=source.split))
             continue
         counts += _check_labels(batch, source, classes, name)
     if not seen:
@@ -181,7 +202,8 @@ def _check_labels(batch: _Batch, source: _Source, classes: int, name: str) -> to
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise StructADMMError(
             f"the {source.split} data's labels are {str(y.dtype).removeprefix('torch.')}; they must be integer "
-            f"class indices 0..{classes - 1} (convert them with .long())"
+            f"class indices 0..{classes - 1} (convert them with .long()); samples (a, b) are (inputs, labels), "
+            "so give several inputs without labels as ((a, b),)"
         )
     rows = (y.reshape(len(y), -1) if y.dim() else y.reshape(1, -1)).cpu()
     outside = ((rows < 0) | (rows >= classes)).any(dim=1)
@@ -205,6 +227,18 @@ def _sample_shapes(x: Any) -> str:
 
 def _classes(model: nn.Module, x: Any, name: str) -> int:
     """The width of the model's output on two training samples (eval mode, no gradients, modes kept)."""
+    out = _run(model, x, name)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        got = f"a tensor of shape {format_shape(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise StructADMMError(
+            f"{name} returns {got}, not class scores (batch x classes); it is trained with cross-entropy, "
+            "so return the logits"
+        )
+    return int(out.shape[1])
+
+
+def _run(model: nn.Module, x: Any, name: str) -> Any:
+    """The model's output on two training samples (eval mode, no gradients, modes kept)."""
     modes = {module: module.training for module in model.modules()}
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     try:
@@ -221,13 +255,7 @@ def _classes(model: nn.Module, x: Any, name: str) -> int:
     finally:
         for module, training in modes.items():
             module.training = training
-    if not isinstance(out, torch.Tensor) or out.dim() < 2:
-        got = f"a tensor of shape {format_shape(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise StructADMMError(
-            f"{name} returns {got}, not class scores (batch x classes); it is trained with cross-entropy, "
-            "so return the logits"
-        )
-    return int(out.shape[1])
+    return out
 
 
 # --- reading the sources -------------------------------------------------------------------------
