@@ -33,7 +33,8 @@ import onnxruntime
 import torch
 
 from structadmm.bench import benchmark
-from structadmm.exporters.accuracy import onnx_outputs, top1_agreement
+from structadmm.exporters.accuracy import onnx_outputs
+from structadmm.exporters.fidelity import top1_agreement
 from structadmm.cpu import cpu_name, int8_flags
 from structadmm.exporters import count_onnx, export_onnx, quantize_onnx
 from structadmm.models import get_spec
@@ -100,7 +101,7 @@ def digits_accuracy(methods: list[str], threads: int, schedule: str) -> dict:
             quantize_onnx(run / "pruned.onnx", Path(tmp) / f"{method}.onnx", train, method=method,
                           batches=config.calibration_batches, batch_size=config.batch_size, seed=config.seed)
             out = onnx_outputs(Path(tmp) / f"{method}.onnx", test)
-            methods_out[method] = {"accuracy": out.accuracy, "agreement": top1_agreement(fp32, out)}
+            methods_out[method] = {"accuracy": out.accuracy, "agreement": top1_agreement(fp32.logits, out.logits)}
     q = report["quantized"]
     return {"model": report["model"], "torch_accuracy": {"dense": report["dense"]["accuracy"],
                                                          "pruned": report["pruned"]["accuracy"]},

@@ -156,12 +156,16 @@ def test_built_in_digits_with_too_few_outputs(workdir: Path) -> None:
 @pytest.mark.parametrize("function, message", [
     ("empty_val", "the held-out data is empty; give it samples, or no held-out data at all"),
     ("float_labels", "the training data's labels are float32; they must be integer class indices 0..9"),
-    ("no_labels", "the training data has no labels; give (input, label) pairs"),
     # a shuffling DataLoader is read again in order: the sample is named by its place in the data set
     ("shuffled_loader_with_nan", "training sample 13 has NaN in its inputs"),
 ])
 def test_data_from_user_code(workdir: Path, function: str, message: str) -> None:
     assert message in refused(workdir, "--data", f"user.py:{function}")
+
+
+def test_labels_asked_of_data_without_them(workdir: Path) -> None:
+    line = refused(workdir, "--data", "user.py:no_labels", "--objective", "labels")
+    assert 'objective = "labels" but the training data has no labels' in line, line
 
 
 def write_images(root: Path, classes: int, per_class: int = 2, sizes=((16, 16),)) -> None:

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typer.testing import CliRunner
 
 import structadmm as sa
-from structadmm.exporters.accuracy import onnx_outputs, top1_agreement
+from structadmm.exporters.accuracy import onnx_outputs
+from structadmm.exporters.fidelity import top1_agreement
 from structadmm.cli import app
 from structadmm.errors import StructADMMError
 from structadmm.exporters import quantize as quantize_module
@@ -130,7 +131,7 @@ def test_gate_passes_a_good_int8_model_and_fails_a_broken_one(folder: Path, digi
     good, bad = onnx_outputs(tmp_path / "good.onnx", test), onnx_outputs(tmp_path / "bad.onnx", test)
     assert fp32.accuracy > 0.8  # a trained model, so the gate has something to lose
     passed = check_int8(fp32, good, min_agreement=0.95, max_accuracy_drop=0.02)
-    assert passed.ok and passed.agreement == top1_agreement(fp32, good) and not passed.reasons
+    assert passed.ok and passed.agreement == top1_agreement(fp32.logits, good.logits) and not passed.reasons
     failed = check_int8(fp32, bad, min_agreement=0.95, max_accuracy_drop=0.02)
     assert not failed.ok and failed.agreement < 0.95 and failed.accuracy_drop > 0.02
     assert any("agreement" in r for r in failed.reasons) and any("accuracy drop" in r for r in failed.reasons)

@@ -155,8 +155,8 @@ def _fidelity_section(report: Mapping[str, Any]) -> list[str]:
         lines += [f"Top-1 agreement with the dense model: {_percent(fidelity['top1_agreement'])}.", ""]
     if fidelity.get("box_map50") is not None:
         lines += [f"Box mAP@0.5 against the dense model's boxes (after NMS): {_number3(fidelity['box_map50'])}.", ""]
-    lines += ["Relative error = ‖pruned − dense‖ / ‖dense‖ over all samples; cosine similarity is per sample, "
-              "averaged.", ""]
+    lines += ["Relative error = ‖pruned − dense‖ / ‖dense‖ and cosine similarity, each per sample (its values "
+              "flattened), averaged over the samples.", ""]
     return lines
 
 

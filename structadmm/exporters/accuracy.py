@@ -2,7 +2,8 @@
 
 The torch accuracy of a model says nothing about its INT8 file, whose arithmetic only ONNX
 Runtime knows. This module owns running an ONNX file over held-out data and the figures
-taken from its outputs: top-1 accuracy and the top-1 agreement of two models.
+taken from its outputs: top-1 accuracy (two models' agreement is
+:func:`structadmm.exporters.fidelity.top1_agreement` of their logits).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from structadmm.errors import StructADMMError
 from structadmm.errors import one_line
 from structadmm.exporters.onnx_export import load_onnx
 
-__all__ = ["OnnxOutputs", "onnx_outputs", "top1_agreement"]
+__all__ = ["OnnxOutputs", "onnx_outputs"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,3 @@ def onnx_outputs(path: str | Path, data, *, batch_size: int = 256, threads: int 
     if not logits:
         raise StructADMMError("no data to evaluate the ONNX model on")
     return OnnxOutputs(np.concatenate(logits), np.concatenate(labels) if len(labels) == len(logits) else None)
-
-
-def top1_agreement(a: OnnxOutputs, b: OnnxOutputs) -> float:
-    """Fraction of samples on which the two models predict the same class."""
-    if a.logits.shape[0] != b.logits.shape[0]:
-        raise StructADMMError(f"cannot compare predictions on {a.logits.shape[0]} and {b.logits.shape[0]} samples")
-    return float((a.predictions == b.predictions).mean())

@@ -512,10 +512,10 @@ def check_int8(fp32, int8, *, min_agreement: float, max_accuracy_drop: float, fp
     ``(name, outputs)`` of the model the accuracy drop is measured from when it is not ``fp32``
     (a quantization-aware retrained model agrees with its own FP32 parent, and must not fall below
     the pruned FP32 model it replaces)."""
-    from structadmm.exporters.accuracy import top1_agreement
+    from structadmm.exporters.fidelity import top1_agreement
 
     drop_from, reference = baseline if baseline is not None else (fp32_name, fp32)
-    agreement = top1_agreement(fp32, int8)
+    agreement = top1_agreement(fp32.logits, int8.logits)
     drop = None if reference.accuracy is None or int8.accuracy is None else reference.accuracy - int8.accuracy
     reasons = []
     if agreement < min_agreement:

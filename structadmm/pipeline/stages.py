@@ -27,7 +27,7 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -493,7 +493,7 @@ def fidelity_stage(run: Run, carry: Carry) -> Carry:
     dense, pruned = OnnxModule(run.out / "dense.onnx")(*items), pruned_file(*items)
     flat_dense, flat_pruned = flat_outputs(dense), flat_outputs(pruned)
     fidelity: dict[str, Any] = {"samples": int(items[0].shape[0]), "outputs": [
-        {**f.to_dict(), "name": name} for f, name in zip(output_fidelity(dense, pruned), pruned_file.output_names)]}
+        {**asdict(f), "name": name} for f, name in zip(output_fidelity(dense, pruned), pruned_file.output_names)]}
     if len(flat_dense) == 1 and is_class_scores(flat_dense[0]):
         fidelity["top1_agreement"] = top1_agreement(flat_dense[0], flat_pruned[0])
     if run.config.boxes == "yolo":
