@@ -105,10 +105,42 @@ def digits_accuracy(methods: list[str], threads: int, schedule: str) -> dict:
     q = report["quantized"]
     return {"model": report["model"], "torch_accuracy": {"dense": report["dense"]["accuracy"],
                                                          "pruned": report["pruned"]["accuracy"]},
-            "ort_accuracy": q["ort_accuracy"], "gate": q["gate"], "mac_ratio": report["mac_ratio"],
+            "ort_accuracy": q["ort_accuracy"], "gate": q["gate"], "pruned_int8": int8_outcome(q),
+            "mac_ratio": report["mac_ratio"],
             "file_sizes": report["file_sizes"], "latency_variants": report["latency_variants"],
             "calibration_methods": methods_out, "test_samples": len(test), "schedule": schedule,
             "seconds": time.perf_counter() - start}
+
+
+def int8_outcome(quantized: dict) -> dict:
+    """What became of the pruned INT8 file of one run, from its report's ``quantized`` section.
+
+    A file that fails the INT8 gate is kept as ``pruned-int8.rejected.onnx``, scored under
+    ``"rejected INT8"`` and never timed: ``shipped`` is False and ``accuracy`` is the rejected
+    file's. The gate's figures come along either way. Older result files, which recorded only
+    the gate's verdict (a bool), are read too."""
+    gate = quantized.get("gate")
+    gate = gate if isinstance(gate, dict) else {"ok": bool(gate)}
+    accuracy = quantized.get("ort_accuracy") or {}
+    shipped = bool(quantized.get("shipped", gate["ok"]))
+    return {"shipped": shipped, "accuracy": accuracy.get("pruned INT8" if shipped else "rejected INT8"),
+            "onnx": quantized.get("onnx", "pruned-int8.onnx" if shipped else "pruned-int8.rejected.onnx"),
+            **{key: gate.get(key) for key in ("agreement", "min_agreement", "accuracy_drop", "max_accuracy_drop")},
+            "reasons": list(gate.get("reasons") or [])}
+
+
+def int8_cell(outcome: dict) -> str:
+    """A table cell for the pruned INT8 file: its accuracy (%), or that the gate rejected it, with
+    the gate's figures against its limits and the rejected file's accuracy."""
+    accuracy = "n/a" if outcome["accuracy"] is None else f"{100 * outcome['accuracy']:.2f}"
+    if outcome["shipped"]:
+        return accuracy
+    figures = []
+    if outcome.get("agreement") is not None:
+        figures.append(f"agreement {100 * outcome['agreement']:.2f} % (min {100 * outcome['min_agreement']:.2f} %)")
+    if outcome.get("accuracy_drop") is not None:
+        figures.append(f"drop {100 * outcome['accuracy_drop']:.2f} pt (max {100 * outcome['max_accuracy_drop']:.2f} pt)")
+    return f"rejected by the gate ({', '.join(figures) or 'no figures recorded'}; its accuracy {accuracy})"
 
 
 def main() -> None:
@@ -165,25 +197,33 @@ def _markdown(results: dict, batches: list[int]) -> str:
                       "(dense FP32 / dense INT8).", ""]
     if "digits" in results:
         d = results["digits"]
-        acc = d["ort_accuracy"]
         lines += [f"## Accuracy: embedded default ({d['model']}, {d['test_samples']} held-out digits, "
-                  f"{d['schedule']} training schedule)", "",
-                  "| | dense FP32 | pruned FP32 | pruned INT8 | dense INT8 |", "|---|---:|---:|---:|---:|",
-                  "| accuracy (ONNX Runtime) | " + " | ".join(f"{100 * acc[v]:.2f} %" for v in
-                                                       ("dense FP32", "pruned FP32", "pruned INT8", "dense INT8")) + " |",
-                  "| file bytes | " + " | ".join(str(d["file_sizes"][f]) for f in
-                                               ("dense.onnx", "pruned.onnx", "pruned-int8.onnx", "dense-int8.onnx")
-                                               if f in d["file_sizes"]) + " |", ""]
+                  f"{d['schedule']} training schedule)", "", *digits_rows(d), ""]
         for provider_batch in dict.fromkeys((r["batch"]) for r in d["latency_variants"]):
             rows = {r["variant"]: r for r in d["latency_variants"] if r["batch"] == provider_batch}
             lines.append(f"Batch {provider_batch}: " + ", ".join(f"{v} {rows[v]['median_ms']:.3f} ms ({rows[v]['speedup']:.2f}x)"
-                                                               for v in rows))
+                                                               for v in rows)
+                         + ("" if "pruned INT8" in rows else "; pruned INT8 not timed (rejected by the gate)"))
         lines += ["", f"Gate: {'ok' if d['gate']['ok'] else 'FAILED'} (agreement {100 * d['gate']['agreement']:.2f} %, "
                       f"drop {100 * (d['gate']['accuracy_drop'] or 0):.2f} pt)", "",
                   "| calibration | pruned INT8 accuracy | top-1 agreement with pruned FP32 |", "|---|---:|---:|"]
         lines += [f"| {k} | {100 * v['accuracy']:.2f} % | {100 * v['agreement']:.2f} % |"
                   for k, v in d["calibration_methods"].items()]
     return "\n".join(lines) + "\n"
+
+
+def digits_rows(d: dict) -> list[str]:
+    """The digits run's accuracy and file-size table; a pruned INT8 file the gate rejected is shown
+    as rejected (with the gate's figures), never as pruned INT8."""
+    acc, sizes = d["ort_accuracy"], d["file_sizes"]
+    outcome = d.get("pruned_int8") or int8_outcome({"gate": d["gate"], "ort_accuracy": acc})
+    int8 = int8_cell(outcome) + (" %" if outcome["shipped"] else "")
+    cells = [f"{100 * acc['dense FP32']:.2f} %", f"{100 * acc['pruned FP32']:.2f} %", int8,
+             f"{100 * acc['dense INT8']:.2f} %"]
+    files = ("dense.onnx", "pruned.onnx", outcome["onnx"], "dense-int8.onnx")
+    return ["| | dense FP32 | pruned FP32 | pruned INT8 | dense INT8 |", "|---|---:|---:|---:|---:|",
+            "| accuracy (ONNX Runtime) | " + " | ".join(cells) + " |",
+            "| file bytes | " + " | ".join(str(sizes.get(f, "n/a")) for f in files) + " |"]
 
 
 if __name__ == "__main__":

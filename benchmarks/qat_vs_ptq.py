@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy_vs_baselines import Ctx, ci95  # noqa: E402  (the dense checkpoints and the interval)
+from int8 import int8_cell, int8_outcome  # noqa: E402  (a pruned INT8 file the gate rejected)
 
 from structadmm import compact, export_onnx, qat_retrain, quantize_onnx  # noqa: E402
 from structadmm.exporters.accuracy import onnx_outputs  # noqa: E402
@@ -143,17 +144,17 @@ def run_chain(args) -> None:
                 speed = {(r["batch"], r["variant"]): r["speedup"] for r in report["latency_variants"]}
                 results.append({"data": data_name, "model": model_name, "ratio": ratio, "seed": seed,
                                 "mac_ratio": report["mac_ratio"], "ort_accuracy": q["ort_accuracy"],
-                                "gate": q["gate"]["ok"], "reduce_range": q["reduce_range"],
+                                "gate": q["gate"]["ok"], "pruned_int8": int8_outcome(q), "reduce_range": q["reduce_range"],
                                 "speedup": {f"{v} b{b}": s for (b, v), s in speed.items()},
                                 "seconds": time.perf_counter() - start})
                 print(json.dumps(results[-1]), flush=True)
     out = {"command": "benchmarks/qat_vs_ptq.py " + " ".join(sys.argv[1:]), "runs": results, "machine": _machine()}
     (RESULTS / "int8_chain.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "int8_chain.md").write_text(_chain_markdown(out, args.threads))
+    (RESULTS / "int8_chain.md").write_text(chain_markdown(out, args.threads))
     print((RESULTS / "int8_chain.md").read_text())
 
 
-def _chain_markdown(out: dict, threads: int) -> str:
+def chain_markdown(out: dict, threads: int) -> str:
     lines = ["# The whole chain: StructADMM pruning, then INT8, against dense FP32", "",
              f"Command: `PYTHONPATH=. .venv/bin/python {out['command']}` (pipeline defaults, `channel_multiple = 1`, "
              f"`--quantize int8`). Accuracy in ONNX Runtime on the held-out split (MNIST-1D: validation, 5,000; "
@@ -165,23 +166,45 @@ def _chain_markdown(out: dict, threads: int) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     cells: dict[tuple[str, float], list[dict]] = {}
     for r in out["runs"]:
-        a = r["ort_accuracy"]
         cells.setdefault((r["data"], r["ratio"]), []).append(r)
-        lines.append(f"| {r['data']} | {r['ratio']} | {r.get('seed', 0)} | {r['mac_ratio']:.2f}x | "
-                     f"{100 * a['dense FP32']:.2f} | {100 * a['pruned FP32']:.2f} | {100 * a['pruned INT8']:.2f} | "
-                     f"{100 * (a['pruned INT8'] - a['dense FP32']):+.2f} | "
-                     f"{100 * (a['pruned INT8'] - a['pruned FP32']):+.2f} | "
-                     f"{r['speedup']['pruned FP32 b64']:.2f}x | {r['speedup']['pruned INT8 b64']:.2f}x | "
-                     f"{r['speedup']['pruned INT8 b1']:.2f}x | {'yes' if r['reduce_range'] else 'no'} |")
-    lines += ["", "Over seeds (mean accuracy difference and its 95 % CI where there are several seeds; median speedup):", "",
-              "| data | ratio | seeds | chain − dense (pt) | INT8 − pruned FP32 (pt) | speedup b64: pruned INT8 |",
-              "|---|---|---:|---|---|---:|"]
+        lines.append(chain_row(r))
+    lines += ["", "Over seeds (mean accuracy difference and its 95 % CI where there are several seeds; median speedup), "
+                  "over the runs whose pruned INT8 file passed the gate:", "",
+              "| data | ratio | seeds | rejected by the gate | chain − dense (pt) | INT8 − pruned FP32 (pt) | "
+              "speedup b64: pruned INT8 |",
+              "|---|---|---:|---:|---|---|---:|"]
     for (data, ratio), runs in cells.items():
-        chain = [100 * (r["ort_accuracy"]["pruned INT8"] - r["ort_accuracy"]["dense FP32"]) for r in runs]
-        step = [100 * (r["ort_accuracy"]["pruned INT8"] - r["ort_accuracy"]["pruned FP32"]) for r in runs]
-        speed = statistics.median(r["speedup"]["pruned INT8 b64"] for r in runs)
-        lines.append(f"| {data} | {ratio} | {len(runs)} | {_mean_ci(chain)} | {_mean_ci(step)} | {speed:.2f}x |")
+        shipped = [r for r in runs if _outcome(r)["shipped"]]
+        if not shipped:
+            lines.append(f"| {data} | {ratio} | {len(runs)} | {len(runs)} | n/a | n/a | n/a |")
+            continue
+        chain = [100 * (r["ort_accuracy"]["pruned INT8"] - r["ort_accuracy"]["dense FP32"]) for r in shipped]
+        step = [100 * (r["ort_accuracy"]["pruned INT8"] - r["ort_accuracy"]["pruned FP32"]) for r in shipped]
+        speed = statistics.median(r["speedup"]["pruned INT8 b64"] for r in shipped)
+        lines.append(f"| {data} | {ratio} | {len(runs)} | {len(runs) - len(shipped)} | {_mean_ci(chain)} | "
+                     f"{_mean_ci(step)} | {speed:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def _outcome(run: dict) -> dict:
+    """The pruned INT8 outcome of one chain run (older result files recorded the gate's verdict only)."""
+    return run.get("pruned_int8") or int8_outcome({"gate": run["gate"], "ort_accuracy": run["ort_accuracy"]})
+
+
+def chain_row(r: dict) -> str:
+    """One run of the chain as a table row. A pruned INT8 file that failed the gate was neither
+    shipped nor timed: its cells say so, with the gate's figures, instead of an accuracy and speedups."""
+    a, outcome, speed = r["ort_accuracy"], _outcome(r), r["speedup"]
+    if outcome["shipped"]:
+        int8 = [f"{100 * a['pruned INT8']:.2f}", f"{100 * (a['pruned INT8'] - a['dense FP32']):+.2f}",
+                f"{100 * (a['pruned INT8'] - a['pruned FP32']):+.2f}"]
+        timed = [f"{speed['pruned INT8 b64']:.2f}x", f"{speed['pruned INT8 b1']:.2f}x"]
+    else:
+        int8 = [int8_cell(outcome), "n/a", "n/a"]
+        timed = ["not timed (rejected)"] * 2
+    return (f"| {r['data']} | {r['ratio']} | {r.get('seed', 0)} | {r['mac_ratio']:.2f}x | "
+            f"{100 * a['dense FP32']:.2f} | {100 * a['pruned FP32']:.2f} | {int8[0]} | {int8[1]} | {int8[2]} | "
+            f"{speed['pruned FP32 b64']:.2f}x | {timed[0]} | {timed[1]} | {'yes' if r['reduce_range'] else 'no'} |")
 
 
 def _mean_ci(values: list[float]) -> str:

@@ -6,7 +6,10 @@
 Weights are random (seeded): latency and MACs do not depend on their values, and no
 pretrained weights can be downloaded here. One-shot magnitude projection stands in for ADMM,
 which would choose different channels but the same counts. Dense and pruned are timed in one
-process, interleaved (medians); the speedup efficiency is speedup / MAC ratio.
+process, interleaved (medians). MAC efficiency = speedup / MAC ratio; roofline efficiency = speedup /
+min(MAC ratio, byte ratio), the byte ratio being dense / pruned bytes moved at that batch, counted from
+the ONNX graph (:meth:`structadmm.exporters.OnnxCost.bytes_at`): a memory-bound model such as MobileNetV2
+is judged against the bytes it still moves.
 
 ``--peer tp`` adds Torch-Pruning's MagnitudePruner (L1, same ratio in every layer, the output
 layer ignored; a benchmark-only dependency, ``pip install -e ".[bench]"``) on a copy of the
@@ -52,22 +55,26 @@ def measure(name: str, sparsity: str, ratio: float, multiple: int, batches: list
         if peer_model is not None:
             paths[peer] = Path(tmp) / f"{peer}.onnx"
             export_onnx(torch_pruning_magnitude(peer_model, x, ratio).eval(), x, paths[peer])
-        macs = {key: count_onnx(path).macs for key, path in paths.items()}
+        costs = {key: count_onnx(path) for key, path in paths.items()}
+        macs = {key: cost.macs for key, cost in costs.items()}
         report = benchmark(paths, batch_sizes=batches, threads=threads, min_seconds=seconds, min_runs=runs,
                            spinning=spinning, isolate=False)  # the figures in README were taken in one process
     result = {"model": name, "sparsity": sparsity, "ratio": ratio, "multiple": multiple, "spinning": spinning,
               "dense_macs": macs["dense"],
               "pruned_macs": macs["pruned"], "mac_ratio": macs["dense"] / macs["pruned"], "parity": parity,
-              "seconds": time.perf_counter() - start, "latency": _latency(report, "pruned", macs)}
+              "seconds": time.perf_counter() - start, "latency": _latency(report, "pruned", costs, batches)}
     if peer_model is not None:
         result["peer"] = {"name": peer, "macs": macs[peer], "mac_ratio": macs["dense"] / macs[peer],
-                          "latency": _latency(report, peer, macs)}
+                          "latency": _latency(report, peer, costs, batches)}
     return result
 
 
-def _latency(report, name: str, macs: dict[str, int]) -> list[dict]:
-    rows = report.to_rows(dense="dense", pruned=name, mac_ratio=macs["dense"] / macs[name])
-    return [{k: row[k] for k in ("batch", "dense_ms", "pruned_ms", "speedup", "efficiency")} for row in rows]
+def _latency(report, name: str, costs: dict, batches: list[int]) -> list[dict]:
+    dense, pruned = costs["dense"], costs[name]
+    rows = report.to_rows(dense="dense", pruned=name, mac_ratio=dense.macs / pruned.macs,
+                          byte_ratios={b: dense.bytes_at(b) / pruned.bytes_at(b) for b in batches})
+    return [{k: row[k] for k in ("batch", "dense_ms", "pruned_ms", "speedup", "efficiency", "byte_ratio",
+                                 "roofline_efficiency")} for row in rows]
 
 
 def main() -> None:
@@ -102,19 +109,32 @@ def main() -> None:
 
 
 def _table(results: list[dict], batches: list[int]) -> str:
-    head = "| model | pruner | MAC ratio | " + " | ".join(f"speedup b={b} | eff b={b}" for b in batches) + " |"
+    head = "| model | pruner | MAC ratio | " + " | ".join(
+        f"speedup b={b} | MAC eff b={b} | byte ratio b={b} | roofline eff b={b}" for b in batches) + " |"
     lines = ["# The model zoo on ORT CPU, timed in-process: dense, pruned (and the peer) interleaved run by run in "
-             "one process, medians", "", head, "|---" * (3 + 2 * len(batches)) + "|"]
+             "one process, medians", "",
+             "MAC eff = speedup / MAC ratio; roofline eff = speedup / min(MAC ratio, byte ratio), byte ratio = dense / "
+             "pruned bytes moved (weights and activations read and written per node, unfused, from the ONNX graph).",
+             "", head, "|---" * (3 + 4 * len(batches)) + "|"]
     for r in results:
         rows = [("structadmm", r["mac_ratio"], r["latency"])]
         if "peer" in r:
             rows.append(({"tp": "Torch-Pruning"}[r["peer"]["name"]], r["peer"]["mac_ratio"], r["peer"]["latency"]))
         for pruner, mac_ratio, latency in rows:
             lat = {row["batch"]: row for row in latency}
-            cells = " | ".join(f"{lat[b]['speedup']:.2f}x | {lat[b]['efficiency']:.2f}" for b in batches)
+            cells = " | ".join(f"{lat[b]['speedup']:.2f}x | {lat[b]['efficiency']:.2f} | " + _roofline_cells(lat[b])
+                               for b in batches)
             name = r["model"] + (f" (#{r['repeat'] + 1})" if r.get("repeat") else "")
             lines.append(f"| {name} | {pruner} | {mac_ratio:.2f}x | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+
+def _roofline_cells(row: dict) -> str:
+    """Byte ratio and roofline efficiency; n/a in result files written before they were recorded."""
+    if "byte_ratio" not in row:
+        return "n/a | n/a"
+    return f"{row['byte_ratio']:.2f}x | {row['roofline_efficiency']:.2f}"
 
 
 if __name__ == "__main__":

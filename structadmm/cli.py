@@ -266,8 +266,8 @@ def bench(
     mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
     byte_ratios = {b: dense_cost.bytes_at(b) / max(pruned_cost.bytes_at(b), 1) for b in batch}
     table = Table(title=f"{dense.name} vs {pruned.name}: {mac_ratio:.2f}x fewer MACs")
-    for col in ("provider", "batch", "dense ms", "pruned ms", "speedup", "efficiency", "per round (interval, coverage)",
-                "byte ratio (eff)"):
+    for col in ("provider", "batch", "dense ms", "pruned ms", "speedup", "MAC eff", "per round (interval, coverage)",
+                "byte ratio", "roofline eff"):
         table.add_column(col, justify="right")
     for row in report.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios):
         table.add_row(str(row["provider"]).replace("ExecutionProvider", ""), str(row["batch"]),
@@ -275,7 +275,7 @@ def bench(
                       f"{row['efficiency']:.2f}",
                       f"{row['speedup_per_round']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f}, "
                       + (f"{100 * row['ci_coverage']:.1f} %)" if row.get("ci_coverage") is not None else "coverage n/a)"),
-                      f"{row['byte_ratio']:.2f}x ({row['byte_efficiency']:.2f})")
+                      f"{row['byte_ratio']:.2f}x", f"{row['roofline_efficiency']:.2f}")
     out.print(table)
     for provider, reason in report.skipped:
         out.print(f"[dim]skipped {provider}: {reason}[/]")

@@ -234,6 +234,45 @@ def test_bytes_moved_per_node_for_the_roofline(tmp_path: Path) -> None:
     assert cost.bytes_at(8) == sum(layer.bytes_at(8) for layer in cost.layers)
 
 
+
+def test_bytes_moved_on_a_hand_built_graph() -> None:
+    """Every node's bytes worked out by hand: float32 is 4 bytes, float16 2; activations per sample
+    (dim 0 of the input set to 1), constants (initializers, Constant nodes) once per run."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])
+    constant = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(_floats(5)))
+    model = _model(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["y"]),  # 1x1, 2 -> 4 channels on 4x4
+            helper.make_node("Relu", ["y"], ["r"]),
+            helper.make_node("Reshape", ["r", "shape"], ["z"]),  # a view: moves nothing
+            helper.make_node("MatMul", ["z", "w2"], ["m"]),
+            constant,
+            helper.make_node("Add", ["m", "c"], ["a"]),
+            helper.make_node("Cast", ["a"], ["h"], to=TensorProto.FLOAT16),
+            helper.make_node("Cast", ["h"], ["out"], to=TensorProto.FLOAT),
+        ],
+        [x],
+        {"w": _floats(4, 2, 1, 1), "b": _floats(4), "shape": np.array([-1, 64], dtype=np.int64),
+         "w2": _floats(64, 5)},
+    )
+    cost = count_onnx(model)
+    moved = [(layer.op_type, layer.activation_bytes, layer.weight_bytes) for layer in cost.layers]
+    assert moved == [
+        ("Conv", 4 * (2 * 16 + 4 * 16), 4 * (4 * 2 + 4)),  # reads x, writes y; weight and bias
+        ("Relu", 4 * (4 * 16 + 4 * 16), 0),
+        ("Reshape", 0, 0),
+        ("MatMul", 4 * (64 + 5), 4 * 64 * 5),
+        ("Constant", 0, 0),  # makes a constant: its reader counts it
+        ("Add", 4 * (5 + 5), 4 * 5),  # m in, a out; the Constant's c as a weight
+        ("Cast", 4 * 5 + 2 * 5, 0),  # float32 in, float16 out
+        ("Cast", 2 * 5 + 4 * 5, 0),
+    ]
+    per_sample, once = 384 + 512 + 276 + 40 + 30 + 30, 48 + 1280 + 20
+    assert cost.macs == 4 * 16 * 2 + 64 * 5
+    assert cost.bytes_at(1) == per_sample + once == 2620
+    assert cost.bytes_at(8) == 8 * per_sample + once == 11524  # weights are read once, whatever the batch
+
+
 # --- the forward-side counter (count_torch) against the ONNX one ---------------------------
 
 

@@ -66,9 +66,12 @@ def test_bench_cli_in_both_modes(mode: str, tmp_path: Path, monkeypatch: pytest.
                                  "--min-seconds", "0", "--min-runs", "4", "--warmup", "1", "--processes", "2",
                                  "-p", "CPUExecutionProvider", mode], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "per round (interval, coverage)" in result.output and "byte ratio (eff)" in result.output
+    assert "per round (interval, coverage)" in result.output and "roofline eff" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("│") and " CPU " in line)
-    assert len(re.findall(r"\d\.\d\dx \(\d+\.\d\d", row)) == 2  # per round (interval) and byte ratio (eff)
+    assert len(re.findall(r"\d\.\d\dx \(\d+\.\d\d", row)) == 1  # per round (interval)
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    speedup, mac_eff, byte_ratio, roofline = float(cells[4][:-1]), float(cells[5]), float(cells[7][:-1]), float(cells[8])
+    assert roofline == pytest.approx(speedup / min(speedup / mac_eff, byte_ratio), abs=0.02)
     # the interval's coverage of the median, as reached: [min, max] of 4 rounds in-process, of 2 isolated
     coverage = "87.5" if mode == "--in-process" else "50.0"
     assert re.search(rf"\d\.\d\dx \(\d+\.\d\d-\d+\.\d\d, {coverage} %\)", row), row

@@ -186,8 +186,8 @@ def test_gate_names_the_model_it_compared_against(folder: Path, digits, tmp_path
     # post-training INT8 fails, and so does the INT8 file of the "retrained" model (here a copy of pruned.onnx):
     # the second gate compared predictions with that FP32 parent, and the accuracy drop with pruned FP32
     _break_every_int8(monkeypatch)
-    monkeypatch.setattr(stages, "_qat", lambda run, small, inputs: lambda path: shutil.copy(run.out / "pruned.onnx",
-                                                                                              path))
+    monkeypatch.setattr(stages, "_qat", lambda run, small, inputs, **_: lambda path: shutil.copy(run.out / "pruned.onnx",
+                                                                                                   path))
     train, test = digits
     run = _quantize_stage(folder, tmp_path, train, test, qat_epochs=1)
     first = run.post_training["gate"]
@@ -251,8 +251,8 @@ def test_qat_without_validation_data_never_trains_on_the_gates_samples(folder: P
     _break_every_int8(monkeypatch)
     seen = {}
 
-    def qat(run, small, inputs):
-        seen.update(train=run.train, reduce_range=run.config.quantize_reduce_range)
+    def qat(run, small, inputs, *, train, reduce_range):
+        seen.update(train=train, reduce_range=reduce_range)
         return lambda path: shutil.copy(run.out / "pruned.onnx", path)
 
     monkeypatch.setattr(stages, "_qat", qat)

@@ -146,10 +146,14 @@ def test_rows_from_a_latency_report_fit_the_report(tmp_path: Path) -> None:
     report = spec_report()
     report["latency"] = latency.to_rows(mac_ratio=5.0, byte_ratios={64: 2.5, 1: 9.0})
     assert report["latency"][0]["speedup_per_round"] == 3.9 and report["latency"][0]["byte_efficiency"] == 1.6
+    # the roofline bound is the smaller ratio: the bytes here (2.5x < 5x), the MACs when bytes fall more
+    assert report["latency"][0]["roofline_efficiency"] == 4.0 / 2.5
+    assert latency.to_rows(mac_ratio=5.0, byte_ratios={64: 8.0})[0]["roofline_efficiency"] == 4.0 / 5.0
+    assert "roofline_efficiency" not in latency.to_rows(mac_ratio=5.0)[0]
     write_report(tmp_path, report)
     text = (tmp_path / "report.md").read_text()
     assert ("| CPU | 64 | 2 | 8.000 | 8.800 | 2.000 | 2.200 | 4.00x | 0.80 | 3.90x (3.50–4.25, 75.0 %) "
-            "| 2.50x (1.60) |" in text)  # the interval with the coverage it reached, not a nominal 95 %
+            "| 2.50x | 1.60 |" in text)  # the interval with the coverage it reached, not a nominal 95 %
     assert "timed isolated: each alone in its own process" in text
 
 

@@ -61,7 +61,7 @@ from structadmm.errors import StructADMMError, one_line
 from structadmm.bench.runtime import warn_if_conflicting
 
 __all__ = ["ENGINE_CACHE", "LatencyEntry", "LatencyReport", "MedianInterval", "SessionSettings", "benchmark",
-           "holds_qdq", "median_interval", "round_order", "round_ratios", "session_providers", "time_alone",
+           "median_interval", "round_order", "round_ratios", "session_providers", "time_alone",
            "time_interleaved"]
 
 CPU = "CPUExecutionProvider"
@@ -77,7 +77,6 @@ OPTIMIZATION_LEVELS = {
 SPINNING = ("run", "off", "on")
 #: The TensorRT engine cache's folder, beside the baseline model (in a run folder: inside it) unless named.
 ENGINE_CACHE = "trt_engines"
-_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -131,7 +130,10 @@ class LatencyReport:
         ``mac_ratio`` (dense MACs / pruned MACs) each row also gets
         ``efficiency = speedup / mac_ratio``; with ``byte_ratios`` (batch -> dense bytes moved /
         pruned bytes moved, :meth:`~structadmm.exporters.OnnxCost.bytes_at`) it gets ``byte_ratio``
-        and ``byte_efficiency = speedup / byte_ratio``, what a memory-bound net can be judged against.
+        and ``byte_efficiency = speedup / byte_ratio``; with both, ``roofline_efficiency = speedup /
+        min(mac_ratio, byte_ratio)``: the speedup against the smaller of the two ratios, the most a
+        roofline model lets pruning buy (a compute-bound net is judged by its MACs, a memory-bound
+        one by its bytes; 1.0: as fast as the bound allows).
         ``speedup_per_round`` (and its interval ``speedup_low``..``speedup_high``, which holds the
         true median with probability ``ci_coverage``) is the median of the per-round ratios, exact
         when ``dense`` is the baseline. ``mode`` is how they were timed ("isolated": one model per
@@ -165,6 +167,8 @@ class LatencyReport:
             if byte_ratios and batch in byte_ratios:
                 row["byte_ratio"] = byte_ratios[batch]
                 row["byte_efficiency"] = row["speedup"] / byte_ratios[batch]
+                if mac_ratio:
+                    row["roofline_efficiency"] = row["speedup"] / min(mac_ratio, byte_ratios[batch])
             rows.append(row)
         return rows
 
@@ -564,9 +568,11 @@ class SessionSettings:
 def session_providers(path: str | Path, provider: str, settings: SessionSettings) -> list[str | tuple[str, dict]]:
     """The ``providers`` argument of ``path``'s session: ``provider`` first, CPU (and CUDA under
     TensorRT) only for ops it cannot run. TensorRT gets its engine cache (when the settings name
-    one) and, for a QDQ file (:func:`holds_qdq`), its INT8 and FP16 flags: without them TensorRT
-    runs the quantized graph as an FP32 engine. FP32 files stay FP32 engines."""
+    one) and, for a QDQ file (:func:`~structadmm.exporters.quantize.holds_qdq`), its INT8 and FP16
+    flags: without them TensorRT runs the quantized graph as an FP32 engine. FP32 files stay FP32 engines."""
     if provider == TENSORRT:
+        from structadmm.exporters.quantize import holds_qdq  # here: an isolated child imports it only for TensorRT
+
         int8 = holds_qdq(path)
         options: dict[str, object] = {"trt_int8_enable": int8, "trt_fp16_enable": int8,
                                       "trt_engine_cache_enable": settings.engine_cache is not None}
@@ -575,14 +581,6 @@ def session_providers(path: str | Path, provider: str, settings: SessionSettings
         return [(TENSORRT, options), CUDA, CPU]
     chain = {CPU: [CPU], CUDA: [CUDA, CPU]}.get(provider)
     return list(chain) if chain is not None else [provider, CPU]
-
-
-def holds_qdq(path: str | Path) -> bool:
-    """Whether the ONNX file holds QuantizeLinear / DequantizeLinear nodes (a QDQ INT8 model)."""
-    import onnx  # here: an isolated child imports it only when it times TensorRT
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(node.op_type in _QDQ_OPS for node in graph.node)
 
 
 def _common_input_spec(

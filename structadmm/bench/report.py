@@ -79,7 +79,8 @@ def render_table(report: Mapping[str, Any]) -> Table:
             f"{_short(row.get('provider'))} batch {row.get('batch', NA)} ms",
             f"{_ms(row.get('dense_ms'))} (p90 {_ms(row.get('dense_p90_ms'))})",
             f"{_ms(row.get('pruned_ms'))} (p90 {_ms(row.get('pruned_p90_ms'))})",
-            f"{_ratio(row.get('speedup'))} (eff {_number(row.get('efficiency'))})",
+            f"{_ratio(row.get('speedup'))} (eff {_number(row.get('efficiency'))}"
+            + (f", roofline {_number(row['roofline_efficiency'])})" if "roofline_efficiency" in row else ")"),
         )
         dense_int8 = variants.get((row.get("provider"), row.get("batch"), "dense INT8"))
         pruned_int8 = variants.get((row.get("provider"), row.get("batch"), "pruned INT8"))
@@ -117,14 +118,16 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         *_latency_table(report.get("latency") or []),
         "",
-        "Speedup = dense median / pruned median. Efficiency = speedup / MAC ratio "
+        "Speedup = dense median / pruned median. MAC efficiency = speedup / MAC ratio "
         "(1.0: the pruned model is faster by exactly the factor of work removed). Per round = the median "
         "of the round-by-round ratios, with a distribution-free interval and its coverage: the exact "
         "probability that such an interval holds the true median, set by the number of rounds alone "
         "(95 % needs 6 or more; [min, max] of 3 rounds covers it 75 % of the time). Threads = the CPU "
         "pool's intra-op threads (n/a on GPU providers). Byte ratio = dense / pruned bytes "
-        "moved (activations and weights, unfused: the roofline's memory side), with speedup / byte ratio "
-        "in brackets: what a memory-bound net is judged against.",
+        "moved (activations and weights read and written by every node, unfused: the roofline's memory "
+        "side). Roofline efficiency = speedup / min(MAC ratio, byte ratio): a memory-bound net, whose "
+        "bytes fall less than its MACs, is judged against the bytes it still moves (1.0: as fast as "
+        "that bound allows).",
         "",
         "![latency](latency.png)",
         "",
@@ -334,8 +337,9 @@ def _latency_table(rows: list[Mapping[str, Any]]) -> list[str]:
         return ["No latency was measured."]
     lines = [
         "| provider | batch | threads | dense median ms | dense p90 ms | pruned median ms "
-        "| pruned p90 ms | speedup | efficiency | per round (interval, coverage) | byte ratio (eff) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pruned p90 ms | speedup | MAC efficiency | per round (interval, coverage) | byte ratio "
+        "| roofline efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [
@@ -349,7 +353,8 @@ def _latency_table(rows: list[Mapping[str, Any]]) -> list[str]:
             _ratio(row.get("speedup")),
             _number(row.get("efficiency")),
             _per_round(row),
-            f"{_ratio(row.get('byte_ratio'))} ({_number(row.get('byte_efficiency'))})" if "byte_ratio" in row else NA,
+            _ratio(row.get("byte_ratio")),
+            _number(row.get("roofline_efficiency")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -24,7 +24,10 @@ Definitions:
   whatever the batch). At batch B a node moves ``B * activation_bytes + weight_bytes``
   (:meth:`OnnxCost.bytes_at`). Every node is counted as if run alone, unfused (a Relu that ORT fuses
   into its Conv moves nothing of its own; reshapes, which ORT does in place, count 0), so the totals are an upper bound on the traffic; a node with
-  a tensor of unknown shape counts 0.
+  a tensor of unknown shape counts 0. A constant made by a ``Constant`` node is counted as a weight of
+  the node that reads it. The byte ratio at batch B is dense ``bytes_at(B)`` / pruned ``bytes_at(B)``;
+  the benchmark reports speedup / min(MAC ratio, byte ratio) as the roofline efficiency
+  (:meth:`structadmm.bench.LatencyReport.to_rows`).
 Nodes inside subgraphs (If/Loop bodies) are not counted. :func:`count_torch` counts the same
 operations as they reach torch's kernels (convolutions, matrix products, attention), per sample.
 """

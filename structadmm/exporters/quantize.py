@@ -47,7 +47,8 @@ from structadmm.files import write_atomic
 from structadmm.exporters.onnx_export import load_onnx
 
 __all__ = ["CALIBRATION_METHODS", "GATE_SPLITS", "Int8Data", "Int8Gate", "LayerSensitivity", "QuantizeResult",
-           "QuantizedRun", "QdqActivation", "QdqSteps", "QdqWeight", "calibration_batches", "check_int8", "int8_data",
+           "QuantizedRun", "QDQ_OPS", "QdqActivation", "QdqSteps", "QdqWeight", "calibration_batches", "check_int8",
+           "holds_qdq", "int8_data",
            "layer_sensitivity", "needs_reduced_range", "qdq_steps", "quantize_onnx", "quantize_run",
            "slower_than_fp32"]
 
@@ -55,6 +56,10 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MODES = ("auto", "static", "dynamic")
 # the matrix ops whose weights carry the model's size and time
 _MATRIX_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: the ops of a QDQ model: a tensor rounded to int8 and back around the float op that reads it
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# the integer matrix ops of ORT's other (QOperator and dynamic) quantized formats
+_INTEGER_MATRIX_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul")
 
 
 @dataclass(frozen=True)
@@ -741,14 +746,24 @@ def _matrix_share(proto: onnx.ModelProto) -> float:
     return linear / cost.macs if cost.macs else 0.0
 
 
+def holds_qdq(model: onnx.ModelProto | str | Path) -> bool:
+    """Whether an ONNX model (a ModelProto, or a file read without its external data) holds
+    QuantizeLinear / DequantizeLinear nodes (:data:`QDQ_OPS`): a QDQ INT8 model, as
+    :func:`quantize_onnx` writes in static mode. The one test of "is this file QDQ" that the
+    benchmark (TensorRT's INT8 flags) and :func:`quantize_onnx`'s node count share."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    return any(node.op_type in QDQ_OPS for node in proto.graph.node)
+
+
 def _quantized_matrix_nodes(proto: onnx.ModelProto) -> int:
-    """Matrix nodes computing in int8: QDQ (weight from a DequantizeLinear) or integer ops."""
+    """Matrix nodes computing in int8: integer ops, or, in a QDQ model (:func:`holds_qdq`),
+    matrix ops whose weight comes from a DequantizeLinear."""
+    count = sum(node.op_type in _INTEGER_MATRIX_OPS for node in proto.graph.node)
+    if not holds_qdq(proto):
+        return count
     produced_by = {out: node for node in proto.graph.node for out in node.output}
-    count = 0
     for node in proto.graph.node:
-        if node.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul"):
-            count += 1
-        elif node.op_type in _MATRIX_OPS and len(node.input) > 1:
+        if node.op_type in _MATRIX_OPS and len(node.input) > 1:
             weight = produced_by.get(node.input[1])
             count += weight is not None and weight.op_type == "DequantizeLinear"
     return count

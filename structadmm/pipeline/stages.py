@@ -521,21 +521,22 @@ def quantize_stage(run: Run, carry: Carry) -> Carry:
                         else needs_reduced_range(c.quantize_target_cpu))
         train = run.train if data.split == "validation" else make_loader(data.calibration, c.batch_size, shuffle=True,
                                                                           seed=c.seed)
-        retrain = _qat(replace(run, config=c.replace(quantize_reduce_range=reduce_range), train=train), carry.small,
-                       carry.check_inputs)
+        retrain = _qat(run, carry.small, carry.check_inputs, train=train, reduce_range=reduce_range)
     return replace(carry, quantized=quantize_run(run.out, c, data, retrain))
 
 
-def _qat(run: Run, small: nn.Module, check_inputs: Any) -> Callable[[Path], None]:
+def _qat(run: Run, small: nn.Module, check_inputs: Any, *, train: DataLoader, reduce_range: bool
+         ) -> Callable[[Path], None]:
     """The retraining ``quantize_run`` calls when post-training INT8 fails its gate: the compacted
-    model retrained through INT8 fake quantization, exported, checked for parity."""
+    model retrained through INT8 fake quantization on ``train`` with the weight range ORT will use
+    (``reduce_range``: 7-bit weights), exported, checked for parity."""
     from ..exporters import verify_onnx
     from .qat import qat_retrain
 
     def retrain(path: Path) -> None:
         c = run.config
-        net = qat_retrain(small, run.train, c.qat_epochs, lr=c.qat_lr, seed=c.seed, momentum=c.momentum,
-                          weight_decay=c.weight_decay, reduce_range=c.quantize_reduce_range)
+        net = qat_retrain(small, train, c.qat_epochs, lr=c.qat_lr, seed=c.seed, momentum=c.momentum,
+                          weight_decay=c.weight_decay, reduce_range=reduce_range)
         run.export(net, path.name)
         verify_onnx(net, path, check_inputs)
 
