@@ -135,6 +135,32 @@ def patch_embedding_width(module: nn.Module, was: Callable) -> None:
         module.hidden_dim = module.conv_proj.out_channels
 
 
+def _out_axis(module: nn.Module) -> int | None:
+    """The axis of a Linear-like layer's weight that holds its outputs (None: not such a layer)."""
+    if isinstance(module, nn.Linear):
+        return 0
+    return 1 if _transposed_linear(module) else None
+
+
+@size_rule(_has("split_size"))
+def split_sizes(module: nn.Module, was: Callable) -> None:
+    """A module that splits a child's outputs into pieces of ``split_size`` (GPT-2's attention:
+    ``c_attn(x).split(self.split_size, dim=2)`` into q, k and v): a child whose outputs were
+    ``k`` pieces of it (k >= 2) and lost some sets ``split_size`` to a k-th of its outputs now;
+    ``num_heads`` follows when the module states its ``head_dim``."""
+    for name, child in module.named_children():
+        axis = _out_axis(child)
+        if axis is None or module.split_size <= 0:
+            continue
+        old, new = was(f"{name}.weight")[axis], child.weight.shape[axis]
+        pieces = old // module.split_size
+        if old != new and pieces >= 2 and old == pieces * module.split_size and new % pieces == 0:
+            module.split_size = new // pieces
+            if isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "head_dim", None), int):
+                module.num_heads = module.split_size // module.head_dim
+            return
+
+
 def _transposed_linear(module: nn.Module) -> bool:
     """A layer that stores its weight [in, out] and its width as ``nf`` (transformers' ``Conv1D``)."""
     weight = getattr(module, "weight", None)
