@@ -404,12 +404,15 @@ def split(w: Walk, node: Node) -> list[Chan | None] | None:
             return [Chan(chan.entries, chan.axis - (dim < chan.axis))] * len(pieces)
         return [chan] * len(pieces)
     sizes = [int(p.shape[dim]) for p in pieces]
-    # chunk(n) recomputes its sizes from the tensor; split(size) keeps a literal size
-    even = op is aten.chunk or (op is aten.split and w.called_as(node) == "chunk")
-    if not (even and chan.entries.ndim == 1 and len(set(sizes)) == 1):
+    if not (op in (aten.chunk, aten.split, aten.split_with_sizes) and chan.entries.ndim == 1 and len(set(sizes)) == 1):
         return [w.unsupported(node, f"'{w.called_as(node) or op.__name__}' of the channel axis into fixed sizes")] * len(pieces)
+    # chunk(n) recomputes its sizes from the tensor; split(size) states a size, which the code may
+    # hold in an attribute that a resize rule updates (GPT-2's ``split_size``) or may hard-code:
+    # the plan tries it (sized)
+    if not (op is aten.chunk or (op is aten.split and w.called_as(node) == "chunk")):
+        w.sized(node, chan)
     blocks = np.split(chan.entries, len(pieces))
-    w.equal_counts(blocks)  # chunk splits the pruned axis evenly: blocks keep equal counts
+    w.equal_counts(blocks)  # the pruned axis split evenly: blocks keep equal counts
     return [Chan(b, chan.axis) for b in blocks]
 
 

@@ -14,6 +14,7 @@ caller's model and carries none of its hooks, so the caller's model (its weights
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,11 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..errors import ParityError, StructADMMError
+from ..errors import ParityError, StructADMMError, StructADMMWarning
 from ..graph.channels import ChannelGraph, ChannelGroup, Slice, slice_groups
 from ..graph.heads import heads_attention
 from ..graph.norms import keep_statistics
-from ..graph.resize import fix_sizes
+from ..graph.resize import fix_sizes, sync_config
 from ..graph.trace import trace
 from ..layers import eval_mode, flat_outputs
 from .lowering import MIN_GAIN, lower_convs
@@ -107,6 +108,11 @@ def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = 
             GroupCut(m.group, first.get(m.group, m.channels), m.kept) for m in more]
     if lower:
         small, _ = lower_convs(small, min_gain=min_gain)
+    if cuts:  # a transformers model's config must describe what surgery left (save_pretrained)
+        stale = sync_config(small)
+        if stale is not None:
+            warnings.warn(StructADMMWarning(f"{stale}; save_pretrained/from_pretrained will not rebuild it "
+                                            "(the compacted model itself runs and exports)"), stacklevel=3)
     if verify:
         try:
             check_same_function(model, small, example_inputs, atol=atol, rtol=rtol, what="surgery")
