@@ -53,7 +53,7 @@ def train_epochs(
     distill: float = 0.0,
     temperature: float = 4.0,
     objective: Objective | None = None,
-    freeze_norms: bool = False,
+    eval_forward: bool = False,
     grad_clip: float | None = None,
 ) -> list[float]:
     """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch run.
@@ -71,9 +71,11 @@ def train_epochs(
     ``restart_every``: the cosine restarts from ``lr`` every that many epochs (warm restarts).
     ``should_stop`` is asked after every epoch (after ``after_epoch``); True ends the phase
     early. ``objective`` is what each step minimises (:mod:`.objective`; cross-entropy on the
-    labels by default). ``freeze_norms``: BatchNorm layers run on their running statistics and keep
-    them (their scale and shift still train), so a student distilled from its own dense copy
-    starts out computing exactly what the teacher computes. ``grad_clip``: the gradient's global
+    labels by default). ``eval_forward``: the model trains in eval mode, as it is deployed: BatchNorm
+    layers run on their running statistics and keep them (their scale and shift still train),
+    dropout is off, and a layer that answers differently in training (a detector's head) answers
+    as deployed. A student distilled from its own dense copy then starts out computing exactly
+    what the teacher computes, output for output. ``grad_clip``: the gradient's global
     norm is clipped to it before every step. ``teacher`` with ``distill`` = a in (0, 1] is the shorthand for
     :class:`~.objective.Distillation`: ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` at
     ``temperature`` T, the teacher in eval mode.
@@ -89,11 +91,7 @@ def train_epochs(
     ctx = distributed.setup(device)
     device = distributed.rank_device(device, ctx)
     loader = distributed.shard(loader, ctx)
-    model.to(device).train()
-    if freeze_norms:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    model.to(device).train(not eval_forward)
     net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total = epochs * len(loader)
