@@ -90,13 +90,14 @@ class OnnxSignature:
 
 
 def onnx_signature(model: onnx.ModelProto) -> OnnxSignature:
-    """The inputs and outputs of ``model`` (see :class:`OnnxSignature`)."""
+    """The inputs and outputs of ``model`` (see :class:`OnnxSignature`). An axis written with the size
+    -1 or 0 (Paddle2ONNX's way of leaving it unknown) is dynamic, named like one that has no name."""
     initializers = {init.name for init in model.graph.initializer}
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         tensor = value.type.tensor_type
         dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{value.name}_dim{i}")
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or f"{value.name}_dim{i}")
             for i, d in enumerate(tensor.shape.dim)
         )
         return TensorSpec(value.name, tensor.elem_type, dims)

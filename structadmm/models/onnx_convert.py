@@ -95,6 +95,94 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
     return proto
 
 
+def fold_constant_reshapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``, changed in place: every main-graph Reshape, Flatten, Squeeze and Unsqueeze of an
+    initializer by constant arguments replaced by an initializer holding its result.
+
+    Paddle2ONNX writes a conv's bias as ``Add(conv, Reshape(bias, [1, C, 1, 1]))``: folded, the Add
+    reads a per-channel constant that surgery slices with the conv's filters, where a Reshape left
+    in the module would keep the literal C. Only the layout of the initializer's data changes (the
+    same elements, no more bytes than it holds), computed with numpy.
+    """
+    graph = proto.graph
+    if proto.ir_version < 4:
+        return proto
+    opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
+    known = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in all_nodes(graph):
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {v.name for v in graph.output}
+    kept = []
+    for node in graph.node:
+        result = None
+        if (node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and node.domain in STANDARD_DOMAINS
+                and len(node.output) == 1 and node.output[0] and node.output[0] not in outputs
+                and node.output[0] not in known and node.input and all(not n or n in known for n in node.input)):
+            try:
+                result = _folded(node, [numpy_helper.to_array(known[n]) if n else None for n in node.input], opset)
+            except (ValueError, IndexError, TypeError):
+                result = None
+        if result is None:
+            kept.append(node)
+            continue
+        tensor = numpy_helper.from_array(np.ascontiguousarray(result), node.output[0])
+        graph.initializer.append(tensor)
+        known[tensor.name] = tensor
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {n for node in all_nodes(graph) for n in node.input} | outputs
+        unread = [t for t in graph.initializer if t.name not in used and readers.get(t.name)]
+        for tensor in unread:  # initializers only the folded nodes read
+            graph.initializer.remove(tensor)
+    return proto
+
+
+def _folded(node: onnx.NodeProto, args: list, opset: int) -> np.ndarray | None:
+    """What the Reshape, Flatten, Squeeze or Unsqueeze ``node`` makes of the constant ``args`` (numpy)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    data = args[0]
+    if data is None:
+        return None
+    if node.op_type == "Reshape":
+        if len(args) < 2 or args[1] is None or args[1].ndim != 1:
+            return None
+        shape = [int(d) for d in args[1]]
+        if not attrs.get("allowzero", 0):
+            shape = [data.shape[i] if d == 0 and i < data.ndim else d for i, d in enumerate(shape)]
+        return data.reshape(shape)
+    if node.op_type == "Flatten":
+        axis = int(attrs.get("axis", 1))
+        axis = axis + data.ndim if axis < 0 else axis
+        return data.reshape(math.prod(data.shape[:axis]), -1)
+    axes = attrs.get("axes") if opset < 13 else (None if len(args) < 2 or args[1] is None else args[1].tolist())
+    if node.op_type == "Squeeze":
+        if axes is None:
+            return data.reshape([d for d in data.shape if d != 1])
+        return np.squeeze(data, tuple(int(a) for a in axes))
+    if axes is None:
+        return None
+    rank = data.ndim + len(axes)
+    out = data
+    for axis in sorted(int(a) + rank if int(a) < 0 else int(a) for a in axes):
+        out = np.expand_dims(out, axis)
+    return out
+
+
+def _with_ranks(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with ONNX shape inference's value infos where the file gives none: onnx2torch reads a
+    BatchNormalization's input rank from them (Paddle2ONNX files carry no value infos). ``proto``
+    itself where inference fails (the sandbox's checks have run it, strictly, before)."""
+    if len(proto.graph.value_info) >= sum(len(n.output) for n in proto.graph.node):
+        return proto
+    try:
+        return onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - conversion says what it misses
+        return proto
+
+
 def _at_convertible_opset(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
     """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
     opset at which it does; one line naming the op when there is none."""
@@ -166,8 +254,8 @@ def convert(proto: onnx.ModelProto, where: str | Path, example: tuple[torch.Tens
     average pools made ``torch.nn`` ones on ``example``; one line naming the op or the converter's
     complaint where it cannot be converted. Changes ``proto`` (see :func:`clear_inert_allowzero`).
     The sandboxed child and the parent both convert with this."""
-    proto = _at_convertible_opset(clear_inert_allowzero(proto, where), where)
-    module = _onnx2torch(proto, where)
+    proto = _at_convertible_opset(clear_inert_allowzero(fold_constant_reshapes(proto), where), where)
+    module = _onnx2torch(_with_ranks(proto), where)
     global_pools(module, example)
     return module
 
@@ -373,7 +461,9 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
     from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
     from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
 
-    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes))
+    types = (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes)
+    shapes = _input_shapes(module, example, types)
+    seen = _arguments_at_two_batches(module, example, types)
     with torch.no_grad():
         reference = module(*example)
     undo = []
@@ -381,7 +471,8 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
         if node.op != "call_module" or node.target not in shapes or node.kwargs:
             continue
         old = module.get_submodule(str(node.target))
-        values = [_constant(module, arg) for arg in node.args[1:]]
+        values = [_fixed_value(module, arg, seen.get(str(node.target)), i, batch_first=isinstance(old, OnnxReshape))
+                  for i, arg in enumerate(node.args[1:], 1)]
         if not values or any(v is None or v.dim() != 1 or v.dtype.is_floating_point for v in values):
             continue
         values = [v.tolist() for v in values]
@@ -404,6 +495,78 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
         _set_submodule(module, str(node.target), new)
         node.args = (node.args[0],)
     _keep_if_same(module, example, reference, undo)
+
+
+def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...],
+                              types: tuple[type, ...]) -> dict[str, tuple[tuple, tuple, int, int]]:
+    """The arguments every submodule of one of ``types`` is called with (first call) on ``example`` and
+    on ``example`` with one more sample, and the two batch sizes, by submodule name."""
+    batches = (example[0].shape[0], example[0].shape[0] + 1) if example and example[0].dim() else (0, 0)
+    one_more = tuple(torch.cat([t, t[:1]]) if t.dim() else t for t in example)
+    runs: list[dict[str, tuple]] = []
+    for inputs in (example, one_more):
+        calls: dict[str, tuple] = {}
+
+        def record(name: str, calls: dict = calls):
+            def hook(_module: nn.Module, args: tuple) -> None:
+                calls.setdefault(name, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
+            return hook
+
+        handles = [sub.register_forward_pre_hook(record(name))
+                   for name, sub in module.named_modules() if isinstance(sub, types)]
+        try:
+            with torch.no_grad():
+                module(*inputs)
+        except Exception:  # noqa: BLE001 - a module that does not run at another batch: constants only
+            return {}
+        finally:
+            for handle in handles:
+                handle.remove()
+        runs.append(calls)
+    return {name: (args, runs[1][name], *batches) for name, args in runs[0].items() if name in runs[1]}
+
+
+def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, index: int,
+                 batch_first: bool = False) -> torch.Tensor | None:
+    """The value argument ``arg`` (the ``index``-th of its node) always holds: a constant (:func:`_constant`),
+    or one computed from the shapes of tensors only (Shape, and arithmetic on it: what Paddle2ONNX and
+    tf2onnx write for a Reshape to ``[batch, -1]``) that is the same at both batches in ``seen`` (see
+    :func:`_arguments_at_two_batches`). With ``batch_first``, a 1-D shape whose first entry is the batch
+    at both gives 0 there (a Reshape's "copy the input's dimension"). None where it is neither."""
+    constant = _constant(module, arg)
+    if constant is not None or seen is None or not _from_shapes_only(module, arg):
+        return constant
+    first, second, batch, more = seen
+    a, b = (run[index] if index < len(run) else None for run in (first, second))
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return None
+    if torch.equal(a, b):
+        return a
+    if (batch_first and a.dim() == 1 and len(a) > 1 and torch.equal(a[1:], b[1:]) and not a.dtype.is_floating_point
+            and int(a[0]) == batch and int(b[0]) == more):
+        return torch.cat([torch.zeros_like(a[:1]), a[1:]])
+    return None
+
+
+def _from_shapes_only(module: torch.fx.GraphModule, arg: object) -> bool:
+    """Whether the fx value ``arg`` depends on the module's inputs through their shapes only (every path
+    up from it to an input goes through an ONNX Shape), not on their values."""
+    from onnx2torch.node_converters.shape import OnnxShape
+
+    stack, seen = [arg], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, torch.fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            continue
+        if node.op == "call_module" and isinstance(module.get_submodule(str(node.target)), OnnxShape):
+            continue
+        if node.op not in ("call_module", "call_function", "call_method"):
+            return False
+        stack.extend(node.all_input_nodes)
+    return True
 
 
 def _slice_layer(slices: list[tuple[int, int, int, int]], given: tuple[int, ...]) -> nn.Module:
