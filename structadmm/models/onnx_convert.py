@@ -368,6 +368,7 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
         _static_arguments(module, example)
+        _static_resizes(module, example)
     from onnx2torch.node_converters.activations import OnnxHardSigmoid
 
     swaps = {name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
@@ -497,6 +498,76 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
     _keep_if_same(module, example, reference, undo)
 
 
+class StaticResize(nn.Module):
+    """ONNX Resize (as onnx2torch converts it: ``F.interpolate`` on the axes after the channels) by
+    constant scales or to constant sizes."""
+
+    def __init__(self, mode: str, align_corners: bool | None, scale_factor: Sequence[float] | None = None,
+                 size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.mode, self.align_corners = str(mode), align_corners if align_corners is None else bool(align_corners)
+        self.scale_factor = None if scale_factor is None else tuple(float(f) for f in scale_factor)
+        self.size = None if size is None else tuple(int(d) for d in size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x, size=self.size, scale_factor=self.scale_factor, mode=self.mode,
+                                         align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        what = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"
+        return f"{what}, mode={self.mode!r}, align_corners={self.align_corners}"
+
+
+def _static_resizes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """onnx2torch's Resize modules whose scales or sizes are constants (or computed from shapes only,
+    the same at two batch sizes after the channels) become :class:`StaticResize` layers: onnx2torch's
+    read them from tensors at run time, which the channel tracer cannot follow."""
+    from onnx2torch.node_converters.resize import OnnxResize, OnnxResizeV10, _onnx_mode_to_torch_mode
+
+    types = (OnnxResize, OnnxResizeV10)
+    shapes = _input_shapes(module, example, types)
+    if not shapes:
+        return
+    seen = _arguments_at_two_batches(module, example, types)
+    with torch.no_grad():
+        reference = module(*example)
+    undo = []
+    for node in module.graph.nodes:
+        if node.op != "call_module" or node.target not in shapes or node.kwargs:
+            continue
+        old = module.get_submodule(str(node.target))
+        inner = old._resize if isinstance(old, OnnxResizeV10) else old
+        names = ("scales",) if isinstance(old, OnnxResizeV10) else ("roi", "scales", "sizes")
+        args = dict(zip(names, node.args[1:]))
+        values = {}
+        for i, (name, arg) in enumerate(args.items(), 1):
+            value = _fixed_value(module, arg, seen.get(str(node.target)), i, after_batch=name == "sizes")
+            if value is None:
+                break
+            values[name] = value
+        else:
+            roi, scales, sizes = (values.get(k) for k in ("roi", "scales", "sizes"))
+            if roi is not None and roi.numel() and not inner.ignore_roi:
+                continue
+            rank = len(shapes[node.target])
+            try:
+                mode = _onnx_mode_to_torch_mode(inner.onnx_mode, rank - 2)
+            except NotImplementedError:
+                continue
+            if sizes is not None and sizes.numel():
+                if sizes.numel() != rank:
+                    continue
+                new = StaticResize(mode, inner.align_corners, size=sizes.tolist()[2:])
+            elif scales is not None and scales.numel() == rank and scales.tolist()[:2] == [1, 1]:
+                new = StaticResize(mode, inner.align_corners, scale_factor=scales.tolist()[2:])
+            else:
+                continue
+            undo.append((node, node.args, old))
+            _set_submodule(module, str(node.target), new)
+            node.args = (node.args[0],)
+    _keep_if_same(module, example, reference, undo)
+
+
 def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...],
                               types: tuple[type, ...]) -> dict[str, tuple[tuple, tuple, int, int]]:
     """The arguments every submodule of one of ``types`` is called with (first call) on ``example`` and
@@ -527,12 +598,14 @@ def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch
 
 
 def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, index: int,
-                 batch_first: bool = False) -> torch.Tensor | None:
+                 batch_first: bool = False, after_batch: bool = False) -> torch.Tensor | None:
     """The value argument ``arg`` (the ``index``-th of its node) always holds: a constant (:func:`_constant`),
     or one computed from the shapes of tensors only (Shape, and arithmetic on it: what Paddle2ONNX and
     tf2onnx write for a Reshape to ``[batch, -1]``) that is the same at both batches in ``seen`` (see
     :func:`_arguments_at_two_batches`). With ``batch_first``, a 1-D shape whose first entry is the batch
-    at both gives 0 there (a Reshape's "copy the input's dimension"). None where it is neither."""
+    at both gives 0 there (a Reshape's "copy the input's dimension"); with ``after_batch``, a 1-D value
+    whose entries after the first two are the same at both is that at the first batch (a Resize's sizes,
+    whose batch and channel entries are not used). None where it is neither."""
     constant = _constant(module, arg)
     if constant is not None or seen is None or not _from_shapes_only(module, arg):
         return constant
@@ -540,7 +613,7 @@ def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, 
     a, b = (run[index] if index < len(run) else None for run in (first, second))
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
         return None
-    if torch.equal(a, b):
+    if torch.equal(a, b) or (after_batch and a.dim() == 1 and torch.equal(a[2:], b[2:])):
         return a
     if (batch_first and a.dim() == 1 and len(a) > 1 and torch.equal(a[1:], b[1:]) and not a.dtype.is_floating_point
             and int(a[0]) == batch and int(b[0]) == more):
