@@ -47,6 +47,8 @@ def fold_shape_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
         names = [n for n in node.input if n]
         if shape_of:
             dims = known_dims(types.get(node.input[0]))
+            if dims is None and node.input[0] in known:  # a value folded before: its shape is its array's
+                dims = list(known[node.input[0]].shape)
             if dims is None:
                 continue
             feeds = {node.input[0]: np.zeros(dims, np.uint8)} if math.prod(dims) <= SHAPE_DATA else None
@@ -80,8 +82,12 @@ def fold_shape_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.graph.node[:]
     out.graph.node.extend(kept)
     outputs = {v.name for v in out.graph.output}
-    out.graph.initializer.extend(numpy_helper.from_array(known[n], n) for node in folded for n in node.output
-                                 if n and n not in outputs)
+    made = [n for node in folded for n in node.output if n and n not in outputs]
+    out.graph.initializer.extend(numpy_helper.from_array(known[n], n) for n in made)
+    stale = set(made)  # what inference said of them before they were known: their arrays say it now
+    kept_info = [v for v in out.graph.value_info if v.name not in stale]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept_info)
     return out
 
 

@@ -29,8 +29,10 @@ from .onnx_guard import (
     STANDARD_DOMAINS,
     all_nodes,
     assert_safe,
+    infer_folded,
     op_name,
     rename_added,
+    without_weight_data,
 )
 
 #: Oldest opset tried when onnx2torch lags the file's opset.
@@ -96,13 +98,14 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
 
 
 def fold_constant_reshapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto``, changed in place: every main-graph Reshape, Flatten, Squeeze and Unsqueeze of an
-    initializer by constant arguments replaced by an initializer holding its result.
+    """``proto``, changed in place: every main-graph Identity, Reshape, Flatten, Squeeze and Unsqueeze of
+    an initializer by constant arguments replaced by an initializer holding its result.
 
     Paddle2ONNX writes a conv's bias as ``Add(conv, Reshape(bias, [1, C, 1, 1]))``: folded, the Add
     reads a per-channel constant that surgery slices with the conv's filters, where a Reshape left
-    in the module would keep the literal C. Only the layout of the initializer's data changes (the
-    same elements, no more bytes than it holds), computed with numpy.
+    in the module would keep the literal C; torch's exporter shares a weight between layers through
+    Identity nodes, where onnx2torch looks for a layer's weight among the initializers. Only the
+    layout of the initializer's data changes (the same elements), computed with numpy.
     """
     graph = proto.graph
     if proto.ir_version < 4:
@@ -117,7 +120,7 @@ def fold_constant_reshapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     kept = []
     for node in graph.node:
         result = None
-        if (node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and node.domain in STANDARD_DOMAINS
+        if (node.op_type in ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze") and node.domain in STANDARD_DOMAINS
                 and len(node.output) == 1 and node.output[0] and node.output[0] not in outputs
                 and node.output[0] not in known and node.input and all(not n or n in known for n in node.input)):
             try:
@@ -146,6 +149,8 @@ def _folded(node: onnx.NodeProto, args: list, opset: int) -> np.ndarray | None:
     data = args[0]
     if data is None:
         return None
+    if node.op_type == "Identity":
+        return data
     if node.op_type == "Reshape":
         if len(args) < 2 or args[1] is None or args[1].ndim != 1:
             return None
@@ -171,16 +176,31 @@ def _folded(node: onnx.NodeProto, args: list, opset: int) -> np.ndarray | None:
     return out
 
 
-def _with_ranks(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with ONNX shape inference's value infos where the file gives none: onnx2torch reads a
-    BatchNormalization's input rank from them (Paddle2ONNX files carry no value infos). ``proto``
-    itself where inference fails (the sandbox's checks have run it, strictly, before)."""
-    if len(proto.graph.value_info) >= sum(len(n.output) for n in proto.graph.node):
+def _with_ranks(proto: onnx.ModelProto, example: tuple[torch.Tensor, ...], where: str | Path) -> onnx.ModelProto:
+    """``proto`` with a value info for every node output the file gives none (or one without a rank) for:
+    onnx2torch reads the input ranks of BatchNormalization, pools and norms from them, and Paddle2ONNX
+    files carry none. They come from the checks' own shape inference (:func:`~.onnx_guard.infer_folded`,
+    run in the sandbox first) at the shapes of ``example``, with the batch axis left dynamic."""
+    graph = proto.graph
+    have = {v.name for v in graph.value_info if v.type.tensor_type.HasField("shape")}
+    wanted = {n for node in graph.node for n in node.output if n and n not in have}
+    if not wanted or not example:
         return proto
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v.name for v in graph.input if v.name not in initializers]
     try:
-        return onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - conversion says what it misses
-        return proto
+        inferred = infer_folded(without_weight_data(proto), inputs, [tuple(t.shape[1:]) for t in example],
+                                example[0].shape[0], str(where))
+    except StructADMMError:
+        return proto  # conversion says what it misses
+    for value in inferred.graph.value_info:
+        if value.name in wanted and value.type.tensor_type.HasField("shape"):
+            added = graph.value_info.add()
+            added.CopyFrom(value)
+            dims = added.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].Clear()
+    return proto
 
 
 def _at_convertible_opset(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
@@ -219,8 +239,41 @@ _TYPE_ONLY_VERSIONS = {
 }
 
 
+#: ONNX op versions newer than onnx2torch's whose new attributes, at their defaults, leave the op as
+#: the older version computes it: the older converter is used where the node keeps them so.
+_SAME_AT_DEFAULTS = {
+    ("Split", 18): {"num_outputs": None},  # num_outputs: the number of outputs, which the converter counts
+    ("Resize", 18): {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"},
+    ("Resize", 19): {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"},
+}
+
+
+def _at_defaults(older, new_attributes: dict, op: str, version: int):
+    def convert(node, graph):
+        for name, default in new_attributes.items():
+            value = node.attributes.get(name, default)
+            if name == "num_outputs" and value == len(node.output_values):
+                continue
+            if value != default and not (isinstance(value, bytes) and value.decode(errors="replace") == default):
+                raise NotImplementedError(f"{op}-{version} with {name}={value!r}")
+        if op == "Resize" and node.attributes.get("coordinate_transformation_mode") == "half_pixel_symmetric":
+            raise NotImplementedError(f"{op}-{version} with coordinate_transformation_mode='half_pixel_symmetric'")
+        return older(node, graph)
+    return convert
+
+
 def _register_type_only_versions() -> None:
     from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    for (op, version), attributes in _SAME_AT_DEFAULTS.items():
+        try:
+            get_converter(operation_type=op, version=version)
+            continue
+        except NotImplementedError:
+            pass
+        older = next((c for v in range(version - 1, 0, -1) for c in [_converter_or_none(op, v)] if c), None)
+        if older is not None:
+            add_converter(operation_type=op, version=version)(_at_defaults(older, attributes, op, version))
 
     for op, versions in _TYPE_ONLY_VERSIONS.items():
         for version in versions:
@@ -234,6 +287,15 @@ def _register_type_only_versions() -> None:
             except NotImplementedError:
                 continue
             add_converter(operation_type=op, version=version)(older)
+
+
+def _converter_or_none(op: str, version: int):
+    from onnx2torch.node_converters.registry import get_converter
+
+    try:
+        return get_converter(operation_type=op, version=version)
+    except NotImplementedError:
+        return None
 
 
 def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
@@ -255,7 +317,7 @@ def convert(proto: onnx.ModelProto, where: str | Path, example: tuple[torch.Tens
     complaint where it cannot be converted. Changes ``proto`` (see :func:`clear_inert_allowzero`).
     The sandboxed child and the parent both convert with this."""
     proto = _at_convertible_opset(clear_inert_allowzero(fold_constant_reshapes(proto), where), where)
-    module = _onnx2torch(_with_ranks(proto), where)
+    module = _onnx2torch(_with_ranks(proto, example, where), where)
     global_pools(module, example)
     return module
 
@@ -369,6 +431,7 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
         _own_batchnorms(module, example)
         _static_arguments(module, example)
         _static_resizes(module, example)
+        _fold_shape_values(module, example)
     from onnx2torch.node_converters.activations import OnnxHardSigmoid
 
     swaps = {name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
@@ -462,7 +525,9 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
     from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
     from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
 
-    types = (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes)
+    from onnx2torch.node_converters.split import OnnxSplit, OnnxSplit13
+
+    types = (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes, OnnxSplit13)
     shapes = _input_shapes(module, example, types)
     seen = _arguments_at_two_batches(module, example, types)
     with torch.no_grad():
@@ -490,6 +555,11 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
             new = OnnxSqueezeStaticAxes(axes=values[0])
         elif isinstance(old, OnnxUnsqueezeDynamicAxes) and len(values) == 1:
             new = OnnxUnsqueezeStaticAxes(axes=values[0])
+        elif isinstance(old, OnnxSplit13) and len(values) == 1 and len(values[0]) == old.num_splits:
+            parts = values[0]
+            # equal parts as torch.chunk, which follows a pruned channel count
+            new = (ChunkSplit(old.axis, len(parts)) if len(set(parts)) == 1 and old.axis % len(shapes[node.target])
+                   else OnnxSplit(num_splits=old.num_splits, axis=old.axis, split=parts))
         else:
             continue
         undo.append((node, node.args, old))
@@ -533,15 +603,18 @@ def _static_resizes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, .
         reference = module(*example)
     undo = []
     for node in module.graph.nodes:
-        if node.op != "call_module" or node.target not in shapes or node.kwargs:
+        if node.op != "call_module" or node.target not in shapes:
             continue
         old = module.get_submodule(str(node.target))
         inner = old._resize if isinstance(old, OnnxResizeV10) else old
         names = ("scales",) if isinstance(old, OnnxResizeV10) else ("roi", "scales", "sizes")
-        args = dict(zip(names, node.args[1:]))
+        args = {name: (i, arg) for i, (name, arg) in enumerate(zip(names, node.args[1:]), 1)}
+        args.update({name: (name, arg) for name, arg in node.kwargs.items() if name in names})
+        if len(args) != len(node.args) - 1 + len(node.kwargs):
+            continue
         values = {}
-        for i, (name, arg) in enumerate(args.items(), 1):
-            value = _fixed_value(module, arg, seen.get(str(node.target)), i, after_batch=name == "sizes")
+        for name, (key, arg) in args.items():
+            value = _fixed_value(module, arg, seen.get(str(node.target)), key, after_batch=name == "sizes")
             if value is None:
                 break
             values[name] = value
@@ -562,10 +635,81 @@ def _static_resizes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, .
                 new = StaticResize(mode, inner.align_corners, scale_factor=scales.tolist()[2:])
             else:
                 continue
-            undo.append((node, node.args, old))
+            undo.append((node, node.args, old, node.kwargs))
             _set_submodule(module, str(node.target), new)
-            node.args = (node.args[0],)
+            node.args, node.kwargs = (node.args[0],), {}
     _keep_if_same(module, example, reference, undo)
+
+
+def _fold_shape_values(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """Every value the module computes from its inputs' shapes only (:func:`_from_shapes_only`) and
+    then mixes with data, the same at two batch sizes, becomes a constant buffer of the module: the
+    anchor grids a detector builds with Shape, Range and Expand (Ultralytics' dynamic export), which
+    torch.export cannot trace (their sizes come from tensors' values). Kept only where the module's
+    outputs on ``example`` are unchanged."""
+    from onnx2torch.node_converters.shape import OnnxShape
+
+    graph = module.graph
+    shape_only = {node for node in graph.nodes if node.op in ("call_module", "call_function", "call_method")
+                  and not (node.op == "call_module" and isinstance(module.get_submodule(str(node.target)), OnnxShape))
+                  and _from_shapes_only(module, node)}
+    frontier = [node for node in shape_only if any(user not in shape_only for user in node.users)]
+    if not frontier:
+        return
+    values = []
+    one_more = tuple(torch.cat([t, t[:1]]) if t.dim() else t for t in example)
+    for inputs in (example, one_more):
+        recorder = _Recorder(module, set(frontier))
+        try:
+            with torch.no_grad():
+                recorder.run(*inputs)
+        except Exception:  # noqa: BLE001 - the module does not run at another batch: nothing folded
+            return
+        values.append(recorder.seen)
+    with torch.no_grad():
+        reference = module(*example)
+    made = []
+    for i, node in enumerate(frontier):
+        a, b = values[0].get(node), values[1].get(node)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or not torch.equal(a, b):
+            continue
+        name = f"shape_constant_{i}"
+        while hasattr(module, name):
+            name += "_"
+        module.register_buffer(name, a.detach().clone())
+        with graph.inserting_before(node):
+            constant = graph.get_attr(name)
+        node.replace_all_uses_with(constant)
+        made.append((node, constant, name))
+    if not made:
+        return
+    module.recompile()
+    with torch.no_grad():
+        same = _same(reference, module(*example))
+    if not same:
+        for node, constant, name in made:
+            constant.replace_all_uses_with(node)
+            graph.erase_node(constant)
+            delattr(module, name)
+        module.recompile()
+        return
+    graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs an fx module and keeps the values of the nodes asked for."""
+
+    def __init__(self, module: torch.fx.GraphModule, wanted: set) -> None:
+        super().__init__(module)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.seen[n] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        return value
 
 
 def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...],
@@ -579,11 +723,13 @@ def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch
         calls: dict[str, tuple] = {}
 
         def record(name: str, calls: dict = calls):
-            def hook(_module: nn.Module, args: tuple) -> None:
-                calls.setdefault(name, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
+            def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                copy = {**dict(enumerate(args)), **kwargs}
+                calls.setdefault(name, {k: a.detach().clone() if isinstance(a, torch.Tensor) else a
+                                        for k, a in copy.items()})
             return hook
 
-        handles = [sub.register_forward_pre_hook(record(name))
+        handles = [sub.register_forward_pre_hook(record(name), with_kwargs=True)
                    for name, sub in module.named_modules() if isinstance(sub, types)]
         try:
             with torch.no_grad():
@@ -597,9 +743,9 @@ def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch
     return {name: (args, runs[1][name], *batches) for name, args in runs[0].items() if name in runs[1]}
 
 
-def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, index: int,
+def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, index: int | str,
                  batch_first: bool = False, after_batch: bool = False) -> torch.Tensor | None:
-    """The value argument ``arg`` (the ``index``-th of its node) always holds: a constant (:func:`_constant`),
+    """The value argument ``arg`` (the ``index``-th of its node, or its keyword) always holds: a constant (:func:`_constant`),
     or one computed from the shapes of tensors only (Shape, and arithmetic on it: what Paddle2ONNX and
     tf2onnx write for a Reshape to ``[batch, -1]``) that is the same at both batches in ``seen`` (see
     :func:`_arguments_at_two_batches`). With ``batch_first``, a 1-D shape whose first entry is the batch
@@ -610,7 +756,7 @@ def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, 
     if constant is not None or seen is None or not _from_shapes_only(module, arg):
         return constant
     first, second, batch, more = seen
-    a, b = (run[index] if index < len(run) else None for run in (first, second))
+    a, b = (run.get(index) for run in (first, second))
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
         return None
     if torch.equal(a, b) or (after_batch and a.dim() == 1 and torch.equal(a[2:], b[2:])):
@@ -668,6 +814,20 @@ class ChunkSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, chunks={self.chunks}, index={self.index}"
+
+
+class ChunkSplit(nn.Module):
+    """ONNX Split of ``axis`` into ``chunks`` equal parts: ``torch.chunk(x, chunks, axis)``."""
+
+    def __init__(self, axis: int, chunks: int) -> None:
+        super().__init__()
+        self.axis, self.chunks = int(axis), int(chunks)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.chunk(x, self.chunks, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, chunks={self.chunks}"
 
 
 class StaticSlice(nn.Module):
@@ -755,9 +915,11 @@ def _keep_if_same(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...
     with torch.no_grad():
         same = _same(reference, module(*example))
     if not same:
-        for node, args, old in undo:
+        for node, args, old, *kwargs in undo:
             _set_submodule(module, str(node.target), old)
             node.args = args
+            if kwargs:
+                node.kwargs = kwargs[0]
         module.recompile()
         return
     module.graph.eliminate_dead_code()

@@ -668,17 +668,17 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
     The model must first pass ``onnx.checker``. Shapes come from ONNX shape inference (strict); where
     that leaves a size open, from folding the small constants that compute it
     (:func:`fold_shape_constants`) and inferring again, and last from inference with data
-    propagation (:func:`_infer_folded`).
+    propagation (:func:`infer_folded`).
     """
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise StructADMMError(f"{where}: invalid ONNX model: {one_line(exc)}") from exc
-    shapes_only = _without_weight_data(proto)
+    shapes_only = without_weight_data(proto)
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v.name for v in proto.graph.input if v.name not in initializers]
-    sizes = _output_sizes(_infer_folded(shapes_only, inputs, sample_shapes, batch, where), where, limits.tensor)
-    large = _output_sizes(_infer_folded(shapes_only, inputs, sample_shapes, GROWTH_BATCH, where), where, None)
+    sizes = _output_sizes(infer_folded(shapes_only, inputs, sample_shapes, batch, where), where, limits.tensor)
+    large = _output_sizes(infer_folded(shapes_only, inputs, sample_shapes, GROWTH_BATCH, where), where, None)
     for name, (size, node) in sizes.items():
         grown = large.get(name, (0, node))[0]
         if grown > size * GROWTH_BATCH / batch * 1.01 + 4096:
@@ -698,8 +698,8 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
     return needed
 
 
-def _infer_folded(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequence[Sequence[int]], batch: int,
-                  where: str) -> onnx.ModelProto:
+def infer_folded(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequence[Sequence[int]], batch: int,
+                 where: str) -> onnx.ModelProto:
     """:func:`_infer`, then, while sizes stay open, fold the shape constants that compute them and infer
     again; ONNX's own data propagation last, for what folding leaves open (it computes the values it
     propagates without bounding them first, so it runs only where it is needed, in the sandbox)."""
@@ -722,7 +722,7 @@ def _open_sizes(model: onnx.ModelProto) -> bool:
                for node in model.graph.node for name in node.output)
 
 
-def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+def without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` for shape inference: the main graph's initializers over :data:`_SHAPE_DATA` elements
     become graph inputs of their type and shape, without their data."""
     model = onnx.ModelProto()
