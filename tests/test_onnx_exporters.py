@@ -45,7 +45,8 @@ def _round_trip(path: Path, shape: tuple[int, ...], tmp_path: Path, *, fixed: bo
     with torch.no_grad():
         compacted = flat_outputs(small(x))
     assert len(masked) == len(compacted)
-    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(masked, compacted))  # exact compaction
+    # exact compaction: the same function up to float reordering (surgery's own bound: 1e-4 + 1e-4 max |out|)
+    assert all(float((a - b).abs().max()) <= 1e-4 + 1e-4 * float(a.abs().max()) for a, b in zip(masked, compacted))
     signature = onnx_signature(load_onnx(path))
     if fixed:
         signature = signature.fixed([x.shape], [o.shape for o in compacted])
