@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from structadmm.errors import StructADMMError, one_line
 from structadmm.layers import eval_mode
 from structadmm.exporters.onnx_export import load_onnx
+from structadmm.exporters.shape_folding import FOLD_ROUNDS, fold_shape_constants
 
 __all__ = ["LayerCost", "OnnxCost", "TorchCost", "count_onnx", "count_torch"]
 
@@ -90,12 +91,16 @@ class OnnxCost:
         return sum(layer.bytes_at(batch) for layer in self.layers)
 
 
-def count_onnx(model_or_path: onnx.ModelProto | str | Path) -> OnnxCost:
-    """Count per-sample MACs and parameters of an ONNX model (a file path or a ModelProto)."""
+def count_onnx(model_or_path: onnx.ModelProto | str | Path, *,
+               input_shapes: Sequence[Sequence[int]] | None = None) -> OnnxCost:
+    """Count per-sample MACs and parameters of an ONNX model (a file path or a ModelProto).
+
+    ``input_shapes`` gives one sample's shape (no batch axis) per graph input, for a model whose
+    inputs leave other axes than the batch dynamic (a detector's height and width, say)."""
     proto = (
         load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     )
-    graph = _infer_with_batch_one(proto).graph
+    graph = _infer_with_batch_one(proto, input_shapes).graph
     constants = _float_constant_sizes(graph)
     shapes = _static_shapes(graph)
     itemsizes = _itemsizes(graph)
@@ -167,20 +172,31 @@ def _per_sample(flops: int, batch: int) -> int:
 # --- shapes -------------------------------------------------------------------------------
 
 
-def _infer_with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with batch = 1 everywhere and freshly inferred shapes (the caller's is untouched)."""
+def _infer_with_batch_one(proto: onnx.ModelProto,
+                          input_shapes: Sequence[Sequence[int]] | None = None) -> onnx.ModelProto:
+    """A copy with batch = 1 everywhere (and the inputs' other axes ``input_shapes``, where given) and
+    freshly inferred shapes (the caller's is untouched)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     batch_symbols = set()
-    for value in graph.input:
+    inputs = [value for value in graph.input if value.name not in initializers]
+    if input_shapes is not None and len(input_shapes) != len(inputs):
+        raise StructADMMError(f"the ONNX model takes {len(inputs)} inputs; {len(input_shapes)} input shapes were given")
+    for i, value in enumerate(inputs):
         dims = value.type.tensor_type.shape.dim
-        if value.name in initializers or not dims:
+        if not dims:
             continue
         if dims[0].dim_param:
             batch_symbols.add(dims[0].dim_param)
         dims[0].dim_value = 1
+        if input_shapes is not None:
+            if len(input_shapes[i]) != len(dims) - 1:
+                raise StructADMMError(f"input {value.name!r} has {len(dims)} axes; the input shape "
+                                      f"{'x'.join(map(str, input_shapes[i]))} gives {len(input_shapes[i]) + 1} with the batch")
+            for dim, size in zip(list(dims)[1:], input_shapes[i]):
+                dim.dim_value = int(size)
     # Declared output shapes still carry the batch symbol; stale value_info would conflict too.
     for value in graph.output:
         for dim in value.type.tensor_type.shape.dim:
@@ -188,11 +204,27 @@ def _infer_with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
                 dim.dim_value = 1
     del graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        for _ in range(FOLD_ROUNDS):  # a Reshape to a shape computed from Shape (Paddle2ONNX, tf2onnx)
+            if not _open_shapes(inferred):
+                break
+            folded = fold_shape_constants(inferred)
+            if folded is None:
+                break
+            inferred = onnx.shape_inference.infer_shapes(folded, strict_mode=False, data_prop=True)
+        return inferred
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise StructADMMError(
             f"cannot infer the shapes of the ONNX model: {one_line(exc)}"
         ) from exc
+
+
+def _open_shapes(model: onnx.ModelProto) -> bool:
+    """Whether a node of the main graph makes a tensor whose shape inference left open."""
+    known = {v.name for v in (*model.graph.value_info, *model.graph.output)
+             if v.type.tensor_type.HasField("shape")
+             and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
+    return any(name and name not in known for node in model.graph.node for name in node.output)
 
 
 def _static_shapes(graph: onnx.GraphProto) -> dict[str, Shape]:

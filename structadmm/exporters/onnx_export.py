@@ -72,6 +72,18 @@ class OnnxSignature:
         return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
                 for t in (*self.inputs, *self.outputs)}
 
+    def fixed(self, input_shapes: Sequence[Sequence[int]], output_shapes: Sequence[Sequence[int]]) -> "OnnxSignature":
+        """This signature with every dynamic axis but the batch (axis 0) fixed at the size it has in
+        ``input_shapes`` and ``output_shapes`` (full shapes, batch first, one per input and output):
+        what a model converted at one input size, whose graph freezes sizes computed from it, is
+        written with."""
+        def fix(specs: tuple[TensorSpec, ...], shapes: Sequence[Sequence[int]]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t.name, t.elem_type, tuple(
+                d if i == 0 or isinstance(d, int) or len(shape) != len(t.dims) else int(shape[i])
+                for i, d in enumerate(t.dims))) for t, shape in zip(specs, shapes))
+
+        return OnnxSignature(fix(self.inputs, input_shapes), fix(self.outputs, output_shapes))
+
     def differences(self, other: "OnnxSignature") -> list[str]:
         """What ``other`` changes about this signature, one phrase each (empty when the same)."""
         found = []
@@ -90,13 +102,14 @@ class OnnxSignature:
 
 
 def onnx_signature(model: onnx.ModelProto) -> OnnxSignature:
-    """The inputs and outputs of ``model`` (see :class:`OnnxSignature`)."""
+    """The inputs and outputs of ``model`` (see :class:`OnnxSignature`). An axis written with the size
+    -1 or 0 (Paddle2ONNX's way of leaving it unknown) is dynamic, named like one that has no name."""
     initializers = {init.name for init in model.graph.initializer}
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         tensor = value.type.tensor_type
         dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{value.name}_dim{i}")
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or f"{value.name}_dim{i}")
             for i, d in enumerate(tensor.shape.dim)
         )
         return TensorSpec(value.name, tensor.elem_type, dims)

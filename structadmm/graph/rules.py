@@ -31,7 +31,7 @@ ELEMENTWISE = (aten.relu, aten.relu_, aten.relu6, aten.gelu, aten.gelu_, aten.si
       aten.tanh, aten.tanh_, aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.hardtanh,
       aten.hardtanh_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_, aten.celu, aten.selu, aten.mish,
       aten.mish_, aten.softplus, aten.log_sigmoid, aten.abs, aten.neg, aten.exp, aten.log, aten.sqrt, aten.rsqrt,
-      aten.reciprocal, aten.erf, aten.sin, aten.cos, aten.square, aten.sign, aten.clamp, aten.clamp_, aten.clamp_min,
+      aten.reciprocal, aten.erf, aten.sin, aten.cos, aten.square, aten.sign, aten.clamp, aten.clamp_, aten.clip, aten.clip_, aten.clamp_min,
       aten.clamp_max, aten.dropout, aten.dropout_, aten.feature_dropout, aten.alpha_dropout, aten.alias, aten.clone,
       aten.contiguous, aten.detach, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.lift_fresh_copy,
       aten.nan_to_num, aten.threshold)

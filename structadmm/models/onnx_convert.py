@@ -29,8 +29,10 @@ from .onnx_guard import (
     STANDARD_DOMAINS,
     all_nodes,
     assert_safe,
+    infer_folded,
     op_name,
     rename_added,
+    without_weight_data,
 )
 
 #: Oldest opset tried when onnx2torch lags the file's opset.
@@ -95,6 +97,112 @@ def clear_inert_allowzero(proto: onnx.ModelProto, path: str | Path) -> onnx.Mode
     return proto
 
 
+def fold_constant_reshapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``, changed in place: every main-graph Identity, Reshape, Flatten, Squeeze and Unsqueeze of
+    an initializer by constant arguments replaced by an initializer holding its result.
+
+    Paddle2ONNX writes a conv's bias as ``Add(conv, Reshape(bias, [1, C, 1, 1]))``: folded, the Add
+    reads a per-channel constant that surgery slices with the conv's filters, where a Reshape left
+    in the module would keep the literal C; torch's exporter shares a weight between layers through
+    Identity nodes, where onnx2torch looks for a layer's weight among the initializers. Only the
+    layout of the initializer's data changes (the same elements), computed with numpy.
+    """
+    graph = proto.graph
+    if proto.ir_version < 4:
+        return proto
+    opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
+    known = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in all_nodes(graph):
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {v.name for v in graph.output}
+    kept = []
+    for node in graph.node:
+        result = None
+        if (node.op_type in ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze") and node.domain in STANDARD_DOMAINS
+                and len(node.output) == 1 and node.output[0] and node.output[0] not in outputs
+                and node.output[0] not in known and node.input and all(not n or n in known for n in node.input)):
+            try:
+                result = _folded(node, [numpy_helper.to_array(known[n]) if n else None for n in node.input], opset)
+            except (ValueError, IndexError, TypeError):
+                result = None
+        if result is None:
+            kept.append(node)
+            continue
+        tensor = numpy_helper.from_array(np.ascontiguousarray(result), node.output[0])
+        graph.initializer.append(tensor)
+        known[tensor.name] = tensor
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {n for node in all_nodes(graph) for n in node.input} | outputs
+        unread = [t for t in graph.initializer if t.name not in used and readers.get(t.name)]
+        for tensor in unread:  # initializers only the folded nodes read
+            graph.initializer.remove(tensor)
+    return proto
+
+
+def _folded(node: onnx.NodeProto, args: list, opset: int) -> np.ndarray | None:
+    """What the Reshape, Flatten, Squeeze or Unsqueeze ``node`` makes of the constant ``args`` (numpy)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    data = args[0]
+    if data is None:
+        return None
+    if node.op_type == "Identity":
+        return data
+    if node.op_type == "Reshape":
+        if len(args) < 2 or args[1] is None or args[1].ndim != 1:
+            return None
+        shape = [int(d) for d in args[1]]
+        if not attrs.get("allowzero", 0):
+            shape = [data.shape[i] if d == 0 and i < data.ndim else d for i, d in enumerate(shape)]
+        return data.reshape(shape)
+    if node.op_type == "Flatten":
+        axis = int(attrs.get("axis", 1))
+        axis = axis + data.ndim if axis < 0 else axis
+        return data.reshape(math.prod(data.shape[:axis]), -1)
+    axes = attrs.get("axes") if opset < 13 else (None if len(args) < 2 or args[1] is None else args[1].tolist())
+    if node.op_type == "Squeeze":
+        if axes is None:
+            return data.reshape([d for d in data.shape if d != 1])
+        return np.squeeze(data, tuple(int(a) for a in axes))
+    if axes is None:
+        return None
+    rank = data.ndim + len(axes)
+    out = data
+    for axis in sorted(int(a) + rank if int(a) < 0 else int(a) for a in axes):
+        out = np.expand_dims(out, axis)
+    return out
+
+
+def _with_ranks(proto: onnx.ModelProto, example: tuple[torch.Tensor, ...], where: str | Path) -> onnx.ModelProto:
+    """``proto`` with a value info for every node output the file gives none (or one without a rank) for:
+    onnx2torch reads the input ranks of BatchNormalization, pools and norms from them, and Paddle2ONNX
+    files carry none. They come from the checks' own shape inference (:func:`~.onnx_guard.infer_folded`,
+    run in the sandbox first) at the shapes of ``example``, with the batch axis left dynamic."""
+    graph = proto.graph
+    have = {v.name for v in graph.value_info if v.type.tensor_type.HasField("shape")}
+    wanted = {n for node in graph.node for n in node.output if n and n not in have}
+    if not wanted or not example:
+        return proto
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v.name for v in graph.input if v.name not in initializers]
+    try:
+        inferred = infer_folded(without_weight_data(proto), inputs, [tuple(t.shape[1:]) for t in example],
+                                example[0].shape[0], str(where))
+    except StructADMMError:
+        return proto  # conversion says what it misses
+    for value in inferred.graph.value_info:
+        if value.name in wanted and value.type.tensor_type.HasField("shape"):
+            added = graph.value_info.add()
+            added.CopyFrom(value)
+            dims = added.type.tensor_type.shape.dim
+            if len(dims):
+                dims[0].Clear()
+    return proto
+
+
 def _at_convertible_opset(proto: onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
     """``proto`` itself when onnx2torch converts every op at its opset, else moved to the newest
     opset at which it does; one line naming the op when there is none."""
@@ -131,8 +239,41 @@ _TYPE_ONLY_VERSIONS = {
 }
 
 
+#: ONNX op versions newer than onnx2torch's whose new attributes, at their defaults, leave the op as
+#: the older version computes it: the older converter is used where the node keeps them so.
+_SAME_AT_DEFAULTS = {
+    ("Split", 18): {"num_outputs": None},  # num_outputs: the number of outputs, which the converter counts
+    ("Resize", 18): {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"},
+    ("Resize", 19): {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"},
+}
+
+
+def _at_defaults(older, new_attributes: dict, op: str, version: int):
+    def convert(node, graph):
+        for name, default in new_attributes.items():
+            value = node.attributes.get(name, default)
+            if name == "num_outputs" and value == len(node.output_values):
+                continue
+            if value != default and not (isinstance(value, bytes) and value.decode(errors="replace") == default):
+                raise NotImplementedError(f"{op}-{version} with {name}={value!r}")
+        if op == "Resize" and node.attributes.get("coordinate_transformation_mode") == "half_pixel_symmetric":
+            raise NotImplementedError(f"{op}-{version} with coordinate_transformation_mode='half_pixel_symmetric'")
+        return older(node, graph)
+    return convert
+
+
 def _register_type_only_versions() -> None:
     from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    for (op, version), attributes in _SAME_AT_DEFAULTS.items():
+        try:
+            get_converter(operation_type=op, version=version)
+            continue
+        except NotImplementedError:
+            pass
+        older = next((c for v in range(version - 1, 0, -1) for c in [_converter_or_none(op, v)] if c), None)
+        if older is not None:
+            add_converter(operation_type=op, version=version)(_at_defaults(older, attributes, op, version))
 
     for op, versions in _TYPE_ONLY_VERSIONS.items():
         for version in versions:
@@ -146,6 +287,15 @@ def _register_type_only_versions() -> None:
             except NotImplementedError:
                 continue
             add_converter(operation_type=op, version=version)(older)
+
+
+def _converter_or_none(op: str, version: int):
+    from onnx2torch.node_converters.registry import get_converter
+
+    try:
+        return get_converter(operation_type=op, version=version)
+    except NotImplementedError:
+        return None
 
 
 def _unconvertible(proto: onnx.ModelProto, opset: int) -> list[tuple[str, int]]:
@@ -166,8 +316,8 @@ def convert(proto: onnx.ModelProto, where: str | Path, example: tuple[torch.Tens
     average pools made ``torch.nn`` ones on ``example``; one line naming the op or the converter's
     complaint where it cannot be converted. Changes ``proto`` (see :func:`clear_inert_allowzero`).
     The sandboxed child and the parent both convert with this."""
-    proto = _at_convertible_opset(clear_inert_allowzero(proto, where), where)
-    module = _onnx2torch(proto, where)
+    proto = _at_convertible_opset(clear_inert_allowzero(fold_constant_reshapes(proto), where), where)
+    module = _onnx2torch(_with_ranks(proto, example, where), where)
     global_pools(module, example)
     return module
 
@@ -280,6 +430,8 @@ def replace_wrappers(module: nn.Module, example: tuple[torch.Tensor, ...]) -> nn
     if isinstance(module, torch.fx.GraphModule):
         _own_batchnorms(module, example)
         _static_arguments(module, example)
+        _static_resizes(module, example)
+        _fold_shape_values(module, example)
     from onnx2torch.node_converters.activations import OnnxHardSigmoid
 
     swaps = {name: nn.Hardsigmoid() for name, sub in module.named_modules() if isinstance(sub, OnnxHardSigmoid)
@@ -373,7 +525,11 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
     from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
     from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
 
-    shapes = _input_shapes(module, example, (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes))
+    from onnx2torch.node_converters.split import OnnxSplit, OnnxSplit13
+
+    types = (OnnxReshape, OnnxSlice, OnnxSqueezeDynamicAxes, OnnxUnsqueezeDynamicAxes, OnnxSplit13)
+    shapes = _input_shapes(module, example, types)
+    seen = _arguments_at_two_batches(module, example, types)
     with torch.no_grad():
         reference = module(*example)
     undo = []
@@ -381,7 +537,8 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
         if node.op != "call_module" or node.target not in shapes or node.kwargs:
             continue
         old = module.get_submodule(str(node.target))
-        values = [_constant(module, arg) for arg in node.args[1:]]
+        values = [_fixed_value(module, arg, seen.get(str(node.target)), i, batch_first=isinstance(old, OnnxReshape))
+                  for i, arg in enumerate(node.args[1:], 1)]
         if not values or any(v is None or v.dim() != 1 or v.dtype.is_floating_point for v in values):
             continue
         values = [v.tolist() for v in values]
@@ -398,12 +555,237 @@ def _static_arguments(module: torch.fx.GraphModule, example: tuple[torch.Tensor,
             new = OnnxSqueezeStaticAxes(axes=values[0])
         elif isinstance(old, OnnxUnsqueezeDynamicAxes) and len(values) == 1:
             new = OnnxUnsqueezeStaticAxes(axes=values[0])
+        elif isinstance(old, OnnxSplit13) and len(values) == 1 and len(values[0]) == old.num_splits:
+            parts = values[0]
+            # equal parts as torch.chunk, which follows a pruned channel count
+            new = (ChunkSplit(old.axis, len(parts)) if len(set(parts)) == 1 and old.axis % len(shapes[node.target])
+                   else OnnxSplit(num_splits=old.num_splits, axis=old.axis, split=parts))
         else:
             continue
         undo.append((node, node.args, old))
         _set_submodule(module, str(node.target), new)
         node.args = (node.args[0],)
     _keep_if_same(module, example, reference, undo)
+
+
+class StaticResize(nn.Module):
+    """ONNX Resize (as onnx2torch converts it: ``F.interpolate`` on the axes after the channels) by
+    constant scales or to constant sizes."""
+
+    def __init__(self, mode: str, align_corners: bool | None, scale_factor: Sequence[float] | None = None,
+                 size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.mode, self.align_corners = str(mode), align_corners if align_corners is None else bool(align_corners)
+        self.scale_factor = None if scale_factor is None else tuple(float(f) for f in scale_factor)
+        self.size = None if size is None else tuple(int(d) for d in size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x, size=self.size, scale_factor=self.scale_factor, mode=self.mode,
+                                         align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        what = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"
+        return f"{what}, mode={self.mode!r}, align_corners={self.align_corners}"
+
+
+def _static_resizes(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """onnx2torch's Resize modules whose scales or sizes are constants (or computed from shapes only,
+    the same at two batch sizes after the channels) become :class:`StaticResize` layers: onnx2torch's
+    read them from tensors at run time, which the channel tracer cannot follow."""
+    from onnx2torch.node_converters.resize import OnnxResize, OnnxResizeV10, _onnx_mode_to_torch_mode
+
+    types = (OnnxResize, OnnxResizeV10)
+    shapes = _input_shapes(module, example, types)
+    if not shapes:
+        return
+    seen = _arguments_at_two_batches(module, example, types)
+    with torch.no_grad():
+        reference = module(*example)
+    undo = []
+    for node in module.graph.nodes:
+        if node.op != "call_module" or node.target not in shapes:
+            continue
+        old = module.get_submodule(str(node.target))
+        inner = old._resize if isinstance(old, OnnxResizeV10) else old
+        names = ("scales",) if isinstance(old, OnnxResizeV10) else ("roi", "scales", "sizes")
+        args = {name: (i, arg) for i, (name, arg) in enumerate(zip(names, node.args[1:]), 1)}
+        args.update({name: (name, arg) for name, arg in node.kwargs.items() if name in names})
+        if len(args) != len(node.args) - 1 + len(node.kwargs):
+            continue
+        values = {}
+        for name, (key, arg) in args.items():
+            value = _fixed_value(module, arg, seen.get(str(node.target)), key, after_batch=name == "sizes")
+            if value is None:
+                break
+            values[name] = value
+        else:
+            roi, scales, sizes = (values.get(k) for k in ("roi", "scales", "sizes"))
+            if roi is not None and roi.numel() and not inner.ignore_roi:
+                continue
+            rank = len(shapes[node.target])
+            try:
+                mode = _onnx_mode_to_torch_mode(inner.onnx_mode, rank - 2)
+            except NotImplementedError:
+                continue
+            if sizes is not None and sizes.numel():
+                if sizes.numel() != rank:
+                    continue
+                new = StaticResize(mode, inner.align_corners, size=sizes.tolist()[2:])
+            elif scales is not None and scales.numel() == rank and scales.tolist()[:2] == [1, 1]:
+                new = StaticResize(mode, inner.align_corners, scale_factor=scales.tolist()[2:])
+            else:
+                continue
+            undo.append((node, node.args, old, node.kwargs))
+            _set_submodule(module, str(node.target), new)
+            node.args, node.kwargs = (node.args[0],), {}
+    _keep_if_same(module, example, reference, undo)
+
+
+def _fold_shape_values(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """Every value the module computes from its inputs' shapes only (:func:`_from_shapes_only`) and
+    then mixes with data, the same at two batch sizes, becomes a constant buffer of the module: the
+    anchor grids a detector builds with Shape, Range and Expand (Ultralytics' dynamic export), which
+    torch.export cannot trace (their sizes come from tensors' values). Kept only where the module's
+    outputs on ``example`` are unchanged."""
+    from onnx2torch.node_converters.shape import OnnxShape
+
+    graph = module.graph
+    shape_only = {node for node in graph.nodes if node.op in ("call_module", "call_function", "call_method")
+                  and not (node.op == "call_module" and isinstance(module.get_submodule(str(node.target)), OnnxShape))
+                  and _from_shapes_only(module, node)}
+    frontier = [node for node in shape_only if any(user not in shape_only for user in node.users)]
+    if not frontier:
+        return
+    values = []
+    one_more = tuple(torch.cat([t, t[:1]]) if t.dim() else t for t in example)
+    for inputs in (example, one_more):
+        recorder = _Recorder(module, set(frontier))
+        try:
+            with torch.no_grad():
+                recorder.run(*inputs)
+        except Exception:  # noqa: BLE001 - the module does not run at another batch: nothing folded
+            return
+        values.append(recorder.seen)
+    with torch.no_grad():
+        reference = module(*example)
+    made = []
+    for i, node in enumerate(frontier):
+        a, b = values[0].get(node), values[1].get(node)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or not torch.equal(a, b):
+            continue
+        name = f"shape_constant_{i}"
+        while hasattr(module, name):
+            name += "_"
+        module.register_buffer(name, a.detach().clone())
+        with graph.inserting_before(node):
+            constant = graph.get_attr(name)
+        node.replace_all_uses_with(constant)
+        made.append((node, constant, name))
+    if not made:
+        return
+    module.recompile()
+    with torch.no_grad():
+        same = _same(reference, module(*example))
+    if not same:
+        for node, constant, name in made:
+            constant.replace_all_uses_with(node)
+            graph.erase_node(constant)
+            delattr(module, name)
+        module.recompile()
+        return
+    graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs an fx module and keeps the values of the nodes asked for."""
+
+    def __init__(self, module: torch.fx.GraphModule, wanted: set) -> None:
+        super().__init__(module)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.seen[n] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        return value
+
+
+def _arguments_at_two_batches(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...],
+                              types: tuple[type, ...]) -> dict[str, tuple[tuple, tuple, int, int]]:
+    """The arguments every submodule of one of ``types`` is called with (first call) on ``example`` and
+    on ``example`` with one more sample, and the two batch sizes, by submodule name."""
+    batches = (example[0].shape[0], example[0].shape[0] + 1) if example and example[0].dim() else (0, 0)
+    one_more = tuple(torch.cat([t, t[:1]]) if t.dim() else t for t in example)
+    runs: list[dict[str, tuple]] = []
+    for inputs in (example, one_more):
+        calls: dict[str, tuple] = {}
+
+        def record(name: str, calls: dict = calls):
+            def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                copy = {**dict(enumerate(args)), **kwargs}
+                calls.setdefault(name, {k: a.detach().clone() if isinstance(a, torch.Tensor) else a
+                                        for k, a in copy.items()})
+            return hook
+
+        handles = [sub.register_forward_pre_hook(record(name), with_kwargs=True)
+                   for name, sub in module.named_modules() if isinstance(sub, types)]
+        try:
+            with torch.no_grad():
+                module(*inputs)
+        except Exception:  # noqa: BLE001 - a module that does not run at another batch: constants only
+            return {}
+        finally:
+            for handle in handles:
+                handle.remove()
+        runs.append(calls)
+    return {name: (args, runs[1][name], *batches) for name, args in runs[0].items() if name in runs[1]}
+
+
+def _fixed_value(module: torch.fx.GraphModule, arg: object, seen: tuple | None, index: int | str,
+                 batch_first: bool = False, after_batch: bool = False) -> torch.Tensor | None:
+    """The value argument ``arg`` (the ``index``-th of its node, or its keyword) always holds: a constant (:func:`_constant`),
+    or one computed from the shapes of tensors only (Shape, and arithmetic on it: what Paddle2ONNX and
+    tf2onnx write for a Reshape to ``[batch, -1]``) that is the same at both batches in ``seen`` (see
+    :func:`_arguments_at_two_batches`). With ``batch_first``, a 1-D shape whose first entry is the batch
+    at both gives 0 there (a Reshape's "copy the input's dimension"); with ``after_batch``, a 1-D value
+    whose entries after the first two are the same at both is that at the first batch (a Resize's sizes,
+    whose batch and channel entries are not used). None where it is neither."""
+    constant = _constant(module, arg)
+    if constant is not None or seen is None or not _from_shapes_only(module, arg):
+        return constant
+    first, second, batch, more = seen
+    a, b = (run.get(index) for run in (first, second))
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return None
+    if torch.equal(a, b) or (after_batch and a.dim() == 1 and torch.equal(a[2:], b[2:])):
+        return a
+    if (batch_first and a.dim() == 1 and len(a) > 1 and torch.equal(a[1:], b[1:]) and not a.dtype.is_floating_point
+            and int(a[0]) == batch and int(b[0]) == more):
+        return torch.cat([torch.zeros_like(a[:1]), a[1:]])
+    return None
+
+
+def _from_shapes_only(module: torch.fx.GraphModule, arg: object) -> bool:
+    """Whether the fx value ``arg`` depends on the module's inputs through their shapes only (every path
+    up from it to an input goes through an ONNX Shape), not on their values."""
+    from onnx2torch.node_converters.shape import OnnxShape
+
+    stack, seen = [arg], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, torch.fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            continue
+        if node.op == "call_module" and isinstance(module.get_submodule(str(node.target)), OnnxShape):
+            continue
+        if node.op not in ("call_module", "call_function", "call_method"):
+            return False
+        stack.extend(node.all_input_nodes)
+    return True
 
 
 def _slice_layer(slices: list[tuple[int, int, int, int]], given: tuple[int, ...]) -> nn.Module:
@@ -432,6 +814,20 @@ class ChunkSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, chunks={self.chunks}, index={self.index}"
+
+
+class ChunkSplit(nn.Module):
+    """ONNX Split of ``axis`` into ``chunks`` equal parts: ``torch.chunk(x, chunks, axis)``."""
+
+    def __init__(self, axis: int, chunks: int) -> None:
+        super().__init__()
+        self.axis, self.chunks = int(axis), int(chunks)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.chunk(x, self.chunks, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, chunks={self.chunks}"
 
 
 class StaticSlice(nn.Module):
@@ -519,9 +915,11 @@ def _keep_if_same(module: torch.fx.GraphModule, example: tuple[torch.Tensor, ...
     with torch.no_grad():
         same = _same(reference, module(*example))
     if not same:
-        for node, args, old in undo:
+        for node, args, old, *kwargs in undo:
             _set_submodule(module, str(node.target), old)
             node.args = args
+            if kwargs:
+                node.kwargs = kwargs[0]
         module.recompile()
         return
     module.graph.eliminate_dead_code()

@@ -48,6 +48,7 @@ from onnx import TensorProto
 
 from ..errors import StructADMMError, one_line
 from ..exporters import OnnxSignature, onnx_signature
+from ..exporters.shape_folding import FOLD_ROUNDS, SHAPE_DATA, fold_shape_constants
 
 #: Largest file (with its external data) that is loaded by default.
 MAX_BYTES = 2 * 1024**3
@@ -160,6 +161,8 @@ def read_model(path: str | Path, *, max_bytes: int = MAX_BYTES, max_nodes: int =
     check_types(proto, path)
     external = inline_external_data(proto, path, min(max_bytes, PROTOBUF_LIMIT - 1) - size)
     check_tensors(proto, path)
+    unknown_dims_dynamic(proto)
+    constants_to_initializers(proto)
     signature = onnx_signature(proto)
     largest = max((_declared_bytes(t) for t in all_tensors(proto.graph)), default=0)
     names = rename(proto)
@@ -443,14 +446,56 @@ def check_tensors(proto: onnx.ModelProto, path: Path) -> None:
         if value.type.WhichOneof("value") != "tensor_type":
             raise StructADMMError(f"{path}: {quoted(value.name)} is not a tensor; inputs and outputs must be tensors")
         dims = value.type.tensor_type.shape.dim
-        fixed = [d.dim_value for d in dims if d.HasField("dim_value")]
-        if len(dims) > MAX_RANK or any(d < 0 for d in fixed):
+        fixed = [d.dim_value for d in dims if d.HasField("dim_value") and d.dim_value > 0]
+        if len(dims) > MAX_RANK or any(d.HasField("dim_value") and d.dim_value < -1 for d in dims):
             raise StructADMMError(f"{path}: {quoted(value.name)} has an invalid shape {[_dim(d) for d in dims]}")
         if math.prod(fixed[1:] if len(fixed) == len(dims) else fixed) > MAX_SAMPLE_ELEMENTS:
             raise StructADMMError(
                 f"{path}: {quoted(value.name)} has shape {[_dim(d) for d in dims]}, over the limit of "
                 f"{MAX_SAMPLE_ELEMENTS:.3g} elements per sample"
             )
+
+
+def unknown_dims_dynamic(proto: onnx.ModelProto) -> None:
+    """Every axis of the main graph's inputs, outputs and value infos written with the size -1 or 0 made
+    dynamic (no size), in place: what Paddle2ONNX and older exporters write for an axis whose size is
+    unknown (:func:`~structadmm.exporters.onnx_signature` reads them as dynamic too)."""
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        if value.type.WhichOneof("value") != "tensor_type":
+            continue
+        for d in value.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.ClearField("dim_value")
+
+
+def constants_to_initializers(proto: onnx.ModelProto) -> None:
+    """Every main-graph ``Constant`` node that holds a tensor (its ``value`` attribute) made an
+    initializer of the same name, in place (the node removed): Paddle2ONNX, among others, stores a
+    model's weights that way, where converters look for initializers. The same values reach the same
+    nodes, so the graph computes the same; a Constant whose output is a graph output stays a node, and
+    files older than IR version 4 (whose initializers must also be graph inputs) are left as they are."""
+    if proto.ir_version < 4:
+        return
+    graph = proto.graph
+    outputs = {v.name for v in graph.output}
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    kept, made = [], []
+    for node in graph.node:
+        if (node.op_type == "Constant" and node.domain in STANDARD_DOMAINS and len(node.output) == 1
+                and len(node.attribute) == 1 and node.attribute[0].name == "value"
+                and node.attribute[0].HasField("t") and node.output[0]
+                and node.output[0] not in outputs and node.output[0] not in taken):
+            tensor = TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            taken.add(tensor.name)
+            made.append(tensor)
+        else:
+            kept.append(node)
+    if made:
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(made)
 
 
 def _stored_elements(tensor: TensorProto) -> int | None:
@@ -600,7 +645,7 @@ def assert_safe(proto: onnx.ModelProto) -> None:
 GROWTH_BATCH = 256
 #: Initializers with at most this many elements keep their values for shape inference (shapes, axes,
 #: pads computed from constants); larger ones become typed inputs, so inference copies no weights.
-_SHAPE_DATA = 1024
+_SHAPE_DATA = SHAPE_DATA
 
 
 @dataclass(frozen=True)
@@ -622,18 +667,18 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
 
     The model must first pass ``onnx.checker``. Shapes come from ONNX shape inference (strict); where
     that leaves a size open, from folding the small constants that compute it
-    (:func:`_fold_shape_constants`) and inferring again, and last from inference with data
-    propagation (:func:`_infer_folded`).
+    (:func:`fold_shape_constants`) and inferring again, and last from inference with data
+    propagation (:func:`infer_folded`).
     """
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise StructADMMError(f"{where}: invalid ONNX model: {one_line(exc)}") from exc
-    shapes_only = _without_weight_data(proto)
+    shapes_only = without_weight_data(proto)
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v.name for v in proto.graph.input if v.name not in initializers]
-    sizes = _output_sizes(_infer_folded(shapes_only, inputs, sample_shapes, batch, where), where, limits.tensor)
-    large = _output_sizes(_infer_folded(shapes_only, inputs, sample_shapes, GROWTH_BATCH, where), where, None)
+    sizes = _output_sizes(infer_folded(shapes_only, inputs, sample_shapes, batch, where), where, limits.tensor)
+    large = _output_sizes(infer_folded(shapes_only, inputs, sample_shapes, GROWTH_BATCH, where), where, None)
     for name, (size, node) in sizes.items():
         grown = large.get(name, (0, node))[0]
         if grown > size * GROWTH_BATCH / batch * 1.01 + 4096:
@@ -653,16 +698,16 @@ def check_sizes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]], 
     return needed
 
 
-def _infer_folded(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequence[Sequence[int]], batch: int,
-                  where: str) -> onnx.ModelProto:
+def infer_folded(model: onnx.ModelProto, inputs: Sequence[str], sample_shapes: Sequence[Sequence[int]], batch: int,
+                 where: str) -> onnx.ModelProto:
     """:func:`_infer`, then, while sizes stay open, fold the shape constants that compute them and infer
     again; ONNX's own data propagation last, for what folding leaves open (it computes the values it
     propagates without bounding them first, so it runs only where it is needed, in the sandbox)."""
     inferred = _infer(model, inputs, sample_shapes, batch, where)
-    for _ in range(_FOLD_ROUNDS):
+    for _ in range(FOLD_ROUNDS):
         if not _open_sizes(inferred):
             return inferred
-        folded = _fold_shape_constants(inferred)
+        folded = fold_shape_constants(inferred)
         if folded is None:
             break
         inferred = _infer(folded, inputs, sample_shapes, batch, where)
@@ -677,108 +722,7 @@ def _open_sizes(model: onnx.ModelProto) -> bool:
                for node in model.graph.node for name in node.output)
 
 
-#: Ops folded when all their inputs are small constants (or, for Shape and Size, have a known shape):
-#: those that compute shapes, axes and pads. The reference implementation computes them.
-_FOLDABLE = frozenset({
-    "Shape", "Size", "Identity", "Cast", "Neg", "Abs", "Floor", "Ceil", "Not", "Squeeze", "Unsqueeze", "Reshape",
-    "Flatten", "Gather", "Slice", "Concat", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Less", "Greater",
-    "LessOrEqual", "GreaterOrEqual", "And", "Or", "Max", "Min", "Where", "ReduceProd", "ReduceSum", "ReduceMax",
-    "ReduceMin", "ConstantOfShape", "Range", "Expand", "Tile", "Constant",
-})
-_FOLD_ROUNDS = 8
-
-
-def _fold_shape_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """``model`` (inferred) with every main-graph node in :data:`_FOLDABLE` whose inputs are known and
-    whose output has at most :data:`_SHAPE_DATA` elements replaced by initializers holding its outputs;
-    None when there is none. Sizes are bounded before anything is computed (:func:`_folded_size`)."""
-    from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    graph = model.graph
-    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer if math.prod(t.dims) <= _SHAPE_DATA}
-    types = {v.name: v.type for v in (*graph.value_info, *graph.input, *graph.output)}
-    opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
-    folded = []
-    for node in graph.node:
-        if node.op_type not in _FOLDABLE or node.domain not in STANDARD_DOMAINS or not node.output:
-            continue
-        shape_of = node.op_type in ("Shape", "Size")
-        names = [n for n in node.input if n]
-        if shape_of:
-            dims = _known_dims(types.get(node.input[0]))
-            if dims is None:
-                continue
-            feeds = {node.input[0]: np.zeros(dims, np.uint8)} if math.prod(dims) <= _SHAPE_DATA else None
-            if feeds is None:  # Shape and Size need only the shape: a stand-in of that shape, strided to nothing
-                feeds = {node.input[0]: np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), dims, [0] * len(dims))}
-        elif all(n in known for n in names):
-            feeds = {n: known[n] for n in names}
-            if _folded_size(node, feeds) > _SHAPE_DATA:
-                continue
-        else:
-            continue
-        graph_inputs = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-                        for n, a in feeds.items()]
-        single = onnx.helper.make_model(
-            onnx.helper.make_graph([node], "fold", graph_inputs, [onnx.ValueInfoProto(name=n) for n in node.output]),
-            opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=model.ir_version)
-        try:
-            results = ReferenceEvaluator(single).run(None, feeds)
-        except Exception:  # noqa: BLE001 - not foldable: inference and the size check say what is wrong
-            continue
-        if any(np.asarray(r).size > _SHAPE_DATA for r in results):
-            continue
-        known.update({n: np.asarray(r) for n, r in zip(node.output, results)})
-        folded.append(node)
-    if not folded:
-        return None
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    drop = {id(n) for n in folded}
-    kept = [n for n in graph.node if id(n) not in drop]
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    outputs = {v.name for v in out.graph.output}
-    out.graph.initializer.extend(numpy_helper.from_array(known[n], n) for node in folded for n in node.output
-                                 if n and n not in outputs)
-    return out
-
-
-def _known_dims(value_type: onnx.TypeProto | None) -> list[int] | None:
-    if value_type is None or value_type.WhichOneof("value") != "tensor_type" or not value_type.tensor_type.HasField("shape"):
-        return None
-    dims = value_type.tensor_type.shape.dim
-    return [d.dim_value for d in dims] if all(d.HasField("dim_value") for d in dims) else None
-
-
-def _folded_size(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> int:
-    """An upper bound on the elements ``node`` makes from the constant ``feeds`` (before it computes)."""
-    args = [feeds.get(n) for n in node.input]
-    op = node.op_type
-    try:
-        if op == "ConstantOfShape":
-            return int(np.prod(args[0].astype(np.float64))) if args[0].size else 1
-        if op == "Range":
-            start, limit, delta = (float(a) for a in args)
-            return max(0, math.ceil((limit - start) / delta)) if delta else _SHAPE_DATA + 1
-        if op == "Expand":
-            return math.prod(np.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1])))
-        if op == "Tile":
-            return args[0].size * int(np.prod(args[1].astype(np.float64)))
-        if op == "Concat":
-            return sum(a.size for a in args if a is not None)
-        if op == "Gather":
-            return args[0].size * max(args[1].size, 1)
-        if op == "Constant":
-            return 0
-        present = [a for a in args if a is not None]
-        return math.prod(np.broadcast_shapes(*(a.shape for a in present))) if present else 0
-    except (ValueError, TypeError, OverflowError, IndexError):
-        return _SHAPE_DATA + 1
-
-
-def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+def without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` for shape inference: the main graph's initializers over :data:`_SHAPE_DATA` elements
     become graph inputs of their type and shape, without their data."""
     model = onnx.ModelProto()
