@@ -274,10 +274,44 @@ def _check_counts(signature: OnnxSignature, n_inputs: int, n_outputs: int) -> No
         )
 
 
+class SignatureError(StructADMMError):
+    """The exported file cannot keep the signature asked for (its axes, names or dtypes)."""
+
+
+def with_sample_shapes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[int]]) -> onnx.ModelProto | None:
+    """A copy of ``proto`` whose inputs' dynamic axes other than the batch are fixed at
+    ``sample_shapes`` (one sample's shape per graph input); None when no such axis is dynamic.
+    Raises when a fixed axis disagrees with the shape given."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != len(sample_shapes):
+        raise StructADMMError(f"the model takes {len(inputs)} inputs, {len(sample_shapes)} shapes were given")
+    if all(d.HasField("dim_value") and d.dim_value > 0 for i in inputs for d in i.type.tensor_type.shape.dim[1:]):
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for value, shape in zip((i for i in copy.graph.input if i.name not in initializers), sample_shapes):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape) + 1:
+            raise StructADMMError(f"input {value.name!r} has {len(dims)} axes, the sample shape {list(shape)} "
+                                  f"{len(shape)} besides the batch")
+        for dim, size in zip(dims[1:], shape):
+            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
+                raise StructADMMError(f"input {value.name!r} has axes {[_dim(d) for d in dims]}; a sample of "
+                                      f"shape {list(shape)} does not fit them")
+            dim.Clear()
+            dim.dim_value = int(size)
+    return copy
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str:
+    return dim.dim_value if dim.HasField("dim_value") else dim.dim_param or "?"
+
+
 def _check_signature(wanted: OnnxSignature, got: OnnxSignature) -> None:
     changed = wanted.differences(got)
     if changed:
-        raise StructADMMError(
+        raise SignatureError(
             f"the exported file would not be a drop-in replacement: {'; '.join(changed[:3])}"
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,6 +38,11 @@ from .onnx_guard import (
 
 #: Oldest opset tried when onnx2torch lags the file's opset.
 _OLDEST_OPSET = 9
+
+# onnx2torch's Slice indexes with a list, which torch deprecates with a warning on every forward
+# pass of a converted model: noise to a user, about code that is not theirs or ours
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                        category=UserWarning, module="onnx2torch")
 
 
 def example_batch(model: OnnxSignature | onnx.ModelProto, shapes: Sequence[Sequence[int]], batch: int,

@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -107,6 +108,9 @@ def _outputs(model: nn.Module, example: Any) -> Any:
     with eval_mode(model), torch.no_grad():
         return run_model(model, example)
 
+
+#: the staging folder's sub-folder of the copies counted and timed at the run's input shape (removed at the end)
+SIZED = ".sized"
 
 _TIMINGS = {"dense": "dense_training_s", "admm": "admm_s", "retrain": "retrain_s"}
 
@@ -210,11 +214,46 @@ class Run:
         return evaluate(model, self.val)
 
     def export(self, model: nn.Module, filename: str) -> None:
-        """``model`` as ``filename`` in the staging folder, with the user's file's names when given."""
+        """``model`` as ``filename`` in the staging folder, with the user's file's names when given.
+
+        A converted file whose graph fixes sizes computed from the input (reshape targets, a
+        detector's anchors) cannot keep axes besides the batch dynamic: it is written for the
+        run's input shape, and a warning says so."""
         from ..exporters import export_onnx, load_onnx, onnx_signature
+        from ..exporters.onnx_export import SignatureError
 
         signature = onnx_signature(load_onnx(self.dense_onnx)) if self.dense_onnx is not None else None
-        export_onnx(model, self.example, self.out / filename, signature=signature)
+        try:
+            export_onnx(model, self.example, self.out / filename, signature=signature)
+        except SignatureError:
+            if signature is None:
+                raise
+            items = self.example if isinstance(self.example, tuple) else (self.example,)
+            outputs = flat_outputs(_outputs(model, self.example))
+            export_onnx(model, self.example, self.out / filename, signature=signature.fixed(
+                [t.shape for t in items], [t.shape for t in outputs]))
+            shapes = ", ".join("x".join(map(str, t.shape[1:])) for t in items)
+            warnings.warn(StructADMMWarning(
+                f"{filename} takes samples of {shapes} only: its graph fixes sizes computed from the input, so "
+                f"the axes {self.dense_onnx.name} leaves dynamic besides the batch could not stay dynamic"),
+                stacklevel=2)
+
+    def sized(self, path: Path) -> Path:
+        """``path``, or where its inputs leave axes besides the batch dynamic (a detector's height and
+        width), a copy with them fixed at the run's input shape: what is counted and timed."""
+        import onnx
+
+        from ..exporters import load_onnx
+        from ..exporters.onnx_export import with_sample_shapes
+
+        items = self.example if isinstance(self.example, tuple) else (self.example,)
+        proto = with_sample_shapes(load_onnx(path), [tuple(t.shape[1:]) for t in items])
+        if proto is None:
+            return path
+        target = self.out / SIZED / path.name
+        target.parent.mkdir(exist_ok=True)
+        onnx.save(proto, target)
+        return target
 
     def new_admm(self, plan: PruningPlan, within: Masks | None) -> ADMM:
         c = self.config
@@ -550,8 +589,9 @@ def bench_stage(run: Run, carry: Carry) -> Carry:
     from ..bench import benchmark
 
     c, out = run.config, run.out
-    files = {"dense": out / "dense.onnx", "pruned": out / "pruned.onnx",
-             **(carry.quantized.models if carry.quantized else {})}
+    files = {name: run.sized(Path(path)) for name, path in {
+        "dense": out / "dense.onnx", "pruned": out / "pruned.onnx",
+        **(carry.quantized.models if carry.quantized else {})}.items()}
     latency = benchmark(files, batch_sizes=c.bench_batches, threads=c.bench_threads, min_runs=c.bench_min_runs,
                         min_seconds=c.bench_min_seconds, seed=c.seed, isolate=c.bench_isolate)
     return replace(carry, latency=latency)
@@ -567,7 +607,8 @@ def report_stage(run: Run, carry: Carry) -> Carry:
     from ..prune.lowering import LoweredConv
 
     c, out, facts, plan, admm = run.config, run.out, run.state.facts, carry.plan, carry.admm
-    dense_cost, pruned_cost = count_onnx(out / "dense.onnx"), count_onnx(out / "pruned.onnx")
+    dense_file, pruned_file = run.sized(out / "dense.onnx"), run.sized(out / "pruned.onnx")
+    dense_cost, pruned_cost = count_onnx(dense_file), count_onnx(pruned_file)
     mac_ratio = dense_cost.macs / max(pruned_cost.macs, 1)
     storage = sparse_storage(out / "pruned.onnx")  # what irregular sparsity buys: bytes, not speed
     byte_ratios = {b: dense_cost.bytes_at(b) / max(pruned_cost.bytes_at(b), 1) for b in c.bench_batches}
@@ -600,7 +641,7 @@ def report_stage(run: Run, carry: Carry) -> Carry:
         "left_alone": [{"layer": layer, "reason": why} for layer, why in plan.skipped] if plan is not None else [],
         "budget": facts.get("budget"),
         "lowered": [name for name, m in carry.small.named_modules() if isinstance(m, LoweredConv)],
-        "layers": [row.__dict__ for row in layer_table(out / "dense.onnx", out / "pruned.onnx",
+        "layers": [row.__dict__ for row in layer_table(dense_file, pruned_file,
                                                        batch=max(c.bench_batches), threads=c.bench_threads)],
         "timings": dict(facts["timings"]),
         "config": c.to_dict(),
@@ -610,6 +651,7 @@ def report_stage(run: Run, carry: Carry) -> Carry:
     if carry.quantized is not None:
         report.update(carry.quantized.report(out, carry.latency, pruned_cost.macs))
     write_report(out, report)
+    shutil.rmtree(out / SIZED, ignore_errors=True)
     run.folder.finish()
     return replace(carry, report=json.loads(json.dumps(report)))
 

@@ -34,7 +34,7 @@ from ..errors import StructADMMError
 from ..files import read_toml
 from ..graph.channels import ChannelGraph, ChannelGroup, Slice
 from ..graph.trace import trace
-from ..layers import CONVS
+from ..layers import CONVS, is_depthwise
 from .sparsity import (
     PROJECTION_ORDER,
     Sparsity,
@@ -296,6 +296,8 @@ class PruningPlan:
                 if kind in (Sparsity.FILTER, Sparsity.CHANNEL):
                     role = "out" if kind is Sparsity.FILTER else "in"
                     groups = graph.groups_of(layer, role)
+                    if not groups and is_depthwise(graph.modules.get(layer)):
+                        continue  # its channels are its input's: pruned with the layer that feeds it
                     if not groups:  # the trace never saw this layer's weight used as a layer's weight
                         notes = sorted((n for n in graph.notes if f"'{layer}'" in n), key=lambda n: "computed" not in n)
                         why = next((note.split(": channels reaching")[0] for note in notes),

@@ -1,0 +1,255 @@
+"""Compressing models people deploy from unlabeled inputs alone, through the CLI: the dense model is
+the teacher (``objective = "auto"`` distils when the data has no labels).
+
+    .venv/bin/python benchmarks/no_labels.py                      # every case, one after another
+    .venv/bin/python benchmarks/no_labels.py --cases cls det      # some of them
+
+Cases, each one ``structadmm run`` in its own process (so each model is timed in a fresh
+interpreter, isolated: every model alone in its own process, dense and pruned alternating):
+
+* ``det``: RapidOCR's PP-OCRv4 text detector (a trained Paddle2ONNX file shipped in the
+  ``rapidocr-onnxruntime`` wheel) at 3x640x640, on a flat folder of photographs (crops of the
+  photographs that ship with scikit-image and scikit-learn, written as PNG files);
+* ``yolo``: YOLOv8n built from Ultralytics' YAML and exported by Ultralytics' own ONNX exporter.
+  No trained weights can be fetched here, so its random weights are first given realistic
+  activations: BatchNorm statistics recalibrated on the photographs (forward passes only, no
+  labels, no gradient). The report scores the pruned model's boxes against the dense model's
+  (``--boxes yolo``: mAP@0.5 after NMS);
+* ``cls``: RapidOCR's text-direction classifier (trained) on text lines rendered with PIL,
+  upright or turned 180°. Compression sees the lines without labels; the labels only score the
+  dense and the pruned file afterwards, both run in ONNX Runtime on held-out lines.
+
+Every case prunes filters at ``--ratio`` with kept channels rounded to multiples of 8, distils for
+a few epochs, and reports MACs, ONNX Runtime CPU latency at batch 1 (2 threads) and fidelity
+(relative error and cosine per output against the dense file). Writes
+benchmarks/results/no_labels.{json,md}; the run folders go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import string
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+CLS_SHAPE = (3, 48, 192)
+
+
+def rapidocr_file(name: str) -> Path:
+    import rapidocr_onnxruntime
+
+    return Path(rapidocr_onnxruntime.__file__).parent / "models" / name
+
+
+def write_config(path: Path, args: argparse.Namespace, **extra: object) -> Path:
+    settings = dict(ratio=args.ratio, channel_multiple=8, admm_rounds=args.rounds, admm_epochs=1,
+                    retrain_epochs=args.retrain, batch_size=8, bench_batches=[1], bench_threads=2,
+                    bench_min_seconds=args.seconds, **extra)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def photo_folder(folder: Path, count: int, shape: tuple[int, int, int]) -> Path:
+    """``count`` photograph crops of ``shape`` as PNG files, directly in ``folder`` (no classes)."""
+    from PIL import Image
+
+    from structadmm.models.photos import PhotoCrops, source_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    crops = PhotoCrops(source_photos(), count, shape, seed=1)
+    for i in range(count):
+        (x,) = crops[i]
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def text_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` text lines rendered with PIL and preprocessed as PP-OCR's classifier expects (height
+    48, width up to 192 with the aspect kept, zero padding, scaled to [-1, 1]); label 1 is a line
+    turned 180°, label 0 an upright one."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    alphabet = string.ascii_letters + string.digits + "  .,-"
+    xs, ys = [], []
+    for i in range(count):
+        size = int(rng.integers(22, 40))
+        font = ImageFont.load_default(size=size)
+        text = "".join(rng.choice(list(alphabet), int(rng.integers(4, 18)))).strip() or "text"
+        left, top, right, bottom = font.getbbox(text)
+        pad = int(rng.integers(2, 8))
+        ink, paper = int(rng.integers(0, 80)), int(rng.integers(180, 256))
+        image = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), (paper,) * 3)
+        ImageDraw.Draw(image).text((pad - left, pad - top), text, fill=(ink,) * 3, font=font)
+        label = i % 2
+        if label:
+            image = image.rotate(180)
+        height, width = CLS_SHAPE[1], CLS_SHAPE[2]
+        resized = min(width, max(1, round(image.width * height / image.height)))
+        image = image.resize((resized, height), Image.BILINEAR)
+        array = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
+        line = np.zeros(CLS_SHAPE, dtype=np.float32)
+        line[:, :, :resized] = array
+        xs.append(line)
+        ys.append(label)
+    return np.stack(xs), np.asarray(ys)
+
+
+def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    scores = np.concatenate([session.run(None, {name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
+    return float((scores.argmax(1) == y).mean())
+
+
+def yolo_onnx(folder: Path, photos: Path, size: int) -> Path:
+    """YOLOv8n from its YAML, BatchNorm recalibrated on the photographs, exported by Ultralytics."""
+    import torch
+    from PIL import Image
+    from torch import nn
+    from ultralytics import YOLO
+
+    os.environ["YOLO_OFFLINE"] = "1"
+    torch.manual_seed(0)
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        yolo = YOLO("yolov8n.yaml")
+        net = yolo.model
+        images = sorted(photos.glob("*.png"))[:64]
+        x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).resize((size, size)), dtype=np.float32) / 255)
+                         .permute(2, 0, 1) for p in images])
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the recalibration batches
+        net.train()
+        with torch.no_grad():
+            for i in range(0, len(x), 8):
+                net(x[i:i + 8])
+        net.eval()
+        written = yolo.export(format="onnx", imgsz=size, simplify=False, dynamic=True)
+    finally:
+        os.chdir(here)
+    return Path(folder, written)
+
+
+def run_cli(args: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "structadmm.cli", *args], capture_output=True, text=True, env=env)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"structadmm {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+
+
+def summary(run: Path) -> dict:
+    report = json.loads((run / "report.json").read_text())
+    row = report["latency"][0]
+    return {"mac_ratio": report["mac_ratio"], "dense_macs": report["dense"]["macs"],
+            "pruned_macs": report["pruned"]["macs"], "objective": report["objective"],
+            "fidelity": report["fidelity"], "parity": report["parity"]["max_abs_diff"],
+            "latency": {k: row.get(k) for k in ("batch", "threads", "mode", "dense_ms", "pruned_ms", "speedup",
+                                                 "speedup_per_round", "speedup_low", "speedup_high", "ci_coverage",
+                                                 "efficiency")},
+            "timings_s": report["timings"]}
+
+
+def case(name: str, args: argparse.Namespace, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "det":
+        photos = photo_folder(work / "photos", args.photos, (3, 640, 640))
+        config = write_config(work / "det.toml", args)
+        run_cli(["run", "--model", str(rapidocr_file("ch_PP-OCRv4_det_infer.onnx")), "--input-shape", "3x640x640",
+                 "--data", str(photos), "-c", str(config), "--out", str(work / "run")], work / "run.log")
+        return {"case": "PP-OCRv4 text detector (trained, Paddle2ONNX)", "input": "3x640x640",
+                "data": f"{args.photos} photographs, no labels", **summary(work / "run")}
+    if name == "yolo":
+        photos = photo_folder(work / "photos", args.photos, (3, 640, 640))
+        model = yolo_onnx(work, photos, 640)
+        config = write_config(work / "yolo.toml", args)
+        run_cli(["run", "--model", str(model), "--input-shape", "3x640x640", "--data", str(photos), "--boxes", "yolo",
+                 "-c", str(config), "--out", str(work / "run")], work / "run.log")
+        return {"case": "YOLOv8n (Ultralytics ONNX export; random weights, BatchNorm recalibrated)",
+                "input": "3x640x640", "data": f"{args.photos} photographs, no labels", **summary(work / "run")}
+    if name == "cls":
+        x, y = text_lines(args.lines, seed=0)
+        x_test, y_test = text_lines(args.lines // 2, seed=1)
+        np.savez(work / "lines.npz", x=x)  # no y: compression never sees a label
+        source = rapidocr_file("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+        config = write_config(work / "cls.toml", args, batch_size=32)
+        run_cli(["run", "--model", str(source), "--input-shape", "x".join(map(str, CLS_SHAPE)), "--data",
+                 str(work / "lines.npz"), "-c", str(config), "--out", str(work / "run")], work / "run.log")
+        dense, pruned = onnx_accuracy(source, x_test, y_test), onnx_accuracy(work / "run" / "pruned.onnx", x_test, y_test)
+        return {"case": "PP-OCR text-direction classifier (trained, Paddle2ONNX)", "input": "3x48x192",
+                "data": f"{args.lines} rendered text lines, no labels (scored on {len(y_test)} other lines)",
+                "dense_accuracy": dense, "pruned_accuracy": pruned, **summary(work / "run")}
+    raise SystemExit(f"unknown case {name}")
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Compressed from unlabeled inputs alone (the dense model as teacher), through `structadmm run`",
+        "",
+        f"Filter pruning at {meta['ratio']}, kept channels in multiples of 8, {meta['rounds']} ADMM rounds of one "
+        f"epoch and {meta['retrain']} epochs of masked retraining, all distilling from the dense file. Latency: "
+        "ONNX Runtime CPU, batch 1, 2 threads, isolated (each model alone in its own process, dense and pruned "
+        f"alternating), median of the per-round speedups with its distribution-free interval and coverage. "
+        f"CPU: {meta['cpu']}; load average before the cases: {meta['load']}. Command: `{meta['command']}`.",
+        "",
+        "| model | input | data | MAC ratio | dense ms | pruned ms | speedup (interval, coverage) | fidelity |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        lat, fid = r["latency"], r["fidelity"]
+        coverage = f"{100 * lat['ci_coverage']:.1f} %" if lat.get("ci_coverage") is not None else "n/a"
+        parts = [f"{o['name']}: rel err {o['rel_error']:.3f}, cos {o['cosine']:.3f}" for o in fid["outputs"][:3]]
+        if fid.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
+        if fid.get("box_map50") is not None:
+            parts.append(f"box mAP@0.5 vs dense {fid['box_map50']:.3f}")
+        if r.get("dense_accuracy") is not None:
+            parts.append(f"accuracy {100 * r['dense_accuracy']:.2f} % → {100 * r['pruned_accuracy']:.2f} % "
+                         "(labels used only to score)")
+        lines.append(f"| {r['case']} | {r['input']} | {r['data']} | {r['mac_ratio']:.2f}x | {lat['dense_ms']:.2f} | "
+                     f"{lat['pruned_ms']:.2f} | {lat['speedup_per_round']:.2f}x ({lat['speedup_low']:.2f}–"
+                     f"{lat['speedup_high']:.2f}, {coverage}) | {'; '.join(parts)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["cls", "det", "yolo"])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--retrain", type=int, default=3)
+    parser.add_argument("--photos", type=int, default=96)
+    parser.add_argument("--lines", type=int, default=1024)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    meta = {"ratio": args.ratio, "rounds": args.rounds, "retrain": args.retrain, "cpu": platform.processor() or
+            platform.machine(), "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+            "command": "python benchmarks/no_labels.py " + " ".join(sys.argv[1:])}
+    work = Path(tempfile.mkdtemp(prefix="no_labels-"))
+    rows = [case(name, args, work / name) for name in args.cases]
+    meta["load_after"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"no_labels{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / f"no_labels{args.tag}.md").write_text(render(rows, meta))
+    print(render(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
