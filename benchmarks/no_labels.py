@@ -51,9 +51,9 @@ def rapidocr_file(name: str) -> Path:
 
 
 def write_config(path: Path, args: argparse.Namespace, **extra: object) -> Path:
-    settings = dict(ratio=args.ratio, channel_multiple=8, admm_rounds=args.rounds, admm_epochs=1,
-                    retrain_epochs=args.retrain, batch_size=8, bench_batches=[1], bench_threads=2,
-                    bench_min_seconds=args.seconds, **extra)
+    settings = {**dict(ratio=args.ratio, channel_multiple=8, admm_rounds=args.rounds, admm_epochs=1,
+                       retrain_epochs=args.retrain, batch_size=8, bench_batches=[1], bench_threads=2,
+                       bench_min_seconds=args.seconds), **extra}
     lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -172,7 +172,7 @@ class Run:
         ``objective``: what it minimises (:func:`.objective.objective_of`: the labels by default)."""
         resume = self.state.enter(phase)
         train_epochs(self.model, self.train, epochs, resume=resume, epoch_offset=epoch_offset,
-                     objective=objective or objective_of(), eval_forward=self.mode == "distill",
+                     objective=objective or objective_of(), as_deployed=self.mode == "distill",
                      grad_clip=self.config.distill_grad_clip if self.mode == "distill" else None,
                      on_epoch_end=lambda trainer: self.state.save(phase, trainer), **kwargs, **self.fit)
         self.model.cpu()

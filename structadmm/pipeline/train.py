@@ -53,7 +53,7 @@ def train_epochs(
     distill: float = 0.0,
     temperature: float = 4.0,
     objective: Objective | None = None,
-    eval_forward: bool = False,
+    as_deployed: bool = False,
     grad_clip: float | None = None,
 ) -> list[float]:
     """SGD with a cosine learning rate over ``epochs``; returns the mean loss of each epoch run.
@@ -71,11 +71,12 @@ def train_epochs(
     ``restart_every``: the cosine restarts from ``lr`` every that many epochs (warm restarts).
     ``should_stop`` is asked after every epoch (after ``after_epoch``); True ends the phase
     early. ``objective`` is what each step minimises (:mod:`.objective`; cross-entropy on the
-    labels by default). ``eval_forward``: the model trains in eval mode, as it is deployed: BatchNorm
-    layers run on their running statistics and keep them (their scale and shift still train),
-    dropout is off, and a layer that answers differently in training (a detector's head) answers
-    as deployed. A student distilled from its own dense copy then starts out computing exactly
-    what the teacher computes, output for output. ``grad_clip``: the gradient's global
+    labels by default). ``as_deployed``: every layer but the normalisation layers trains in eval mode,
+    as it is deployed: dropout is off, and a layer that answers differently in training (a
+    detector's head) answers as deployed, so a student distilled from its dense copy returns
+    what the teacher returns, output for output. BatchNorm layers still train as in training
+    (batch statistics, running statistics updated): a pruned layer changes what the layers after
+    it see, and their statistics must follow. ``grad_clip``: the gradient's global
     norm is clipped to it before every step. ``teacher`` with ``distill`` = a in (0, 1] is the shorthand for
     :class:`~.objective.Distillation`: ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` at
     ``temperature`` T, the teacher in eval mode.
@@ -91,7 +92,11 @@ def train_epochs(
     ctx = distributed.setup(device)
     device = distributed.rank_device(device, ctx)
     loader = distributed.shard(loader, ctx)
-    model.to(device).train(not eval_forward)
+    model.to(device).train(not as_deployed)
+    if as_deployed:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                module.train()
     net = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total = epochs * len(loader)
