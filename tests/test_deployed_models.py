@@ -60,3 +60,28 @@ def test_a_yolo_trace_leaves_the_detector_as_it_was_and_finds_its_channels() -> 
 @pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml"])
 def test_yolo_detectors_prune_at_640(config: str, tmp_path: Path) -> None:
     check_detector(config, 640, tmp_path)
+
+
+@pytest.mark.slow
+def test_structadmm_compact_prunes_a_yolo_detector_from_its_masked_weights(tmp_path: Path) -> None:
+    """The CLI's `compact` on YOLOv8n: the masked weights in a safetensors file, the model by its
+    Ultralytics name; a run folder whose pruned file has ≥ 2x fewer MACs and passes parity."""
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from structadmm.cli import app
+
+    model, x = yolo("yolov8n.yaml"), torch.randn(1, 3, 320, 320)
+    sa.PruningPlan.uniform(model, x, sparsity="filter", ratio=0.5).project(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "masked.safetensors")
+    (tmp_path / "fast.toml").write_text("bench_batches = [1]\nbench_min_runs = 3\nbench_min_seconds = 0.0\n"
+                                        "bench_isolate = false\n")
+    result = CliRunner().invoke(app, ["compact", "--model", "ultralytics:yolov8n.yaml", "--checkpoint",
+                                      str(tmp_path / "masked.safetensors"), "--input-shape", "3x320x320",
+                                      "-c", str(tmp_path / "fast.toml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["mac_ratio"] >= 2.0 and report["parity"]["ok"]
+    assert all(o["rel_error"] < 1e-3 for o in report["fidelity"]["outputs"])  # the masked model, compacted

@@ -190,3 +190,37 @@ def test_labels_asked_for_unlabeled_data_is_refused_before_anything_is_written(t
         compress(get_spec("digits-cnn").build(), TensorDataset(x), None,
                  CompressConfig(objective="labels", **FAST), out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_onnx_file_with_dynamic_height_and_width_compresses_without_labels(tmp_path: Path) -> None:
+    """A file that leaves height and width open (as text detectors do) is pruned, counted and timed at
+    the run's input shape; pruned.onnx keeps its names, and its open axes where its graph allows."""
+    from structadmm.exporters import load_onnx, onnx_signature
+    from structadmm.exporters.onnx_export import with_sample_shapes
+    from structadmm.models.onnx_input import load_onnx_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 1, 1)).eval()
+    source = tmp_path / "det.onnx"
+    torch.onnx.export(net, torch.rand(1, 3, 32, 32), source, input_names=["image"], output_names=["heat"],
+                      dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "heat": {0: "n", 2: "h", 3: "w"}},
+                      dynamo=False)
+    proto = load_onnx(source)
+    fixed = with_sample_shapes(proto, [(3, 24, 40)])
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 24, 40]
+    assert with_sample_shapes(fixed, [(3, 24, 40)]) is None  # nothing left open
+    with pytest.raises(StructADMMError, match="does not fit"):
+        with_sample_shapes(fixed, [(3, 24, 41)])
+    loaded = load_onnx_model(source, input_shape=(3, 24, 40))
+    x = torch.rand(80, 3, 24, 40)
+    config = CompressConfig(ratio=0.5, prune_ends=True, **FAST)
+    result = compress(loaded.module, TensorDataset(x[:64]), TensorDataset(x[64:]), config, out_dir=tmp_path / "run",
+                      dense_onnx=loaded.onnx_file)
+    report = result.report
+    assert report["objective"]["mode"] == "distill" and report["objective"]["teacher"] == "onnx"
+    assert report["mac_ratio"] > 1.5 and report["latency"][0]["speedup"] > 0
+    assert not (result.run_dir / ".sized").exists()
+    signature = onnx_signature(load_onnx(result.pruned_onnx))
+    assert [t.name for t in signature.inputs] == ["image"] and [t.name for t in signature.outputs] == ["heat"]
+    assert all(isinstance(d, str) for i in (0, 2, 3) for d in [signature.inputs[0].dims[i]])  # still open

@@ -286,19 +286,20 @@ def with_sample_shapes(proto: onnx.ModelProto, sample_shapes: Sequence[Sequence[
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != len(sample_shapes):
         raise StructADMMError(f"the model takes {len(inputs)} inputs, {len(sample_shapes)} shapes were given")
+    for value, shape in zip(inputs, sample_shapes):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape) + 1:
+            raise StructADMMError(f"input {value.name!r} has {len(dims)} axes, the sample shape {list(shape)} "
+                                  f"{len(shape)} besides the batch")
+        if any(d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != size for d, size in zip(dims[1:], shape)):
+            raise StructADMMError(f"input {value.name!r} has axes {[_dim(d) for d in dims]}; a sample of "
+                                  f"shape {list(shape)} does not fit them")
     if all(d.HasField("dim_value") and d.dim_value > 0 for i in inputs for d in i.type.tensor_type.shape.dim[1:]):
         return None
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     for value, shape in zip((i for i in copy.graph.input if i.name not in initializers), sample_shapes):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != len(shape) + 1:
-            raise StructADMMError(f"input {value.name!r} has {len(dims)} axes, the sample shape {list(shape)} "
-                                  f"{len(shape)} besides the batch")
-        for dim, size in zip(dims[1:], shape):
-            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != size:
-                raise StructADMMError(f"input {value.name!r} has axes {[_dim(d) for d in dims]}; a sample of "
-                                      f"shape {list(shape)} does not fit them")
+        for dim, size in zip(value.type.tensor_type.shape.dim[1:], shape):
             dim.Clear()
             dim.dim_value = int(size)
     return copy
