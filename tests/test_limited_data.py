@@ -55,3 +55,10 @@ def test_digits_splits_are_disjoint_stratified_and_seeded():
         counts = torch.bincount(part.tensors[1], minlength=10).float() / len(part)
         assert counts.min() > 0.08 and counts.max() < 0.12  # stratified: every class near 1/10
     assert torch.equal(digits_splits()[1].tensors[0], val.tensors[0])
+
+
+def test_val_winner_names_a_tie():
+    from limited_data import val_winner
+
+    assert val_winner(0.984375, 0.984375) == "tie"
+    assert val_winner(0.99, 0.98) == "admm" and val_winner(0.97, 0.98) == "oneshot"
