@@ -318,7 +318,8 @@ def fmt_ci(p: dict[str, Any]) -> str:
 
 def write_markdown(results: list[dict[str, Any]], meta: dict[str, Any], args, path: Path) -> None:
     lines = ["# Does ADMM pay off with limited unlabeled data?", "",
-             f"Command: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/limited_data.py {' '.join(meta['argv'])}`", "",
+             f"Command: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/limited_data.py "
+             f"{' '.join(a for a in meta['argv'] if a not in ('--phase', 'report'))}`", "",
              "Compression sees N unlabeled training samples (labels hidden; used only to score) and distils from the "
              "dense model (objective \"distill\": KL at T = 4, BatchNorm statistics frozen, gradient norm clipped "
              f"at {args.grad_clip}). Both methods get {args.budget} epochs after the dense model (mini-batches of "
@@ -344,6 +345,13 @@ def write_markdown(results: list[dict[str, Any]], meta: dict[str, Any], args, pa
         lines.append(f"| {r['dataset']} | {r['n']:,} | {r['ratio']} | {r['dense_pt']:.2f} | {r['mean_pt']['admm']:.2f} "
                      f"| {r['mean_pt']['oneshot']:.2f} | {fmt_ci(r['admm_minus_oneshot'])} | {winner} "
                      f"| {d['method']}: {fmt_ci(d)} |")
+    for r in results:
+        for label, res in (("", r), (", BatchNorm updated", r.get("bn_train"))):
+            for m in ("admm", "oneshot") if res else ():
+                low = [f"{s} ({100 * v:.1f} %)" for s, v in res["per_seed"][m].items() if v < 0.5]
+                if low:
+                    lines.append(f"\n{r['dataset']} N={r['n']:,} ratio {r['ratio']}{label}: {m} ended below 50 % on test "
+                                 f"seed(s) {', '.join(low)}.")
     wins = [r["chosen"]["val_winner"] for r in results]
     lines += ["", f"Validation winners over the {len(wins)} (dataset, N, ratio) cells: one-shot {wins.count('oneshot')}, "
               f"ADMM {wins.count('admm')}, tie {wins.count('tie')}."]
@@ -382,9 +390,9 @@ def write_markdown(results: list[dict[str, Any]], meta: dict[str, Any], args, pa
         lines.append(f"| {r['dataset']} | {r['n']:,} | {r['ratio']} | {r['hard_pruned_pt']['admm']:.2f} / "
                      f"{r['hard_pruned_pt']['oneshot']:.2f} | {r['params']['admm']:,} | {res:.4f} | {r['seconds']:.0f} |")
     lines += ["", f"Run: {meta['run_wall_s'] / 60:.1f} min wall (`{' '.join(meta['run_argv'])}`; {meta['job_s'] / 60:.1f} min of job time "
-              f"over all {meta['jobs']} logged jobs, {args.workers} worker processes x {args.threads} thread); load "
-              f"average {meta['load_start']} at start, {meta['load_end']} at end, jobs saw 1-min load "
-              f"{meta['job_load'][0]:.1f}-{meta['job_load'][1]:.1f}; python {meta['python']}, torch {meta['torch']}. "
+              f"over all {meta['jobs']} logged jobs, {args.threads} thread per worker process, 2 "
+              f"CPU cores shared with other work); the jobs saw a 1-min load average of "
+              f"{meta['job_load'][0]:.1f}-{meta['job_load'][1]:.1f} (at their start and end); python {meta['python']}, torch {meta['torch']}. "
               "Every job is in limited_data.jsonl.", ""]
     path.write_text("\n".join(lines))
 
