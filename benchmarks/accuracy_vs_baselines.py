@@ -123,9 +123,7 @@ class Ctx:
         return model.eval()
 
     def plan(self, model: nn.Module, ratio: float):
-        from structadmm import PruningPlan
-
-        return PruningPlan.uniform(model, self.example, "filter", ratio, multiple=1, keep_ends=True)
+        return uniform_plan(model, self.example, ratio)
 
     def score(self, model: nn.Module, split: str) -> float:
         from structadmm.pipeline.train import evaluate
@@ -202,20 +200,35 @@ def _reinit(model: nn.Module) -> nn.Module:
     return init_weights(model)
 
 
+def uniform_plan(model: nn.Module, example: torch.Tensor, ratio: float):
+    """The benchmark's plan: uniform filter pruning at ``ratio``, first conv and classifier whole, exact counts."""
+    from structadmm import PruningPlan
+
+    return PruningPlan.uniform(model, example, "filter", ratio, multiple=1, keep_ends=True)
+
+
 def _admm(ctx: Ctx, dense: nn.Module, seed: int, ratio: float, cfg: dict[str, Any]) -> tuple[nn.Module, dict]:
+    return admm_prune(ctx, dense, seed, ratio, cfg, ctx.batches(seed))
+
+
+def admm_prune(ctx: Ctx, dense: nn.Module, seed: int, ratio: float, cfg: dict[str, Any], batches,
+               **train: Any) -> tuple[nn.Module, dict]:
+    """ADMM (``ADMM`` + ``AdmmSchedule``, recipe ``cfg``) on a copy of ``dense`` over the loader ``batches``,
+    hard prune, compact: (the compacted model, the ADMM outcome with its epochs). ``train``: further
+    ``train_epochs`` options (an ``objective``, ``freeze_norms``, ``grad_clip``)."""
     from structadmm import ADMM, compact
     from structadmm.prune.admm import AdmmSchedule
     from structadmm.pipeline.train import train_epochs
 
-    model = copy.deepcopy(dense)
+    model = copy.deepcopy(dense).requires_grad_(True)
     plan = ctx.plan(model, ratio)
     admm = ADMM(model, plan, rho=cfg["rho"], rho_growth=cfg["rho_growth"], rho_max=max(cfg["rho_max"], cfg["rho"]),
                 ramp_rounds=cfg["ramp"])
     schedule = AdmmSchedule(cfg["rounds"], cfg["epochs"], tolerance=cfg["tolerance"],
                             extra_rounds=cfg["extra_rounds"], restart=cfg["restart"])
     torch.manual_seed(seed)
-    epochs = len(train_epochs(model, ctx.batches(seed), schedule.max_epochs(), lr=cfg["admm_lr"],
-                              **schedule.train_kwargs(admm), **ctx.fit))
+    epochs = len(train_epochs(model, batches, schedule.max_epochs(), lr=cfg["admm_lr"],
+                              **schedule.train_kwargs(admm), **ctx.fit, **train))
     admm.hard_prune()
     small = compact(model.eval(), ctx.example, lower=False)
     outcome = {**schedule.outcome(admm), "epochs": epochs,
