@@ -53,7 +53,7 @@ def rapidocr_file(name: str) -> Path:
 def write_config(path: Path, args: argparse.Namespace, **extra: object) -> Path:
     settings = {**dict(ratio=args.ratio, channel_multiple=8, admm_rounds=args.rounds, admm_epochs=1,
                        retrain_epochs=args.retrain, batch_size=8, bench_batches=[1], bench_threads=2,
-                       bench_min_seconds=args.seconds), **extra}
+                       bench_min_seconds=args.seconds, admm_lr=args.lr, retrain_lr=args.lr), **extra}
     lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -203,7 +203,8 @@ def render(rows: list[dict], meta: dict) -> str:
         "# Compressed from unlabeled inputs alone (the dense model as teacher), through `structadmm run`",
         "",
         f"Filter pruning at {meta['ratio']}, kept channels in multiples of 8, {meta['rounds']} ADMM rounds of one "
-        f"epoch and {meta['retrain']} epochs of masked retraining, all distilling from the dense file. Latency: "
+        f"epoch and {meta['retrain']} epochs of masked retraining at learning rate {meta.get('lr')}, all distilling from the
+dense file. Latency: "
         "ONNX Runtime CPU, batch 1, 2 threads, isolated (each model alone in its own process, dense and pruned "
         f"alternating), median of the per-round speedups with its distribution-free interval and coverage. "
         f"CPU: {meta['cpu']}; load average before the cases: {meta['load']}. Command: `{meta['command']}`.",
@@ -237,9 +238,10 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=96)
     parser.add_argument("--lines", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--lr", type=float, default=0.1, help="ADMM's and masked retraining's learning rate")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
-    meta = {"ratio": args.ratio, "rounds": args.rounds, "retrain": args.retrain, "cpu": platform.processor() or
+    meta = {"ratio": args.ratio, "rounds": args.rounds, "retrain": args.retrain, "lr": args.lr, "cpu": platform.processor() or
             platform.machine(), "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
             "command": "python benchmarks/no_labels.py " + " ".join(sys.argv[1:])}
     work = Path(tempfile.mkdtemp(prefix="no_labels-"))

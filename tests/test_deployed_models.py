@@ -85,3 +85,9 @@ def test_structadmm_compact_prunes_a_yolo_detector_from_its_masked_weights(tmp_p
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["mac_ratio"] >= 2.0 and report["parity"]["ok"]
     assert all(o["rel_error"] < 1e-3 for o in report["fidelity"]["outputs"])  # the masked model, compacted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolo11n-seg.yaml", "yolo11n-pose.yaml"])
+def test_yolo_segmentation_and_pose_heads_prune(config: str, tmp_path: Path) -> None:
+    check_detector(config, 320, tmp_path)  # 2.4x to 3.0x fewer MACs at filter 0.5
