@@ -215,7 +215,7 @@ def admm_prune(ctx: Ctx, dense: nn.Module, seed: int, ratio: float, cfg: dict[st
                **train: Any) -> tuple[nn.Module, dict]:
     """ADMM (``ADMM`` + ``AdmmSchedule``, recipe ``cfg``) on a copy of ``dense`` over the loader ``batches``,
     hard prune, compact: (the compacted model, the ADMM outcome with its epochs). ``train``: further
-    ``train_epochs`` options (an ``objective``, ``freeze_norms``, ``grad_clip``)."""
+    ``train_epochs`` options (an ``objective``, ``as_deployed``, ``grad_clip``)."""
     from structadmm import ADMM, compact
     from structadmm.prune.admm import AdmmSchedule
     from structadmm.pipeline.train import train_epochs
