@@ -203,8 +203,8 @@ def render(rows: list[dict], meta: dict) -> str:
         "# Compressed from unlabeled inputs alone (the dense model as teacher), through `structadmm run`",
         "",
         f"Filter pruning at {meta['ratio']}, kept channels in multiples of 8, {meta['rounds']} ADMM rounds of one "
-        f"epoch and {meta['retrain']} epochs of masked retraining at learning rate {meta.get('lr')}, all distilling from the
-dense file. Latency: "
+        f"epoch and {meta['retrain']} epochs of masked retraining at learning rate {meta.get('lr')}, all distilling "
+        "from the dense file. Latency: "
         "ONNX Runtime CPU, batch 1, 2 threads, isolated (each model alone in its own process, dense and pruned "
         f"alternating), median of the per-round speedups with its distribution-free interval and coverage. "
         f"CPU: {meta['cpu']}; load average before the cases: {meta['load']}. Command: `{meta['command']}`.",
