@@ -199,6 +199,8 @@ def case(name: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def render(rows: list[dict], meta: dict) -> str:
+    from structadmm.bench.report import speedup_interval
+
     lines = [
         "# Compressed from unlabeled inputs alone (the dense model as teacher), through `structadmm run`",
         "",
@@ -214,7 +216,6 @@ def render(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         lat, fid = r["latency"], r["fidelity"]
-        coverage = f"{100 * lat['ci_coverage']:.1f} %" if lat.get("ci_coverage") is not None else "n/a"
         parts = [f"{o['name']}: rel err {o['rel_error']:.3f}, cos {o['cosine']:.3f}" for o in fid["outputs"][:3]]
         if fid.get("top1_agreement") is not None:
             parts.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
@@ -224,8 +225,7 @@ def render(rows: list[dict], meta: dict) -> str:
             parts.append(f"accuracy {100 * r['dense_accuracy']:.2f} % → {100 * r['pruned_accuracy']:.2f} % "
                          "(labels used only to score)")
         lines.append(f"| {r['case']} | {r['input']} | {r['data']} | {r['mac_ratio']:.2f}x | {lat['dense_ms']:.2f} | "
-                     f"{lat['pruned_ms']:.2f} | {lat['speedup_per_round']:.2f}x ({lat['speedup_low']:.2f}–"
-                     f"{lat['speedup_high']:.2f}, {coverage}) | {'; '.join(parts)} |")
+                     f"{lat['pruned_ms']:.2f} | {speedup_interval(lat)} | {'; '.join(parts)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -56,6 +56,8 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 
 
 def render(rows: list[dict], meta: dict) -> str:
+    from structadmm.bench.report import speedup_interval
+
     lines = [
         "# YOLO detectors at filter 0.5, ONNX Runtime CPU, 640 × 640, batch 1",
         "",
@@ -68,11 +70,9 @@ def render(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        coverage = f"{100 * r['ci_coverage']:.1f} %" if r.get("ci_coverage") is not None else "n/a"
         lines.append(
             f"| {r['model']} | {r['dense_macs'] / 1e9:.2f} G → {r['pruned_macs'] / 1e9:.2f} G | {r['mac_ratio']:.2f}x | "
-            f"{r['dense_ms']:.1f} | {r['pruned_ms']:.1f} | {r['speedup_per_round']:.2f}x "
-            f"({r['speedup_low']:.2f}–{r['speedup_high']:.2f}, {coverage}) | {r['efficiency']:.2f} | "
+            f"{r['dense_ms']:.1f} | {r['pruned_ms']:.1f} | {speedup_interval(r)} | {r['efficiency']:.2f} | "
             f"{r['parity_masked']:.1e} |")
     return "\n".join(lines) + "\n"
 
