@@ -129,3 +129,60 @@ def test_a_cache_filled_in_forward_while_tracing_is_emptied_again() -> None:
     assert model.cache == {}
     plan, small = prune(model, x)  # compact traces and deep-copies the model
     assert all(type(v) is torch.Tensor for v in small.cache.values())
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm over the channels of an NCHW tensor (timm's and ConvNeXt's): it permutes in its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class ChannelNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 8, 1), LayerNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(self.norm(self.a(x)))))
+
+
+def test_a_layer_norm_subclass_with_its_own_forward_is_left_whole_with_its_reason() -> None:
+    """surgery's WidthLayerNorm normalises the last axis: it cannot stand for a forward that permutes."""
+    torch.manual_seed(0)
+    model, x = ChannelNorm().eval(), torch.randn(2, 3, 4, 4)
+    assert audit_rules(model, x) == []
+    plan = sa.PruningPlan.uniform(model, x, "filter", 0.5, multiple=1, residual=True)
+    plan.project(model)
+    small = sa.compact(model, x)
+    assert [u.name for u in plan.units] == ["b"] and small.b.out_channels == 2
+    assert any("'LayerNorm2d' with a forward of its own" in why for _, why in plan.skipped), plan.skipped
+    assert type(small.norm) is LayerNorm2d and small.a.out_channels == small.norm.weight.shape[0] == 8
+
+
+class HeadBiasAttention(nn.Module):
+    """Attention whose SDPA mask is a per-head bias computed by a layer ([B, heads, T, 1])."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.bias = nn.Linear(dim, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        mask = self.bias(x).transpose(1, 2).unsqueeze(-1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_per_head_attention_mask_computed_by_a_layer_is_cut_with_the_heads() -> None:
+    torch.manual_seed(0)
+    model, x = HeadBiasAttention().eval(), torch.randn(2, 5, 16)
+    plan, small = prune(model, x)
+    assert plan.units and not any("bias" in layer for layer, _ in plan.skipped), plan.skipped
+    assert small.q.out_features == small.k.out_features == small.out.in_features == 8
+    assert small.bias.out_features == 2  # one mask row per kept head
