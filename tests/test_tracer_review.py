@@ -3,6 +3,7 @@ reason of ours, never a crash and never a compacted model that computes somethin
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -186,3 +187,56 @@ def test_a_per_head_attention_mask_computed_by_a_layer_is_cut_with_the_heads() -
     assert plan.units and not any("bias" in layer for layer, _ in plan.skipped), plan.skipped
     assert small.q.out_features == small.k.out_features == small.out.in_features == 8
     assert small.bias.out_features == 2  # one mask row per kept head
+
+
+class AuxHead(nn.Module):
+    """An auxiliary classifier only training runs (Inception's, GoogLeNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c, self.fc, self.aux = nn.Conv2d(8, 8, 1), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.a(x))
+        out = self.fc(torch.relu(self.c(torch.relu(self.b(h)))).mean((2, 3)))
+        if self.training:
+            return out, self.aux(h.mean((2, 3)))
+        return out
+
+
+def test_channels_a_train_only_branch_reads_are_left_whole_and_the_small_model_trains() -> None:
+    torch.manual_seed(0)
+    model, x = AuxHead().eval(), torch.randn(2, 3, 8, 8)
+    plan, small = prune(model, x)
+    assert sorted(u.name for u in plan.units) == ["b", "c"], plan.units
+    assert any("'aux', a layer only the train-mode forward runs" in why for layer, why in plan.skipped if layer.startswith("a "))
+    assert small.a.out_channels == small.aux.in_features == 8 and small.b.out_channels == small.c.out_channels == 4
+    assert not small.training and torch.allclose(small(x), model(x), atol=1e-5)
+    small.train()
+    out, aux = small(x)
+    assert out.shape == aux.shape == (2, 4)
+
+
+class UntraceableAuxHead(AuxHead):
+    """The auxiliary branch behind data-dependent Python: its train-mode forward does not trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.a(x))
+        out = self.fc(torch.relu(self.c(torch.relu(self.b(h)))).mean((2, 3)))
+        if self.training and float(h.mean()) >= 0:
+            return out, self.aux(h.mean((2, 3)))
+        return out
+
+
+def test_compact_refuses_a_cut_that_breaks_the_train_mode_forward() -> None:
+    """The backstop where the train-mode graph cannot be traced: compact runs the small model in
+    train mode too, and says why instead of returning a model that fails when it trains."""
+    torch.manual_seed(0)
+    model, x = UntraceableAuxHead().eval(), torch.randn(2, 3, 8, 8)
+    plan = sa.PruningPlan.uniform(model, x, "filter", 0.5, multiple=1)
+    assert "a" in {u.name for u in plan.units}
+    plan.project(model)
+    with pytest.raises(sa.StructADMMError, match="no longer runs in train mode"):
+        sa.compact(model, x)
+    assert not model.training
