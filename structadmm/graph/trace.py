@@ -31,7 +31,9 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     The model runs in eval mode for the trace (no BatchNorm statistics change) and is left in
     the mode it was in. Its ``nn.MultiheadAttention`` modules are traced as the
     :class:`~.heads.HeadAttention` that surgery turns them into (same parameters, same names)
-    and are back in place afterwards; nothing else about the model is touched.
+    and are back in place afterwards; nothing else about the model is touched. Where the model's
+    own code reads ``self.training``, its train-mode forward is traced too, and channels a layer
+    only that forward runs (an auxiliary classifier) reads are left whole.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with eval_mode(model), traced_as_heads(model), attributes_kept(model):
