@@ -3,6 +3,7 @@ reason of ours, never a crash and never a compacted model that computes somethin
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -129,3 +130,113 @@ def test_a_cache_filled_in_forward_while_tracing_is_emptied_again() -> None:
     assert model.cache == {}
     plan, small = prune(model, x)  # compact traces and deep-copies the model
     assert all(type(v) is torch.Tensor for v in small.cache.values())
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm over the channels of an NCHW tensor (timm's and ConvNeXt's): it permutes in its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class ChannelNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 8, 1), LayerNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(self.norm(self.a(x)))))
+
+
+def test_a_layer_norm_subclass_with_its_own_forward_is_left_whole_with_its_reason() -> None:
+    """surgery's WidthLayerNorm normalises the last axis: it cannot stand for a forward that permutes."""
+    torch.manual_seed(0)
+    model, x = ChannelNorm().eval(), torch.randn(2, 3, 4, 4)
+    assert audit_rules(model, x) == []
+    plan = sa.PruningPlan.uniform(model, x, "filter", 0.5, multiple=1, residual=True)
+    plan.project(model)
+    small = sa.compact(model, x)
+    assert [u.name for u in plan.units] == ["b"] and small.b.out_channels == 2
+    assert any("'LayerNorm2d' with a forward of its own" in why for _, why in plan.skipped), plan.skipped
+    assert type(small.norm) is LayerNorm2d and small.a.out_channels == small.norm.weight.shape[0] == 8
+
+
+class HeadBiasAttention(nn.Module):
+    """Attention whose SDPA mask is a per-head bias computed by a layer ([B, heads, T, 1])."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.bias = nn.Linear(dim, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        mask = self.bias(x).transpose(1, 2).unsqueeze(-1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_per_head_attention_mask_computed_by_a_layer_is_cut_with_the_heads() -> None:
+    torch.manual_seed(0)
+    model, x = HeadBiasAttention().eval(), torch.randn(2, 5, 16)
+    plan, small = prune(model, x)
+    assert plan.units and not any("bias" in layer for layer, _ in plan.skipped), plan.skipped
+    assert small.q.out_features == small.k.out_features == small.out.in_features == 8
+    assert small.bias.out_features == 2  # one mask row per kept head
+
+
+class AuxHead(nn.Module):
+    """An auxiliary classifier only training runs (Inception's, GoogLeNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c, self.fc, self.aux = nn.Conv2d(8, 8, 1), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.a(x))
+        out = self.fc(torch.relu(self.c(torch.relu(self.b(h)))).mean((2, 3)))
+        if self.training:
+            return out, self.aux(h.mean((2, 3)))
+        return out
+
+
+def test_channels_a_train_only_branch_reads_are_left_whole_and_the_small_model_trains() -> None:
+    torch.manual_seed(0)
+    model, x = AuxHead().eval(), torch.randn(2, 3, 8, 8)
+    plan, small = prune(model, x)
+    assert sorted(u.name for u in plan.units) == ["b", "c"], plan.units
+    assert any("'aux', a layer only the train-mode forward runs" in why for layer, why in plan.skipped if layer.startswith("a "))
+    assert small.a.out_channels == small.aux.in_features == 8 and small.b.out_channels == small.c.out_channels == 4
+    assert not small.training and torch.allclose(small(x), model(x), atol=1e-5)
+    small.train()
+    out, aux = small(x)
+    assert out.shape == aux.shape == (2, 4)
+
+
+class UntraceableAuxHead(AuxHead):
+    """The auxiliary branch behind data-dependent Python: its train-mode forward does not trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.a(x))
+        out = self.fc(torch.relu(self.c(torch.relu(self.b(h)))).mean((2, 3)))
+        if self.training and float(h.mean()) >= 0:
+            return out, self.aux(h.mean((2, 3)))
+        return out
+
+
+def test_compact_refuses_a_cut_that_breaks_the_train_mode_forward() -> None:
+    """The backstop where the train-mode graph cannot be traced: compact runs the small model in
+    train mode too, and says why instead of returning a model that fails when it trains."""
+    torch.manual_seed(0)
+    model, x = UntraceableAuxHead().eval(), torch.randn(2, 3, 8, 8)
+    plan = sa.PruningPlan.uniform(model, x, "filter", 0.5, multiple=1)
+    assert "a" in {u.name for u in plan.units}
+    plan.project(model)
+    with pytest.raises(sa.StructADMMError, match="no longer runs in train mode"):
+        sa.compact(model, x)
+    assert not model.training

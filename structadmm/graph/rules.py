@@ -247,6 +247,8 @@ def layer_norm(w: Walk, node: Node) -> Chan | None:
     if node.target.overloadpacket is not aten.layer_norm or not isinstance(module, torch.nn.LayerNorm) or \
             normalised != {rank - 1} or list(chan.dims()) != [rank - 1] or (bias is not None and bias.module != weight.module):
         return w.mixing(node, chan, "layer norm over the channel axis")
+    if type(module).forward is not torch.nn.LayerNorm.forward:  # surgery's WidthLayerNorm would drop its own forward
+        return w.mixing(node, chan, f"layer norm '{type(module).__name__}' with a forward of its own over the channel axis")
     for p in (weight, bias):
         if p is not None:
             w.slice(p, 0, chan.entries, "through")
@@ -611,6 +613,14 @@ def batched_product(w: Walk, node: Node, operands: list[tuple[Node, int | None]]
     for arg in [arg for arg, _ in operands] + others:
         if arg is not None and w.chan(arg) is None and not w.align(arg, leading, rank):
             return w.unsupported(node, f"'{name}' with per-channel values it cannot follow")
+    for arg in others:  # a mask with channels of its own (a per-head bias a layer computes): cut with the heads
+        chan = w.chan(arg)
+        if chan is None:
+            continue
+        shifted = Chan(chan.entries, chan.axis + rank - len(w.shape(arg)))
+        if (shifted.axis, shifted.entries.shape) != (leading.axis, leading.entries.shape):
+            return w.unsupported(node, f"'{name}' with a mask whose channels are not the heads")
+        w.tie(leading.entries, shifted.entries)
     return leading
 
 

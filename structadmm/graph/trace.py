@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,9 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     The model runs in eval mode for the trace (no BatchNorm statistics change) and is left in
     the mode it was in. Its ``nn.MultiheadAttention`` modules are traced as the
     :class:`~.heads.HeadAttention` that surgery turns them into (same parameters, same names)
-    and are back in place afterwards; nothing else about the model is touched.
+    and are back in place afterwards; nothing else about the model is touched. Where the model's
+    own code reads ``self.training``, its train-mode forward is traced too, and channels a layer
+    only that forward runs (an auxiliary classifier) reads are left whole.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with eval_mode(model), traced_as_heads(model), attributes_kept(model):
@@ -43,7 +46,84 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
                 f"cannot trace {type(model).__name__} with torch.export ({one_line(exc)}); "
                 "models with data-dependent Python control flow need that logic moved out of forward()"
             ) from None
-        return Walk(program, model).run()
+        graph = Walk(program, model).run()
+    if _reads_training(model):
+        _freeze_train_only_inputs(model, inputs, graph)
+    return graph
+
+
+def _reads_training(model: nn.Module) -> bool:
+    """Whether some module of ``model`` outside torch itself may branch on ``self.training``
+    (its class's source says so, or the source cannot be read): only then can the train-mode
+    graph hold layers the eval-mode trace does not see."""
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.startswith("torch."):
+            continue
+        try:
+            if "training" in inspect.getsource(cls):
+                return True
+        except (OSError, TypeError):
+            return True
+    return False
+
+
+def _freeze_train_only_inputs(model: nn.Module, inputs: tuple, graph: ChannelGraph) -> None:
+    """Leave whole every group of ``graph`` (the eval-mode trace) whose channels also reach a
+    layer that only the train-mode forward runs (an auxiliary classifier under
+    ``if self.training``): cutting them would break the compacted model when it trains.
+    A model whose train-mode forward does not trace keeps the eval-mode graph as it is
+    (surgery's check then runs the compacted model in train mode)."""
+    with _train_mode(model), traced_as_heads(model), attributes_kept(model), _state_kept(model):
+        try:
+            with quiet_torch(), torch.no_grad():
+                program = torch.export.export(model, inputs, strict=False)
+            train = Walk(program, model).run()
+        except Exception:  # noqa: BLE001  (the eval-mode graph stands; surgery's check is the backstop)
+            return
+    seen = {s.module for s in graph.slices}
+    extra = {s.module for s in train.slices} - seen
+    if not extra:
+        return
+    keys: dict[tuple[str, str, int], str] = {}
+    for group in train.groups:
+        touched = [s for s, _, _ in train.slices_of(group)]
+        readers = sorted({s.module for s in touched if s.module in extra})
+        for s in touched:
+            if readers and s.module in seen:
+                keys.setdefault((s.module, s.tensor, s.axis), readers[0])
+    for group in graph.groups:
+        for s, _, _ in graph.slices_of(group):
+            reader = keys.get((s.module, s.tensor, s.axis))
+            if reader is not None and group.prunable:
+                group.frozen = f"read by '{reader}', a layer only the train-mode forward runs (a train-only branch)"
+                graph.notes.append(f"{group.frozen}: channels of {group.name} are not pruned")
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in train mode for the block, each with its own mode back afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """The model's buffers (BatchNorm statistics) and the random state as they were, after the block."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
 
 
 def audit_rules(model: nn.Module, example_inputs: Any) -> list[str]:

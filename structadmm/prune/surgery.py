@@ -27,7 +27,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..errors import ParityError, StructADMMError, StructADMMWarning
+from ..errors import ParityError, StructADMMError, StructADMMWarning, one_line
 from ..graph.channels import ChannelGraph, ChannelGroup, Slice, slice_groups
 from ..graph.heads import heads_attention
 from ..graph.norms import keep_statistics
@@ -122,7 +122,43 @@ def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = 
                 raise ParityError(f"{exc}; forward hooks on {', '.join(hooked[:3])} may change the model's outputs, "
                                   "and the compacted model has no hooks: remove them before compacting") from None
             raise
+        _check_trains(model, small, example_inputs)
     return small, cuts
+
+
+def _check_trains(model: nn.Module, small: nn.Module, example_inputs: Any) -> None:
+    """Raise unless ``small`` runs in train mode on ``example_inputs`` wherever ``model`` does: a
+    branch only training runs (an auxiliary classifier) is not in the eval-mode trace, and the
+    channels it reads must not have been cut. Neither model's state changes."""
+    if _train_error(small, example_inputs) is None:
+        return
+    if _train_error(model, example_inputs) is None:
+        raise StructADMMError(f"the compacted model no longer runs in train mode ({_train_error(small, example_inputs)}): "
+                              "a branch only training runs reads channels surgery removed; leave its layers whole")
+
+
+def _train_error(model: nn.Module, example_inputs: Any) -> str | None:
+    """Why ``model`` fails in train mode on the example (no gradients; its modes, buffers and the
+    random state are as they were afterwards); None when it runs."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        model.train()
+        with torch.no_grad():
+            model(*inputs)
+        return None
+    except Exception as exc:  # noqa: BLE001  (any failure is the answer)
+        return one_line(exc)
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 # a module's hooks, by the attribute torch keeps them in (forward, backward and state-dict hooks)
