@@ -224,3 +224,17 @@ def test_an_onnx_file_with_dynamic_height_and_width_compresses_without_labels(tm
     signature = onnx_signature(load_onnx(result.pruned_onnx))
     assert [t.name for t in signature.inputs] == ["image"] and [t.name for t in signature.outputs] == ["heat"]
     assert all(isinstance(d, str) for i in (0, 2, 3) for d in [signature.inputs[0].dims[i]])  # still open
+
+
+def test_a_sigmoid_map_is_matched_as_probabilities_whose_gradient_survives_saturation() -> None:
+    torch.manual_seed(0)
+    teacher_map = (torch.rand(4, 1, 8, 8) > 0.9).float() * 0.98 + 0.01  # sparse: mostly 0.01, a few 0.99
+    logits = torch.full((4, 1, 8, 8), -12.0, requires_grad=True)  # a student saturated at ~0 everywhere
+    objective = TeacherMatching(lambda _: teacher_map)
+    x = torch.zeros(4, 1)
+    assert float(objective(teacher_map.clone(), None, x)) == pytest.approx(0.0, abs=1e-5)
+    objective(torch.sigmoid(logits), None, x).backward()
+    kl_grad = logits.grad.abs().max()
+    logits.grad = None
+    TeacherMatching(lambda _: teacher_map, kind="mse")(torch.sigmoid(logits), None, x).backward()
+    assert kl_grad > 1000 * logits.grad.abs().max()  # the squared error's gradient has all but vanished

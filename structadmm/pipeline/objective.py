@@ -88,6 +88,8 @@ class TeacherMatching:
       shape [batch, classes]): ``T^2 * KL(teacher_T || student_T)`` at temperature T. Rows that
       are already probabilities (non-negative, summing to one: a softmax inside the model) are
       compared as probabilities, at T = 1;
+    * an output whose values all lie in [0, 1] in both models (``"auto"``: a sigmoid map, such as
+      a text detector's): the mean KL divergence between the per-element probabilities;
     * any other output (``"mse"``, or ``"auto"``): the mean squared error divided by the
       teacher's spread, its mean square over the batch and every axis after the channel axis
       (axis 1), per channel: a squared relative error. Box coordinates in pixels and class
@@ -125,7 +127,12 @@ class TeacherMatching:
                 raise StructADMMError(f"output {index} has shape {list(s.shape)} but the teacher's has "
                                       f"{list(t.shape)}")
             scores = self.kind == "kl" or (self.kind == "auto" and len(student) == 1 and is_class_scores(s))
-            terms.append(self._kl(s, t) if scores else _scaled_mse(s, t))
+            if scores:
+                terms.append(self._kl(s, t))
+            elif self.kind == "auto" and _in_unit_interval(t) and _in_unit_interval(s.detach()):
+                terms.append(_bernoulli_kl(s, t))
+            else:
+                terms.append(_scaled_mse(s, t))
         if not terms:
             raise StructADMMError("the model has no floating-point output to distil")
         return torch.stack(terms).mean()
@@ -142,6 +149,19 @@ class TeacherMatching:
 
 def _are_probabilities(rows: torch.Tensor) -> bool:
     return bool((rows >= 0).all()) and bool(torch.allclose(rows.sum(dim=1), torch.ones(()), atol=1e-3))
+
+
+def _in_unit_interval(values: torch.Tensor) -> bool:
+    return bool((values >= 0).all()) and bool((values <= 1).all())
+
+
+def _bernoulli_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean KL divergence between the teacher's and the student's per-element probabilities (a
+    sigmoid map): its gradient does not vanish where the student's sigmoid saturates, as a squared
+    error's does, so a sparse map (text on a page) is not learnt as zeros everywhere."""
+    eps = 1e-6
+    p, q = teacher.clamp(eps, 1 - eps), student.clamp(eps, 1 - eps)
+    return (p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())).mean()
 
 
 def _scaled_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
