@@ -247,8 +247,6 @@ def layer_norm(w: Walk, node: Node) -> Chan | None:
     if node.target.overloadpacket is not aten.layer_norm or not isinstance(module, torch.nn.LayerNorm) or \
             normalised != {rank - 1} or list(chan.dims()) != [rank - 1] or (bias is not None and bias.module != weight.module):
         return w.mixing(node, chan, "layer norm over the channel axis")
-    if type(module).forward is not torch.nn.LayerNorm.forward:  # surgery's WidthLayerNorm would drop its own forward
-        return w.mixing(node, chan, f"layer norm '{type(module).__name__}' with a forward of its own over the channel axis")
     for p in (weight, bias):
         if p is not None:
             w.slice(p, 0, chan.entries, "through")
