@@ -57,6 +57,27 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             config.use_cache = caches[key]
 
 
+@contextlib.contextmanager
+def train_mode_trial(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in train mode for the block, as a trial that leaves no trace: each
+    module's mode, every buffer (BatchNorm statistics) and torch's random state are as they were
+    afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    model.train()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """A model's output tensors in order, from a tensor or nested tuples, lists and dicts."""
     if isinstance(out, torch.Tensor):

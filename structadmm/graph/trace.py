@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import StructADMMError, one_line
-from ..layers import eval_mode, quiet_torch
+from ..layers import eval_mode, quiet_torch, train_mode_trial
 from . import rules  # noqa: F401  (importing it registers the op rules)
 from .channels import ChannelGraph
 from .heads import traced_as_heads
@@ -73,7 +73,7 @@ def _freeze_train_only_inputs(model: nn.Module, inputs: tuple, graph: ChannelGra
     ``if self.training``): cutting them would break the compacted model when it trains.
     A model whose train-mode forward does not trace keeps the eval-mode graph as it is
     (surgery's check then runs the compacted model in train mode)."""
-    with _train_mode(model), traced_as_heads(model), attributes_kept(model), _state_kept(model):
+    with train_mode_trial(model), traced_as_heads(model), attributes_kept(model):
         try:
             with quiet_torch(), torch.no_grad():
                 program = torch.export.export(model, inputs, strict=False)
@@ -97,33 +97,6 @@ def _freeze_train_only_inputs(model: nn.Module, inputs: tuple, graph: ChannelGra
             if reader is not None and group.prunable:
                 group.frozen = f"read by '{reader}', a layer only the train-mode forward runs (a train-only branch)"
                 graph.notes.append(f"{group.frozen}: channels of {group.name} are not pruned")
-
-
-@contextlib.contextmanager
-def _train_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in train mode for the block, each with its own mode back afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.train()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-@contextlib.contextmanager
-def _state_kept(model: nn.Module) -> Iterator[None]:
-    """The model's buffers (BatchNorm statistics) and the random state as they were, after the block."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
-                    b.copy_(saved)
 
 
 def audit_rules(model: nn.Module, example_inputs: Any) -> list[str]:

@@ -33,7 +33,7 @@ from ..graph.heads import heads_attention
 from ..graph.norms import keep_statistics
 from ..graph.resize import fix_sizes, sync_config
 from ..graph.trace import trace
-from ..layers import eval_mode, flat_outputs
+from ..layers import eval_mode, flat_outputs, train_mode_trial
 from .lowering import MIN_GAIN, lower_convs
 from .sparsity import balance_blocks
 
@@ -141,24 +141,12 @@ def _train_error(model: nn.Module, example_inputs: Any) -> str | None:
     """Why ``model`` fails in train mode on the example (no gradients; its modes, buffers and the
     random state are as they were afterwards); None when it runs."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    modes = {m: m.training for m in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = torch.get_rng_state()
     try:
-        model.train()
-        with torch.no_grad():
+        with train_mode_trial(model), torch.no_grad():
             model(*inputs)
         return None
     except Exception as exc:  # noqa: BLE001  (any failure is the answer)
         return one_line(exc)
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-        for m, mode in modes.items():
-            m.training = mode
 
 
 # a module's hooks, by the attribute torch keeps them in (forward, backward and state-dict hooks)
