@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -54,20 +55,26 @@ def latency(args: argparse.Namespace) -> None:
     sa.export_onnx(model, x, folder / "dense.onnx", verify=False)
     exported = sa.export_onnx(small, x, folder / "pruned.onnx")  # parity with the masked model, in ORT
     dense_macs, pruned_macs = sa.count_onnx(folder / "dense.onnx").macs, sa.count_onnx(folder / "pruned.onnx").macs
+    load_start = os.getloadavg()
     report = benchmark({"dense": folder / "dense.onnx", "pruned": folder / "pruned.onnx"}, batch_sizes=args.batches,
-                       threads=args.threads, min_seconds=args.seconds, isolate=True)
+                       threads=args.threads, min_seconds=args.seconds, isolate=True, processes=args.processes)
+    loads = {"loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     mac_ratio = dense_macs / pruned_macs
     rows = report.to_rows(mac_ratio=mac_ratio)
     kept = {name: m.num_heads for name, m in small.named_modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
     result = {"command": " ".join(sys.argv), "model": args.model, "ratio": args.ratio, "multiple": args.multiple,
               "head_units": len(heads), "heads_kept": kept, "mac_ratio": mac_ratio, "dense_macs": dense_macs,
-              "pruned_macs": pruned_macs, "parity": exported.max_abs_diff, "threads": args.threads, "rows": rows}
+              "pruned_macs": pruned_macs, "parity": exported.max_abs_diff, "threads": args.threads,
+              "processes": args.processes, **loads, "rows": rows}
     write("attention_heads_latency", result, [
         f"`{result['command']}`", "",
         f"{args.model}, uniform filter plan at {args.ratio} (heads and MLP neurons; residual stream whole), "
         f"heads kept per block: {sorted(set(kept.values()))}; {mac_ratio:.2f}x fewer MACs "
         f"({dense_macs / 1e9:.2f} G -> {pruned_macs / 1e9:.2f} G); ONNX parity {exported.max_abs_diff:.1e}.",
-        f"ORT CPU, {args.threads} threads, each model alone in its own process, alternating, medians.", "",
+        f"ORT CPU, {args.threads} threads, isolated: each model alone in its own process, alternating, "
+        f"{args.processes} rounds of processes, medians. Load average (1, 5, 15 min) before timing "
+        + ", ".join(f"{v:.2f}" for v in load_start) + ", after " + ", ".join(f"{v:.2f}" for v in loads["loadavg_end"])
+        + ".", "",
         "| batch | dense ms | pruned ms | speedup (per-round interval, coverage) | efficiency |", "|---|---|---|---|---|",
         *[f"| {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | {r['speedup']:.2f}x "
           f"({r['speedup_low']:.2f}-{r['speedup_high']:.2f}, {100 * r['ci_coverage']:.1f} %) | {r['efficiency']:.2f} |"
@@ -164,6 +171,7 @@ def main() -> None:
     lat.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     lat.add_argument("--threads", type=int, default=2)
     lat.add_argument("--seconds", type=float, default=3.0)
+    lat.add_argument("--processes", type=int, default=6, help="rounds of isolated processes (95 %% intervals need 6)")
     acc = sub.add_parser("accuracy")
     acc.add_argument("--ratio", type=float, default=0.5)
     acc.add_argument("--seeds", type=int, default=5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875, 0.9375])
     parser.add_argument("--processes", type=int, default=6, help="rounds of isolated processes per batch size")
     args = parser.parse_args()
+    load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="structadmm-headline-"))
     models = {"mnist1d-cnn (width 32)": (lambda: mnist1d_cnn(width=32), (1, 40)),
               "digits-cnn": (get_spec("digits-cnn").build, (1, 16, 16))}
@@ -73,7 +75,9 @@ def main() -> None:
                          "mode": entry[(key, 1)].mode})
             print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "headline_speedup.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    loads = {"loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    (RESULTS / "headline_speedup.json").write_text(json.dumps({"settings": vars(args), **loads, "rows": rows},
+                                                              indent=1))
     lines = [f"# Measured ORT CPU speedup of the pruned architectures ({args.threads} thread(s), isolated: each model "
              f"alone in its own process, {args.processes} rounds of processes; medians)",
              "", "Speedup = dense median / pruned median over all runs; per round = the median of the round-by-round "
@@ -83,6 +87,8 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['ratio']} | {r['channel_multiple']} | {r['mac_ratio']:.2f}x | "
               f"{r['speedup_b1']:.2f}x | {_per_round(r['per_round_b1'])} | "
               f"{r['speedup_b64']:.2f}x | {_per_round(r['per_round_b64'])} |" for r in rows]
+    lines += ["", "Load average (1, 5, 15 min) at the start " + ", ".join(f"{v:.2f}" for v in loads["loadavg_start"])
+              + "; at the end " + ", ".join(f"{v:.2f}" for v in loads["loadavg_end"]) + "."]
     (RESULTS / "headline_speedup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -46,7 +46,7 @@ VARIANTS = {"dense": "dense FP32", "pruned": "pruned FP32", "pruned_int8": "prun
 
 
 def speed(name: str, ratio: float, multiple: int, batches: list[int], threads: int, seconds: float, runs: int,
-          calib_batches: int, method: str) -> dict:
+          calib_batches: int, method: str, processes: int = 6) -> dict:
     spec = get_spec(name)
     torch.manual_seed(0)
     model = spec.build().eval()
@@ -63,18 +63,24 @@ def speed(name: str, ratio: float, multiple: int, batches: list[int], threads: i
                           batches=calib_batches, batch_size=4)
         macs = {key: count_onnx(paths[key]).macs for key in ("dense", "pruned")}
         sizes = {key: path.stat().st_size for key, path in paths.items()}
-        report = benchmark(paths, batch_sizes=batches, threads=threads, min_seconds=seconds, min_runs=runs)
+        report = benchmark(paths, batch_sizes=batches, threads=threads, min_seconds=seconds, min_runs=runs,
+                           baseline="dense", processes=processes)
     rows = []
     for batch in batches:
         by = {e.name: e for e in report.entries if e.batch == batch and e.provider == "CPUExecutionProvider"}
         row = {"batch": batch, **{f"{k}_ms": by[k].median_ms for k in VARIANTS},
-               **{f"{k}_speedup": by["dense"].median_ms / by[k].median_ms for k in VARIANTS}}
+               **{f"{k}_speedup": by["dense"].median_ms / by[k].median_ms for k in VARIANTS},
+               # the median of the per-round ratios, its interval and that interval's coverage
+               **{f"{k}_per_round": {"median": by[k].round_speedup, "low": by[k].round_speedup_low,
+                                     "high": by[k].round_speedup_high, "coverage": by[k].ci_coverage}
+                  for k in VARIANTS if k != "dense"}}
         # how much of INT8's gain on the dense model survives on the pruned one
         row["int8_gain_dense"] = by["dense"].median_ms / by["dense_int8"].median_ms
         row["int8_gain_pruned"] = by["pruned"].median_ms / by["pruned_int8"].median_ms
         row["int8_gain_kept"] = row["int8_gain_pruned"] / row["int8_gain_dense"]
         rows.append(row)
-    return {"model": name, "ratio": ratio, "multiple": multiple, "method": method, "mac_ratio": macs["dense"] / macs["pruned"],
+    return {"model": name, "ratio": ratio, "multiple": multiple, "method": method, "processes": processes,
+            "mac_ratio": macs["dense"] / macs["pruned"],
             "bytes": sizes, "latency": rows, "skipped_providers": report.skipped, "seconds": time.perf_counter() - start}
 
 
@@ -152,6 +158,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--processes", type=int, default=6, help="rounds of isolated processes (95 %% intervals need 6)")
     parser.add_argument("--calib-batches", type=int, default=2, help="random calibration batches of 4 (zoo models)")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--skip-digits", action="store_true", help="speed only")
@@ -166,7 +173,7 @@ def main() -> None:
                                  "loadavg_start": os.getloadavg()}}
     for name in args.models:
         results["speed"].append(speed(name, args.ratio, args.multiple, args.batches, args.threads, args.seconds,
-                                      args.runs, args.calib_batches, args.method))
+                                      args.runs, args.calib_batches, args.method, args.processes))
         print(json.dumps(results["speed"][-1]), flush=True)
     if not args.skip_digits:
         results["digits"] = digits_accuracy(["minmax", "entropy", "percentile"], args.threads, args.digits_schedule)
@@ -183,7 +190,9 @@ def _markdown(results: dict, batches: list[int]) -> str:
              f"ORT CPU, {results.get('threads', 2)} threads, on {m.get('cpu', 'an unrecorded CPU')} "
              f"(int8 dot-product flags: {', '.join(m.get('int8_flags') or ['none'])}); load average at start "
              f"{m['loadavg_start'][0]:.1f}, at end {m['loadavg_end'][0]:.1f} on {m['cpu_count']} cores. "
-             "Each model is timed alone in its own process, alternating with the others.", ""]
+             "Each model is timed alone in its own process, alternating with the others"
+             + (f", {results['speed'][0]['processes']} rounds of processes." if results["speed"]
+                and "processes" in results["speed"][0] else ".") + " Speedups are ratios of medians.", ""]
     if results["speed"]:
         lines += ["| model | MAC ratio | batch | dense FP32 ms | pruned FP32 | pruned INT8 | dense INT8 | INT8 gain kept |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -195,6 +204,14 @@ def _markdown(results: dict, batches: list[int]) -> str:
                              + f" | {row['int8_gain_kept']:.2f} |")
         lines += ["", "Speedups over dense FP32 in brackets. INT8 gain kept = (pruned FP32 / pruned INT8) / "
                       "(dense FP32 / dense INT8).", ""]
+        if any("pruned_int8_per_round" in row for r in results["speed"] for row in r["latency"]):
+            lines += ["Per round (pruned INT8 over dense FP32): the median of the per-round ratios, the interval "
+                      "between order statistics of the rounds, and the probability that it holds the true median.",
+                      "", "| model | batch | pruned FP32 per round | pruned INT8 per round |", "|---|---:|---|---|"]
+            lines += [f"| {r['model']} | {row['batch']} | {_per_round(row['pruned_per_round'])} | "
+                      f"{_per_round(row['pruned_int8_per_round'])} |"
+                      for r in results["speed"] for row in r["latency"] if "pruned_int8_per_round" in row]
+            lines.append("")
     if "digits" in results:
         d = results["digits"]
         lines += [f"## Accuracy: embedded default ({d['model']}, {d['test_samples']} held-out digits, "
@@ -210,6 +227,11 @@ def _markdown(results: dict, batches: list[int]) -> str:
         lines += [f"| {k} | {100 * v['accuracy']:.2f} % | {100 * v['agreement']:.2f} % |"
                   for k, v in d["calibration_methods"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _per_round(cell: dict) -> str:
+    coverage = "n/a" if cell["coverage"] is None else f"{100 * cell['coverage']:.1f} %"
+    return f"{cell['median']:.2f}x ({cell['low']:.2f}–{cell['high']:.2f}, {coverage})"
 
 
 def digits_rows(d: dict) -> list[str]:

@@ -186,10 +186,14 @@ def write(rows: list[dict], stem: Path, command: str) -> None:
     done = sum(r["pruned"] for r in rows)
     stem.parent.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    lines = [f"`{command}`", "", "| model | pruned | MAC ratio | parity | reason |", "|---|---|---|---|---|"]
+    lines = [f"`{command}`", "",
+             "Parity: the largest absolute difference between ONNX Runtime's output and the masked torch model's, "
+             "and that difference relative to the largest output magnitude (the pass rule: relative ≤ 1e-3).", "",
+             "| model | pruned | MAC ratio | parity, absolute | parity, relative | reason |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {'yes' if r['pruned'] else 'no'} | {r.get('mac_ratio', float('nan')):.2f} | "
-                     f"{r.get('parity', float('nan')):.1e} | {r.get('reason', '')} |")
+                     f"{r.get('parity', float('nan')):.1e} | {r.get('parity_rel', float('nan')):.1e} | "
+                     f"{r.get('reason', '')} |")
     lines.append(f"\n{done} of {len(rows)} pruned ({done / len(rows):.0%}).")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
