@@ -114,6 +114,9 @@ def run(
     objective: Optional[str] = typer.Option(None, "--objective", help=(
         "labels (cross-entropy on class labels), distill (the model as given is the teacher; every output matched, "
         "no labels used) or auto (the default: distill when the data has no labels or the model is no classifier).")),
+    prune_method: Optional[str] = typer.Option(None, "--prune-method", help=(
+        "admm (ADMM rounds, then the hard prune), oneshot (magnitude pruning of the dense weights, then masked "
+        "retraining for the same epochs) or auto (the default: oneshot when distilling, else admm).")),
     boxes: Optional[str] = typer.Option(None, "--boxes", help=(
         "yolo: the report also scores the pruned model's boxes against the dense model's (mAP@0.5), decoding an "
         "Ultralytics-style [batch, 4 + classes, anchors] output.")),
@@ -143,7 +146,7 @@ def run(
         raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
                                          target_macs=target_macs, target_latency=target_latency, quantize=quantize,
-                                         objective=objective, boxes=boxes,
+                                         objective=objective, prune_method=prune_method, boxes=boxes,
                                          plan=str(plan) if plan else None,
                                          admm_stages=_ratios(admm_stages, "--admm-stages")).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")

@@ -158,10 +158,12 @@ def test_a_users_onnx_file_is_the_teacher_in_onnx_runtime(trained_digits, tmp_pa
     teacher = OnnxModule(dense)
     x = torch.stack([test[i][0] for i in range(8)])
     torch.testing.assert_close(teacher(x), model(x), atol=1e-4, rtol=1e-3)
-    config = CompressConfig(ratio=0.5, objective="distill", **FAST)
+    config = CompressConfig(ratio=0.5, objective="distill", prune_method="admm", **FAST)
     result = compress(copy.deepcopy(model), train, test, config, out_dir=tmp_path / "run", dense_onnx=dense)
     report = json.loads((result.run_dir / "report.json").read_text())
     assert report["objective"]["mode"] == "distill" and report["objective"]["teacher"] == "onnx"
+    # ADMM asked for: its W-steps distil too, one Z/U update per round
+    assert report["prune_method"] == "admm" and len(report["admm"]) == FAST["admm_rounds"]
     assert report["dense"]["accuracy"] > 0.9  # labels still score, though training never read them
     assert report["pruned"]["accuracy"] > 0.85
 
@@ -182,6 +184,21 @@ def test_the_callers_loss_and_metric_replace_the_built_in_ones(trained_digits, t
     report = json.loads((result.run_dir / "report.json").read_text())
     assert calls and report["objective"]["mode"] == "distill" and report["objective"]["score"] == "metric"
     assert report["dense"]["accuracy"] == 42.0 and report["pruned"]["accuracy"] == 42.0
+    # distilling, auto prunes one-shot, with no ADMM round, and retrains for the epochs ADMM would have had
+    assert report["prune_method"] == "oneshot" and report["admm"] == [] and report["admm_outcome"] is None
+    epochs = FAST["admm_rounds"] * FAST["admm_epochs"] + FAST["retrain_epochs"]
+    assert sum(calls) == epochs * len(train)
+    assert "one-shot magnitude pruning" in (result.run_dir / "report.md").read_text()
+
+
+def test_prune_method_auto_is_oneshot_only_when_distilling_without_stages() -> None:
+    assert CompressConfig().method_for("distill") == "oneshot"
+    assert CompressConfig().method_for("labels") == "admm"
+    assert CompressConfig(admm_stages=[0.25], ratio=0.5).method_for("distill") == "admm"
+    assert CompressConfig(prune_method="oneshot").method_for("labels") == "oneshot"
+    assert CompressConfig(prune_method="admm").method_for("distill") == "admm"
+    with pytest.raises(StructADMMError, match="cannot be combined with prune_method = oneshot"):
+        CompressConfig(admm_stages=[0.25], ratio=0.5, prune_method="oneshot")
 
 
 def test_labels_asked_for_unlabeled_data_is_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -111,6 +111,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{_parity_text(report)}.",
         "",
+        *_method_line(report),
         *_fidelity_section(report),
         *_shortfall_section(report),
         *_stages_section(report),
@@ -139,6 +140,17 @@ def _markdown(report: Mapping[str, Any]) -> str:
         *_layer_table(report.get("layers") or []),
     ]
     return "\n".join(lines)
+
+
+def _method_line(report: Mapping[str, Any]) -> list[str]:
+    """How the masks were found (``prune_method``, absent from reports written before it was recorded)."""
+    method = report.get("prune_method")
+    if method == "oneshot":
+        return ["Masks: one-shot magnitude pruning of the dense weights, then masked retraining "
+                "(`prune_method`).", ""]
+    if method == "admm":
+        return ["Masks: ADMM, then the hard prune and masked retraining (`prune_method`).", ""]
+    return []
 
 
 def _fidelity_section(report: Mapping[str, Any]) -> list[str]:

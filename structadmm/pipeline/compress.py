@@ -46,7 +46,7 @@ class CompressResult:
     masks: Masks
     run_dir: Path
     report: dict[str, Any]
-    admm_history: list[AdmmRound] = field(default_factory=list)
+    admm_history: list[AdmmRound] = field(default_factory=list)  # empty when the masks came one-shot
     rank: int = 0  # under torchrun, this process's rank; only rank 0 wrote the run folder
 
     @property
@@ -155,7 +155,8 @@ def _train_and_publish(model: nn.Module, config: CompressConfig, name: str, ctx:
 
     report = distributed.on_main(publish, ctx)
     small = published[0].small if published else model  # ranks > 0: the masked model
-    return CompressResult(small, trained.masks, run_dir, report, trained.admm.history, ctx.rank)
+    history = trained.admm.history if trained.admm is not None else []  # none for a one-shot run
+    return CompressResult(small, trained.masks, run_dir, report, history, ctx.rank)
 
 
 def _run_dir(out_dir: str | Path | None, name: str, resume: bool) -> Path:

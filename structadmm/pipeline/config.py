@@ -54,6 +54,11 @@ class CompressConfig(BaseModel):
     # distillation clips the gradient's global norm to this before every step (0: off): its outputs are matched
     # relative to their spread, which makes plain SGD unstable on outputs that barely vary
     distill_grad_clip: float = Field(1.0, ge=0)
+    # how the masks are found: "admm" (the paper's method: ADMM rounds, then the hard prune), "oneshot" (the
+    # dense weights projected by magnitude at once, then masked retraining for the ADMM epochs plus
+    # retrain_epochs, the same budget) or "auto" (oneshot when the run distils without admm_stages, else admm:
+    # with 1,000-5,000 unlabeled samples one-shot won or tied on validation, benchmarks/limited_data.py)
+    prune_method: Literal["auto", "admm", "oneshot"] = "auto"
     # training (the built-in trainer; SGD with momentum and a cosine schedule per phase)
     dense_epochs: int = Field(12, ge=0)  # train the dense model first; 0 for an already trained model (distill: unused)
     admm_rounds: int = Field(8, ge=1)  # Z/U updates
@@ -181,7 +186,16 @@ class CompressConfig(BaseModel):
             raise ValueError(f"rho_max ({self.rho_max}) must be >= rho ({self.rho})")
         if self.admm_stages:
             self._check_stages()
+            if self.prune_method == "oneshot":
+                raise ValueError("admm_stages are stages of ADMM; they cannot be combined with prune_method = oneshot")
         return self
+
+    def method_for(self, mode: str) -> str:
+        """``prune_method`` resolved for a run whose objective resolved to ``mode`` ("labels" or
+        "distill"): "admm" or "oneshot"."""
+        if self.prune_method != "auto":
+            return self.prune_method
+        return "oneshot" if mode == "distill" and not self.admm_stages else "admm"
 
     def _check_stages(self) -> None:
         """admm_stages rise to the run's uniform ratio, channel by channel: what it can be combined with."""

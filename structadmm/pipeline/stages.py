@@ -166,6 +166,11 @@ class Run:
                    dense_onnx, progress, fit, mode, loss, metric)
 
     # -- what several stages use -------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """How the masks are found: "admm" or "oneshot" (``config.prune_method`` resolved for this run's mode)."""
+        return self.config.method_for(self.mode)
+
     def train_phase(self, phase: str, epochs: int, epoch_offset: int, *, objective: Objective | None = None,
                     **kwargs: Any) -> None:
         """One training phase, continued from the checkpoint when the run resumes inside it.
@@ -425,10 +430,13 @@ def earlier_stages(run: Run, carry: Carry) -> Carry:
 
 
 @stage("ADMM", needs=("plan",), gives=("admm", "masks"),
-       keys=("admm_rounds", "admm_epochs", "admm_lr", "admm_tolerance", "admm_extra_rounds", "admm_lr_restart",
-             "rho", "rho_growth", "rho_max", "distill_loss", "distill_temperature"))
+       keys=("prune_method", "admm_rounds", "admm_epochs", "admm_lr", "admm_tolerance", "admm_extra_rounds",
+             "admm_lr_restart", "rho", "rho_growth", "rho_max", "distill_loss", "distill_temperature"))
 def admm_stage(run: Run, carry: Carry) -> Carry:
-    """ADMM at the final ratio (within the earlier stages' masks), then the hard prune."""
+    """ADMM at the final ratio (within the earlier stages' masks), then the hard prune; with
+    ``prune_method`` resolved to "oneshot", the plan's projection of the weights as they stand instead."""
+    if run.method == "oneshot":
+        return replace(carry, admm=None, masks=_oneshot_phase(run, carry.plan, "admm"))
     admm = run.new_admm(carry.plan, carry.within)
     number = len(run.config.stage_ratios())
     masks = _admm_phase(run, admm, carry.within, carry.teacher, "admm", run.offset(number, "admm"))
@@ -438,10 +446,23 @@ def admm_stage(run: Run, carry: Carry) -> Carry:
 @stage("masked retraining", needs=("masks",), keys=("retrain_epochs", "retrain_lr", "distill",
                                                      "distill_temperature", "distill_loss"))
 def retrain_stage(run: Run, carry: Carry) -> Carry:
+    """Masked retraining: ``retrain_epochs``, plus the ADMM epochs a one-shot run did not spend."""
     number = len(run.config.stage_ratios())
-    _retrain_phase(run, carry.masks, carry.teacher, "retrain", run.config.retrain_epochs,
-                   run.offset(number, "retrain"))
+    epochs = run.config.retrain_epochs + (run.schedule().max_epochs() if run.method == "oneshot" else 0)
+    offset = run.offset(number, "admm" if run.method == "oneshot" else "retrain")
+    _retrain_phase(run, carry.masks, carry.teacher, "retrain", epochs, offset)
     return carry
+
+
+def _oneshot_phase(run: Run, plan: PruningPlan, phase: str) -> Masks:
+    """One-shot magnitude pruning: the plan's projection of the weights as they stand (the dense
+    model's), i.e. the hard prune without ADMM before it."""
+    if run.state.done(phase):
+        return run.state.resumed_masks()
+    masks = plan.project(run.model)
+    distributed.check_identical(masks.values(), run.ctx, "the masks")
+    run.state.facts["hard_pruned_accuracy"] = run.evaluate()
+    return masks
 
 
 def _admm_phase(run: Run, admm: ADMM, within: Masks | None, teacher: Any, phase: str, offset: int) -> Masks:
@@ -633,6 +654,7 @@ def report_stage(run: Run, carry: Carry) -> Carry:
         "latency": carry.latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios),
         "skipped_providers": [{"provider": p, "reason": r} for p, r in carry.latency.skipped],
         "admm": [r.__dict__ for r in admm.history] if admm is not None else [],
+        "prune_method": run.method,
         "admm_outcome": facts.get("admm_outcome"),
         "admm_stages": [{"stage": int(k), **v} for k, v in sorted(facts.get("stages", {}).items(),
                                                                    key=lambda kv: int(kv[0]))],
