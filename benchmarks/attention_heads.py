@@ -43,6 +43,7 @@ def latency(args: argparse.Namespace) -> None:
     import timm
 
     from structadmm.bench.latency import benchmark
+    from structadmm.bench.report import speedup_interval
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
@@ -75,10 +76,10 @@ def latency(args: argparse.Namespace) -> None:
         f"{args.processes} rounds of processes, medians. Load average (1, 5, 15 min) before timing "
         + ", ".join(f"{v:.2f}" for v in load_start) + ", after " + ", ".join(f"{v:.2f}" for v in loads["loadavg_end"])
         + ".", "",
-        "| batch | dense ms | pruned ms | speedup (per-round interval, coverage) | efficiency |", "|---|---|---|---|---|",
-        *[f"| {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | {r['speedup']:.2f}x "
-          f"({r['speedup_low']:.2f}-{r['speedup_high']:.2f}, {100 * r['ci_coverage']:.1f} %) | {r['efficiency']:.2f} |"
-          for r in rows]])
+        "| batch | dense ms | pruned ms | speedup (ratio of medians) | per round: median (interval, coverage) "
+        "| efficiency |", "|---|---|---|---|---|---|",
+        *[f"| {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | {r['speedup']:.2f}x | "
+          f"{speedup_interval(r)} | {r['efficiency']:.2f} |" for r in rows]])
 
 
 def accuracy(args: argparse.Namespace) -> None:
