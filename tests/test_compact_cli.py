@@ -17,7 +17,8 @@ from structadmm.prune import PruningPlan
 
 runner = CliRunner()
 
-FAST = "bench_batches = [1, 4]\nbench_min_runs = 3\nbench_min_seconds = 0.0\n"
+# isolated timing has its own tests (test_latency, test_pipeline)
+FAST = "bench_batches = [1, 4]\nbench_min_runs = 3\nbench_min_seconds = 0.0\nbench_isolate = false\n"
 RUN_FILES = ["accuracy.png", "dense.onnx", "latency.png", "pruned.onnx", "report.json", "report.md"]
 
 

@@ -28,7 +28,8 @@ from structadmm.pipeline import CompressConfig, compress
 from structadmm.prune import PruningPlan, compact
 
 FAST = dict(dense_epochs=2, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
-            bench_batches=[1, 8], bench_min_runs=3, bench_min_seconds=0.0, channel_multiple=1)
+            bench_batches=[1, 8], bench_min_runs=3, bench_min_seconds=0.0, channel_multiple=1,
+            bench_isolate=False)  # isolated timing has its own tests (test_latency, test_pipeline)
 runner = CliRunner()
 
 

@@ -471,7 +471,8 @@ def test_cli_and_report_say_when_int8_is_slower(monkeypatch, tmp_path: Path) -> 
 
 
 FAST = dict(dense_epochs=3, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=0.5, rho_growth=2.0,
-            bench_batches=[1, 8], bench_min_runs=3, bench_min_seconds=0.0, calibration_batches=2)
+            bench_batches=[1, 8], bench_min_runs=3, bench_min_seconds=0.0, calibration_batches=2,
+            bench_isolate=False)  # isolated timing has its own tests (test_latency, test_pipeline)
 
 
 def test_cli_run_quantize_int8_end_to_end(tmp_path: Path) -> None:
