@@ -225,3 +225,53 @@ def test_map_of_decoded_heads() -> None:
     far = raw.copy()
     far[:, :2] += 30  # every box moved well away
     assert box_map50(dense, yolo_boxes(far)) == 0.0
+
+
+# --- through the pipeline ------------------------------------------------------------------------
+
+
+class TinyDetector(torch.nn.Module):
+    """A YOLO-shaped head on a small conv body: [B, 4 + 3 classes, 64 anchors] (an 8 x 8 grid), box
+    centres on the grid, class scores through a sigmoid whose bias sets how many anchors pass conf."""
+
+    def __init__(self, class_bias: float) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU())
+        self.box = torch.nn.Conv2d(32, 4, 1)
+        self.cls = torch.nn.Conv2d(32, 3, 1)
+        torch.nn.init.constant_(self.cls.bias, class_bias)
+        ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs, ys]).reshape(1, 2, 64) * 8 + 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        box = self.box(h).flatten(2)
+        centre = self.grid + 4 * torch.tanh(box[:, :2])
+        size = 8 + 8 * torch.sigmoid(box[:, 2:])
+        return torch.cat([centre, size, torch.sigmoid(3 * self.cls(h).flatten(2))], dim=1)
+
+
+@pytest.mark.parametrize("class_bias, finds_boxes", [(0.0, True), (-20.0, False)])
+def test_a_detector_run_reports_its_boxes_against_the_dense_ones(class_bias: float, finds_boxes: bool,
+                                                                 tmp_path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from structadmm.pipeline import CompressConfig, compress
+
+    torch.manual_seed(0)
+    x = torch.rand(48, 3, 8, 8)
+    config = CompressConfig(ratio=0.5, boxes="yolo", dense_epochs=0, admm_rounds=1, admm_epochs=1,
+                            retrain_epochs=1, bench_batches=[1], bench_min_runs=2, bench_min_seconds=0.0,
+                            bench_isolate=False, channel_multiple=1)
+    result = compress(TinyDetector(class_bias), TensorDataset(x[:32]), TensorDataset(x[32:]), config,
+                      out_dir=tmp_path / "run")
+    fidelity = result.report["fidelity"]
+    md = (result.run_dir / "report.md").read_text()
+    if finds_boxes:
+        assert fidelity["dense_boxes"] > 0 and fidelity["pruned_boxes"] >= 0
+        assert 0.0 <= fidelity["box_map50"] <= 1.0
+        assert f"dense {fidelity['dense_boxes']} boxes" in md
+    else:  # nothing to find: no mAP, rather than a vacuous 1.0
+        assert fidelity["dense_boxes"] == 0 and fidelity["box_map50"] is None
+        assert "n/a, the dense model finds no box" in md

@@ -62,8 +62,8 @@ def render_table(report: Mapping[str, Any]) -> Table:
                       f"rel err {_number3(output.get('rel_error'))}")
     if fidelity.get("top1_agreement") is not None:
         table.add_row("top-1 agreement", "", _percent(fidelity.get("top1_agreement")), "")
-    if fidelity.get("box_map50") is not None:
-        table.add_row("box mAP@0.5 vs dense", "", _number3(fidelity.get("box_map50")), "")
+    if fidelity.get("box_map50") is not None or fidelity.get("dense_boxes") is not None:
+        table.add_row("box mAP@0.5 vs dense", "", _number3(fidelity.get("box_map50")), _boxes_found(fidelity))
     quantized = _side(report, "quantized")
     if quantized:
         ort_acc = _side(quantized, "ort_accuracy")
@@ -142,6 +142,13 @@ def _markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _boxes_found(fidelity: Mapping[str, Any]) -> str:
+    """How many boxes each model found, where recorded: "dense 12 boxes, pruned 11"."""
+    if fidelity.get("dense_boxes") is None:
+        return ""
+    return f"dense {fidelity['dense_boxes']} boxes, pruned {fidelity.get('pruned_boxes', NA)}"
+
+
 def _method_line(report: Mapping[str, Any]) -> list[str]:
     """How the masks were found (``prune_method``, absent from reports written before it was recorded)."""
     method = report.get("prune_method")
@@ -169,7 +176,11 @@ def _fidelity_section(report: Mapping[str, Any]) -> list[str]:
     if fidelity.get("top1_agreement") is not None:
         lines += [f"Top-1 agreement with the dense model: {_percent(fidelity['top1_agreement'])}.", ""]
     if fidelity.get("box_map50") is not None:
-        lines += [f"Box mAP@0.5 against the dense model's boxes (after NMS): {_number3(fidelity['box_map50'])}.", ""]
+        lines += [f"Box mAP@0.5 against the dense model's boxes (after NMS): {_number3(fidelity['box_map50'])} "
+                  f"({_boxes_found(fidelity)}).", ""]
+    elif fidelity.get("dense_boxes") == 0:
+        lines += [f"Box mAP@0.5 against the dense model's boxes: n/a, the dense model finds no box on these inputs "
+                  f"({_boxes_found(fidelity)}).", ""]
     lines += ["Relative error = ‖pruned − dense‖ / ‖dense‖ and cosine similarity, each per sample (its values "
               "flattened), averaged over the samples.", ""]
     return lines

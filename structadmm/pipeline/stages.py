@@ -557,7 +557,11 @@ def fidelity_stage(run: Run, carry: Carry) -> Carry:
     if len(flat_dense) == 1 and is_class_scores(flat_dense[0]):
         fidelity["top1_agreement"] = top1_agreement(flat_dense[0], flat_pruned[0])
     if run.config.boxes == "yolo":
-        fidelity["box_map50"] = box_map50(yolo_boxes(flat_dense[0]), yolo_boxes(flat_pruned[0]))
+        dense_boxes, pruned_boxes = yolo_boxes(flat_dense[0]), yolo_boxes(flat_pruned[0])
+        fidelity["dense_boxes"] = sum(len(scores) for _, scores, _ in dense_boxes)
+        fidelity["pruned_boxes"] = sum(len(scores) for _, scores, _ in pruned_boxes)
+        # no dense box to find: the mAP says nothing (an untrained detector scores every anchor below conf)
+        fidelity["box_map50"] = box_map50(dense_boxes, pruned_boxes) if fidelity["dense_boxes"] else None
     return replace(carry, fidelity=fidelity)
 
 
