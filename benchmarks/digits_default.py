@@ -16,6 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from structadmm.bench.report import speedup_interval
 from structadmm.pipeline import CompressConfig, compress_default
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,6 +42,8 @@ def main() -> None:
                 "parity": report["parity"]["max_abs_diff"],
                 **{f"speedup_b{b}": r["speedup"] for b, r in lat.items()},
                 **{f"efficiency_b{b}": r["efficiency"] for b, r in lat.items()},
+                # the median of the per-round speedups, its interval and that interval's coverage
+                **{f"per_round_b{b}": speedup_interval(r) for b, r in lat.items()},
                 "seconds": sum(report["timings"].values()),
             })
             print(json.dumps(rows[-1]))
@@ -52,12 +55,15 @@ def main() -> None:
              "process)", "", "| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row['seed']} | " + " | ".join(_fmt(row[k]) for k in keys) + " |")
-    lines.append("| median | " + " | ".join(_fmt(statistics.median(r[k] for r in rows)) for k in keys) + " |")
+    lines.append("| median | " + " | ".join(_fmt(statistics.median(r[k] for r in rows)) if not isinstance(rows[0][k], str)
+                                            else "" for k in keys) + " |")
     (RESULTS / "digits_default.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
     return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4g}"
 
 

@@ -171,6 +171,7 @@ def summary(run: Path) -> dict:
     row = report["latency"][0]
     return {"mac_ratio": report["mac_ratio"], "dense_macs": report["dense"]["macs"],
             "pruned_macs": report["pruned"]["macs"], "objective": report["objective"],
+            "prune_method": report.get("prune_method", "admm"),
             "fidelity": report["fidelity"], "parity": report["parity"]["max_abs_diff"],
             "latency": {k: row.get(k) for k in ("batch", "threads", "mode", "dense_ms", "pruned_ms", "speedup",
                                                  "speedup_per_round", "speedup_low", "speedup_high", "ci_coverage",
@@ -214,15 +215,26 @@ def _num(value: float | None) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def _schedule(rows: list[dict], meta: dict) -> str:
+    """How the masks were found and trained, from the runs' reports (``prune_method``; runs written
+    before it was recorded used ADMM)."""
+    methods = {r.get("prune_method", "admm") for r in rows}
+    epochs = meta["rounds"] + meta["retrain"]
+    if methods == {"oneshot"}:
+        return (f"one-shot magnitude pruning (the pipeline's default when distilling), then {epochs} epochs of masked "
+                f"retraining at learning rate {meta.get('lr')}")
+    return (f"{meta['rounds']} ADMM rounds of one epoch and {meta['retrain']} epochs of masked retraining at learning "
+            f"rate {meta.get('lr')}")
+
+
 def render(rows: list[dict], meta: dict) -> str:
     from structadmm.bench.report import speedup_interval
 
     lines = [
         "# Compressed from unlabeled inputs alone (the dense model as teacher), through `structadmm run`",
         "",
-        f"Filter pruning at {meta['ratio']}, kept channels in multiples of 8, {meta['rounds']} ADMM rounds of one "
-        f"epoch and {meta['retrain']} epochs of masked retraining at learning rate {meta.get('lr')}, all distilling "
-        "from the dense file. Latency: "
+        f"Filter pruning at {meta['ratio']}, kept channels in multiples of 8; {_schedule(rows, meta)}, all "
+        "distilling from the dense file. Latency: "
         "ONNX Runtime CPU, batch 1, 2 threads, isolated (each model alone in its own process, dense and pruned "
         f"alternating), median of the per-round speedups with its distribution-free interval and coverage. "
         f"CPU: {meta['cpu']}; load average before the cases: {meta['load']}. Command: `{meta['command']}`.",
@@ -237,6 +249,10 @@ def render(rows: list[dict], meta: dict) -> str:
             parts.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f} %")
         if fid.get("box_map50") is not None:
             parts.append(f"box mAP@0.5 vs dense {fid['box_map50']:.3f}")
+        if fid.get("dense_boxes") == 0:
+            parts.append("box mAP n/a: the dense model finds no box above conf 0.25")
+        if fid.get("dense_boxes") is not None:
+            parts.append(f"boxes: dense {fid['dense_boxes']}, pruned {fid.get('pruned_boxes')}")
         if r.get("dense_accuracy") is not None:
             parts.append(f"accuracy {100 * r['dense_accuracy']:.2f} % → {100 * r['pruned_accuracy']:.2f} % "
                          "(labels used only to score)")

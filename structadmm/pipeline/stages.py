@@ -444,7 +444,8 @@ def admm_stage(run: Run, carry: Carry) -> Carry:
 
 
 @stage("masked retraining", needs=("masks",), keys=("retrain_epochs", "retrain_lr", "distill",
-                                                     "distill_temperature", "distill_loss"))
+                                                     "distill_temperature", "distill_loss", "prune_method",
+                                                     "admm_rounds", "admm_epochs", "admm_extra_rounds"))
 def retrain_stage(run: Run, carry: Carry) -> Carry:
     """Masked retraining: ``retrain_epochs``, plus the ADMM epochs a one-shot run did not spend."""
     number = len(run.config.stage_ratios())
