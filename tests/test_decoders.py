@@ -68,6 +68,7 @@ def round_trip(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     return type(model).from_pretrained(folder).eval()
 
 
+@pytest.mark.slow  # docs/guides/deployed-models.md runs a pruned Llama's generate() with the cache on, in the fast suite
 def test_a_llama_with_its_cache_on_prunes_exactly_and_keeps_its_cache_setting(tmp_path: Path) -> None:
     model, x = llama(), torch.randint(0, 128, (1, 16))
     assert model.config.use_cache

@@ -475,6 +475,7 @@ FAST = dict(dense_epochs=3, admm_rounds=2, admm_epochs=1, retrain_epochs=1, rho=
             bench_isolate=False)  # isolated timing has its own tests (test_latency, test_pipeline)
 
 
+@pytest.mark.slow  # the fast suite runs the quantize stage through compress (test_qat.py) and docs/guides/int8.md
 def test_cli_run_quantize_int8_end_to_end(tmp_path: Path) -> None:
     config = tmp_path / "cfg.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in FAST.items()))

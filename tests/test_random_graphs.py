@@ -48,7 +48,7 @@ def check_random_case(seed: int, ratio: float, sparsity: str) -> None:
     assert more == []
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), ratio=st.floats(0.1, 0.9), sparsity=st.sampled_from(SPARSITIES))
 def test_random_graphs_compact_exactly(seed: int, ratio: float, sparsity: str) -> None:
     check_random_case(seed, ratio, sparsity)
