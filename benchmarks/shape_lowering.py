@@ -10,9 +10,12 @@
 (sweep) single convs of VGG-16's shapes (and a narrower one) at 40-75 %: where lowering starts
         to pay off.
 
-Dense and lowered are exported with ``export_onnx`` (parity-checked) and timed interleaved in one
-process by ``structadmm.bench.benchmark`` (ORT CPU, 2 threads, batch 8), so the ratios are robust
-to machine load; absolute milliseconds are not comparable across machines. Lowering is forced
+Dense and lowered are exported with ``export_onnx`` (parity-checked) and timed by
+``structadmm.bench.benchmark`` (ORT CPU, 2 threads, batch 8) isolated: each model alone in its own
+process, the processes alternating, ``--processes`` rounds (6: the per-round speedups' median comes
+with an interval of 96.9 % coverage); ``--in-process`` times them interleaved in one process instead,
+as the parts written before isolation was the default were. Absolute milliseconds are not comparable
+across machines. Lowering is forced
 (``min_gain=1``) so ratios below the default threshold are measured too. MAC ratio = dense MACs /
 lowered MACs counted from the two ONNX files; efficiency = speedup / MAC ratio.
 Results are merged into benchmarks/results/shape_lowering.json and .md (a part that is not run
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from structadmm.bench import benchmark
+from structadmm.bench.report import speedup_interval
 from structadmm.exporters import count_onnx, export_onnx
 from structadmm.models import get_spec
 from structadmm.prune.lowering import MIN_GAIN, lower_conv, lower_convs
@@ -54,7 +58,10 @@ def main() -> None:
     parser.add_argument("--conv-size", type=int, default=56, help="spatial size of the single conv")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per comparison")
     parser.add_argument("--runs", type=int, default=30, help="minimum timed rounds per comparison")
+    parser.add_argument("--processes", type=int, default=6, help="rounds of isolated processes (95 %% intervals need 6)")
+    parser.add_argument("--in-process", action="store_true", help="time interleaved in this process instead")
     args = parser.parse_args()
+    timing = "in-process, interleaved" if args.in_process else f"isolated, {args.processes} rounds"
 
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "shape_lowering.json"
@@ -66,18 +73,21 @@ def main() -> None:
         if "conv" in args.parts:
             results["conv"] = {
                 "command": command,
+                "timing": timing,
                 "shape": f"3x3 conv 128->128 on {args.conv_size}x{args.conv_size}",
                 "rows": [_single_conv(work, 128, args.conv_size, r, args) for r in args.ratios],
             }
         if "vgg" in args.parts:
             results["vgg16"] = {
                 "command": command,
+                "timing": timing,
                 "size": args.size,
                 "rows": [_vgg(work, args.size, r, args) for r in args.ratios],
             }
         if "sweep" in args.parts:
             results["sweep"] = {
                 "command": command,
+                "timing": timing,
                 "rows": [
                     _single_conv(work, channels, size, r, args)
                     for channels, size in SWEEP_SHAPES
@@ -127,8 +137,9 @@ def _compare(work: Path, dense: nn.Module, lowered: nn.Module, x: torch.Tensor, 
     report = benchmark(paths, batch_sizes=(BATCH,), threads=THREADS,
                        providers=["CPUExecutionProvider"], warmup=2,
                        min_runs=args.runs, min_seconds=args.seconds,
-                       isolate=False)  # the figures in README were taken in one process
+                       isolate=not args.in_process, processes=args.processes)
     entry = {e.name: e for e in report.entries}
+    rows = report.to_rows(dense="dense", pruned="lowered")
     mac_ratio = macs["dense"] / macs["lowered"]
     speedup = entry["lowered"].speedup
     return {
@@ -139,19 +150,22 @@ def _compare(work: Path, dense: nn.Module, lowered: nn.Module, x: torch.Tensor, 
         "speedup": round(speedup, 3),
         "efficiency": round(speedup / mac_ratio, 3),
         "runs": entry["dense"].runs,
+        "per_round": speedup_interval(rows[0]),
         "parity_max_abs_diff": parity,
     }
 
 
 def _markdown(results: dict) -> str:
     lines = [
-        f"ORT CPU, {THREADS} threads, batch {BATCH}, timed in-process: dense and lowered interleaved run by run in "
-        "one process; medians. "
+        f"ORT CPU, {THREADS} threads, batch {BATCH}; each part says how it was timed (isolated: each model alone in "
+        "its own process, the processes alternating; in-process: dense and lowered interleaved run by run in one "
+        "process); medians, speedup = ratio of medians, per_round = the median of the per-round speedups with its "
+        "interval and that interval's coverage. "
         "ratio = fraction of GEMM columns pruned; lowering forced (min_gain=1); "
         f"lowered_by_default = convs lower_convs rewrites with min_gain={results['min_gain']}.",
         "",
     ]
-    columns = ["ratio", "mac_ratio", "dense_ms", "lowered_ms", "speedup", "efficiency", "runs"]
+    columns = ["ratio", "mac_ratio", "dense_ms", "lowered_ms", "speedup", "per_round", "efficiency", "runs"]
     sections = [
         ("conv", lambda r: r["shape"], columns),
         ("vgg16", lambda r: f"VGG-16, {r['size']}x{r['size']}",
@@ -161,13 +175,15 @@ def _markdown(results: dict) -> str:
     for key, title, cols in sections:
         if key in results:
             part = results[key]
-            lines += [f"### {title(part)}", "", f"`{part['command']}`", "", *_table(part["rows"], cols), ""]
+            timing = part.get("timing", "in-process, interleaved")  # parts written before it was recorded
+            lines += [f"### {title(part)}", "", f"`{part['command']}`, timed {timing}", "",
+                      *_table(part["rows"], cols), ""]
     return "\n".join(lines)
 
 
 def _table(rows: list[dict], columns: list[str]) -> list[str]:
     out = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    out += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    out += ["| " + " | ".join(str(row.get(c, "n/a")) for c in columns) + " |" for row in rows]
     return out
 
 

@@ -202,7 +202,11 @@ def lower_conv(conv: nn.Module, *, min_gain: float = MIN_GAIN) -> nn.Module:
     kept plane once whatever F is, while it feeds F MACs per position: with 32 filters (112x112)
     it is about 69 % pruned (gain 3.3), so pass a larger ``min_gain`` for narrow networks. Tiny
     convs, where ORT's per-op overhead dominates, need more still (16 filters on 8x8: 0.40x at
-    60 %).
+    60 %). Timed again isolated (each model alone in its own process, 6 rounds; the figures in
+    benchmarks/results/shape_lowering.md), the break-even sits higher for narrow convs: about
+    75 % pruned with 32 and 64 filters at 112x112 (0.66x at 60 % with 64), about 60 % with 128
+    (1.00x), 50 % or less with 256 and 512; so with the default, a VGG-16 pruned at 60-70 % lowers
+    its 64-filter convs at a loss. The default is unchanged until it is re-derived from that sweep.
     """
     if _unlowerable_reason(conv) is not None:
         return conv
