@@ -48,12 +48,14 @@ from accuracy_vs_baselines import Ctx, ci95  # noqa: E402  (the dense checkpoint
 from int8 import int8_cell, int8_outcome  # noqa: E402  (a pruned INT8 file the gate rejected)
 
 from structadmm import compact, export_onnx, qat_retrain, quantize_onnx  # noqa: E402
+from structadmm.bench.report import speedup_interval  # noqa: E402
 from structadmm.exporters.accuracy import onnx_outputs  # noqa: E402
 from structadmm.cpu import cpu_name, int8_flags  # noqa: E402
 from structadmm.exporters.quantize import needs_reduced_range  # noqa: E402
 from structadmm.pipeline import CompressConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+PER_ROUND = ("speedup_per_round", "speedup_low", "speedup_high", "ci_coverage")  # a latency row's interval
 VARIANTS = ("pruned FP32", "PTQ", "PTQ full range", "QAT FP32", "QAT", "FP32 +E", "FP32 +E, PTQ")
 
 
@@ -141,11 +143,12 @@ def run_chain(args) -> None:
                     report = compress(get_spec(model_name).build(), data.train, data.val, config,
                                       out_dir=Path(tmp) / "run", model_name=model_name).report
                 q = report["quantized"]
-                speed = {(r["batch"], r["variant"]): r["speedup"] for r in report["latency_variants"]}
+                rows = {(r["batch"], r["variant"]): r for r in report["latency_variants"]}
                 results.append({"data": data_name, "model": model_name, "ratio": ratio, "seed": seed,
                                 "mac_ratio": report["mac_ratio"], "ort_accuracy": q["ort_accuracy"],
                                 "gate": q["gate"]["ok"], "pruned_int8": int8_outcome(q), "reduce_range": q["reduce_range"],
-                                "speedup": {f"{v} b{b}": s for (b, v), s in speed.items()},
+                                "speedup": {f"{v} b{b}": r["speedup"] for (b, v), r in rows.items()},
+                                "per_round": {f"{v} b{b}": {k: r[k] for k in PER_ROUND} for (b, v), r in rows.items()},
                                 "seconds": time.perf_counter() - start})
                 print(json.dumps(results[-1]), flush=True)
     out = {"command": "benchmarks/qat_vs_ptq.py " + " ".join(sys.argv[1:]), "runs": results, "machine": _machine()}
@@ -159,7 +162,10 @@ def chain_markdown(out: dict, threads: int) -> str:
              f"Command: `PYTHONPATH=. .venv/bin/python {out['command']}` (pipeline defaults, `channel_multiple = 1`, "
              f"`--quantize int8`). Accuracy in ONNX Runtime on the held-out split (MNIST-1D: validation, 5,000; "
              f"digits: 360); speed on ORT CPU, {threads} threads, each model alone in its own process, "
-             f"alternating. CPU: {out['machine']['cpu']}.", "",
+             f"alternating; each speedup is the ratio of medians"
+             + (", then the median of the per-round speedups with its interval and that interval's coverage"
+                if all("per_round" in r for r in out["runs"]) else ", no per-round interval recorded")
+             + f". CPU: {out['machine']['cpu']}, load average at the end {_load(out)}.", "",
              "| data | ratio | seed | MAC ratio | dense FP32 | pruned FP32 | pruned INT8 | chain − dense (pt) | "
              "INT8 − pruned FP32 (pt) | speedup b64: pruned FP32 | pruned INT8 | speedup b1: pruned INT8 | "
              "7-bit weights |",
@@ -194,17 +200,28 @@ def _outcome(run: dict) -> dict:
 def chain_row(r: dict) -> str:
     """One run of the chain as a table row. A pruned INT8 file that failed the gate was neither
     shipped nor timed: its cells say so, with the gate's figures, instead of an accuracy and speedups."""
-    a, outcome, speed = r["ort_accuracy"], _outcome(r), r["speedup"]
+    a, outcome = r["ort_accuracy"], _outcome(r)
     if outcome["shipped"]:
         int8 = [f"{100 * a['pruned INT8']:.2f}", f"{100 * (a['pruned INT8'] - a['dense FP32']):+.2f}",
                 f"{100 * (a['pruned INT8'] - a['pruned FP32']):+.2f}"]
-        timed = [f"{speed['pruned INT8 b64']:.2f}x", f"{speed['pruned INT8 b1']:.2f}x"]
+        timed = [_speed(r, "pruned INT8 b64"), _speed(r, "pruned INT8 b1")]
     else:
         int8 = [int8_cell(outcome), "n/a", "n/a"]
         timed = ["not timed (rejected)"] * 2
     return (f"| {r['data']} | {r['ratio']} | {r.get('seed', 0)} | {r['mac_ratio']:.2f}x | "
             f"{100 * a['dense FP32']:.2f} | {100 * a['pruned FP32']:.2f} | {int8[0]} | {int8[1]} | {int8[2]} | "
-            f"{speed['pruned FP32 b64']:.2f}x | {timed[0]} | {timed[1]} | {'yes' if r['reduce_range'] else 'no'} |")
+            f"{_speed(r, 'pruned FP32 b64')} | {timed[0]} | {timed[1]} | {'yes' if r['reduce_range'] else 'no'} |")
+
+
+def _speed(run: dict, key: str) -> str:
+    """The ratio of medians, and the per-round median with its interval where it was recorded."""
+    per_round = (run.get("per_round") or {}).get(key)
+    return f"{run['speedup'][key]:.2f}x" + (f"; {speedup_interval(per_round)}" if per_round else "")
+
+
+def _load(out: dict) -> str:
+    load = out["machine"].get("loadavg")
+    return "/".join(f"{v:.1f}" for v in load) if load else "n/a"
 
 
 def _mean_ci(values: list[float]) -> str:

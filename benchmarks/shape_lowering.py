@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/shape_lowering.py                      # (a) one conv, (b) VGG-16 224x224
     .venv/bin/python benchmarks/shape_lowering.py --parts vgg --size 112   # VGG-16 at 112x112 (4x less work)
-    .venv/bin/python benchmarks/shape_lowering.py --parts sweep        # the measurement behind MIN_GAIN
+    .venv/bin/python benchmarks/shape_lowering.py --parts sweep narrow # the measurements behind min_gain_for
 
 (a) one 3x3 conv 128->128 on 56x56 with 50 / 75 / 87.5 % of its GEMM columns pruned;
 (b) VGG-16 from the zoo with every layer shape-pruned by ``PruningPlan.uniform(model, x, "shape",
     ratio)`` (its Linear layers too; they stay dense Gemms in both models) and every conv lowered;
 (sweep) single convs of VGG-16's shapes (and a narrower one) at 40-75 %: where lowering starts
-        to pay off.
+        to pay off;
+(narrow) single convs of 16-64 filters at 56x56 and 112x112, 75-93.75 % pruned: where it pays off
+        for the narrow convs that the sweep found losing below 75 %.
 
 Dense and lowered are exported with ``export_onnx`` (parity-checked) and timed by
 ``structadmm.bench.benchmark`` (ORT CPU, 2 threads, batch 8) isolated: each model alone in its own
@@ -48,11 +50,13 @@ THREADS = 2
 # (filters = input channels, spatial size): VGG-16's 3x3 convs at 224x224 and a narrower one.
 SWEEP_SHAPES = ((32, 112), (64, 112), (128, 56), (256, 28), (512, 14))
 SWEEP_RATIOS = (0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+NARROW_SHAPES = ((16, 56), (16, 112), (32, 56), (32, 112), (64, 56), (64, 112))
+NARROW_RATIOS = (0.75, 0.8, 0.875, 0.9375)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["conv", "vgg", "sweep"], default=["conv", "vgg"])
+    parser.add_argument("--parts", nargs="+", choices=["conv", "vgg", "sweep", "narrow"], default=["conv", "vgg"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.875])
     parser.add_argument("--size", type=int, default=224, help="VGG-16 input size (224 or 112)")
     parser.add_argument("--conv-size", type=int, default=56, help="spatial size of the single conv")
@@ -92,6 +96,16 @@ def main() -> None:
                     _single_conv(work, channels, size, r, args)
                     for channels, size in SWEEP_SHAPES
                     for r in SWEEP_RATIOS
+                ],
+            }
+        if "narrow" in args.parts:
+            results["narrow"] = {
+                "command": command,
+                "timing": timing,
+                "rows": [
+                    _single_conv(work, channels, size, r, args)
+                    for channels, size in NARROW_SHAPES
+                    for r in NARROW_RATIOS
                 ],
             }
     path.write_text(json.dumps(results, indent=2) + "\n")
@@ -171,6 +185,7 @@ def _markdown(results: dict) -> str:
         ("vgg16", lambda r: f"VGG-16, {r['size']}x{r['size']}",
          columns + ["lowered_layers", "lowered_by_default"]),
         ("sweep", lambda r: "Threshold sweep (3x3 convs C->C)", ["channels", "size", *columns]),
+        ("narrow", lambda r: "Narrow convs (3x3 convs C->C, 16-64 filters)", ["channels", "size", *columns]),
     ]
     for key, title, cols in sections:
         if key in results:

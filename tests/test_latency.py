@@ -256,6 +256,9 @@ def test_isolated_mode_alternates_one_process_per_model(pair: dict[str, Path], m
     assert row["speedup_per_round"] == 2.0  # per round 4/1, 8/4, 4/2
     assert (row["speedup_low"], row["speedup_high"]) == (2.0, 4.0)  # three rounds: [min, max]
     assert row["ci_coverage"] == 0.75  # ... which holds the median only 3 times in 4, and says so
+    by_name = {e.name: e for e in result.entries}  # each process's median, in round order (ms)
+    assert by_name["dense"].round_ms == (4000.0, 8000.0, 4000.0)
+    assert by_name["pruned"].round_ms == (1000.0, 4000.0, 2000.0)
 
 
 def test_isolated_mode_runs_real_processes(pair: dict[str, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,18 @@ def test_node_times_cover_every_kernel(tmp_path: Path) -> None:
     compute = {n.name for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type in ("Conv", "Gemm")}
     assert len(compute) == 3 and compute <= set(times)  # fused activations are credited to their Conv
     assert all(times[name] > 0 for name in compute) and all(ms >= 0 for ms in times.values())
+
+
+def test_a_profile_taken_alone_runs_in_a_process_of_its_own(tmp_path: Path) -> None:
+    model, x = net(), torch.randn(2, 3, 8, 8)
+    export_onnx(model, x, tmp_path / "m.onnx")
+    events = profile_events(tmp_path / "m.onnx", batch=2, runs=3, alone=True)
+    pids = {e["pid"] for e in events if "pid" in e}
+    assert pids and os.getpid() not in pids  # ORT's profiler records the process that ran the session
+    assert set(kernel_times(events, warmup=5)) == set(kernel_times(profile_events(tmp_path / "m.onnx", batch=2,
+                                                                                  runs=3), warmup=5))
+    rows = layer_table(tmp_path / "m.onnx", tmp_path / "m.onnx", batch=2, runs=3, alone=True)
+    assert [r.op_type for r in rows] == ["Conv", "Conv", "Gemm"] and all(r.dense_ms > 0 for r in rows)
 
 
 def test_node_times_credit_int8_kernels_to_their_layer(tmp_path: Path) -> None:

@@ -172,10 +172,15 @@ def test_a_rejected_int8_file_is_neither_timed_nor_labelled_pruned_int8(folder: 
     assert run.pruned.path.name == REJECTED
     assert run.models == {"dense_int8": tmp_path / DENSE_INT8}  # what the benchmark times: not the rejected file
     assert "pruned INT8" not in run.accuracy and run.accuracy["rejected INT8"] < 0.5
-    entries = [SimpleNamespace(provider="CPUExecutionProvider", batch=1, name=name, threads=1, median_ms=ms, p90_ms=ms)
+    entries = [SimpleNamespace(provider="CPUExecutionProvider", batch=1, name=name, threads=1, median_ms=ms, p90_ms=ms,
+                               round_speedup=4.0 / ms, round_speedup_low=3.5 / ms, round_speedup_high=4.5 / ms,
+                               ci_coverage=0.969, mode="isolated")
                for name, ms in (("dense", 4.0), ("pruned", 2.0), ("dense_int8", 3.0))]
     report = run.report(tmp_path, SimpleNamespace(entries=entries), macs=1000)
     assert [r["variant"] for r in report["latency_variants"]] == ["dense FP32", "pruned FP32", "dense INT8"]
+    pruned = report["latency_variants"][1]  # each variant's per-round speedup over dense FP32, with its interval
+    assert (pruned["speedup_per_round"], pruned["speedup_low"], pruned["speedup_high"]) == (2.0, 1.75, 2.25)
+    assert pruned["ci_coverage"] == 0.969 and pruned["mode"] == "isolated"
     quantized = report["quantized"]
     assert quantized["shipped"] is False and quantized["onnx"] == REJECTED
     assert quantized["accuracy"] == run.accuracy["rejected INT8"] and "pruned INT8" not in quantized["ort_accuracy"]
@@ -498,3 +503,19 @@ def test_cli_run_quantize_int8_end_to_end(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| | dense FP32 | pruned FP32 | pruned INT8 | dense INT8 |" in md and "INT8 gate" in md
     assert "Per-layer sensitivity" in md
+
+
+def test_report_md_gives_every_int8_variant_its_per_round_interval(tmp_path: Path) -> None:
+    from structadmm.bench.report import write_report
+
+    rows = _variant_rows({(64, "dense FP32"): 40.0, (64, "pruned FP32"): 4.0, (64, "pruned INT8"): 5.0,
+                          (64, "dense INT8"): 10.0})
+    for row, (low, high) in zip(rows, [(1.0, 1.0), (9.0, 11.0), (7.0, 9.0), (3.5, 4.5)]):
+        row |= {"speedup": 40.0 / row["median_ms"], "speedup_per_round": 40.0 / row["median_ms"],
+                "speedup_low": low, "speedup_high": high, "ci_coverage": 0.96875}
+    gate = {"ok": True, "reasons": [], "agreement": 1.0, "min_agreement": 0.98, "accuracy_drop": 0.0,
+            "max_accuracy_drop": 0.005}
+    write_report(tmp_path, {"model": "m", "latency_variants": rows, "quantized": {"onnx": PRUNED_INT8, "gate": gate}})
+    md = (tmp_path / "report.md").read_text()
+    assert ("| CPU batch 64: speedup per round (interval, coverage) | 1.00x (1.00–1.00, 96.9 %) | "
+            "10.00x (9.00–11.00, 96.9 %) | 8.00x (7.00–9.00, 96.9 %) | 4.00x (3.50–4.50, 96.9 %) |") in md

@@ -61,7 +61,7 @@ from structadmm.errors import StructADMMError, one_line
 from structadmm.bench.runtime import warn_if_conflicting
 
 __all__ = ["ENGINE_CACHE", "LatencyEntry", "LatencyReport", "MedianInterval", "SessionSettings", "benchmark",
-           "median_interval", "round_order", "round_ratios", "session_providers", "time_alone",
+           "call_alone", "median_interval", "round_order", "round_ratios", "session_providers", "time_alone",
            "time_interleaved"]
 
 CPU = "CPUExecutionProvider"
@@ -106,6 +106,9 @@ class LatencyEntry:
     round_speedup_high: float = 1.0
     mode: str = "isolated"  # one model per process; or "in-process": interleaved run by run in one process
     ci_coverage: float | None = None  # the probability that [low, high] holds the true median (MedianInterval)
+    # this model's time in each round, ms: a process's median (isolated) or one run (in-process); for
+    # per-round figures of other pairs than (baseline, model), such as a ratio of two speedups
+    round_ms: tuple[float, ...] = ()
 
 
 @dataclass
@@ -272,16 +275,19 @@ def time_alone(
     *,
     provider: str = CPU,
     batch: int = 1,
-    settings: "SessionSettings | None" = None,
+    settings: "SessionSettings | Mapping[str, object] | None" = None,
     warmup: int = 10,
     min_runs: int = 30,
     min_seconds: float = 3.0,
     max_runs: int = 10_000,
     seed: int = 0,
 ) -> list[float]:
-    """Seconds of every timed run of one model alone in this process (what an isolated child runs)."""
+    """Seconds of every timed run of one model alone in this process (what an isolated child runs;
+    ``settings`` may be given as the dict of a :class:`SessionSettings`)."""
     path = Path(path)
     _check_warmup(warmup)
+    if isinstance(settings, Mapping):
+        settings = SessionSettings(**settings)
     session, reason = _open_session(path, provider, settings or SessionSettings(spinning="on"))
     if session is None:
         raise StructADMMError(reason)
@@ -326,38 +332,47 @@ def _time_isolated(
 
 # The isolated child: ``structadmm`` and ``structadmm.bench`` are bare namespaces there, so their
 # __init__ files (which import torch and the whole pipeline) are not run and a child starts in the
-# time it takes to import numpy and onnxruntime.
+# time it takes to import numpy and onnxruntime (and what the called module imports).
 _CHILD = """
 import json, sys, types
+from importlib import import_module
 root = sys.argv[1]
 for name, folder in (("structadmm", root), ("structadmm.bench", root + "/bench")):
     module = types.ModuleType(name)
     module.__path__ = [folder]
     sys.modules[name] = module
-from structadmm.bench.latency import SessionSettings, time_alone
-job = json.loads(sys.argv[2])
-settings = SessionSettings(**job.pop("settings"))
-print(json.dumps(time_alone(job.pop("path"), settings=settings, **job)))
+call = json.loads(sys.argv[2])
+print(json.dumps(getattr(import_module(call["module"]), call["function"])(**call["kwargs"])))
 """
 
 
-def _run_child(job: Mapping[str, object], timeout: float) -> list[float]:
-    """:func:`time_alone` in a fresh Python process; its run times, or its error (or its running past
-    ``timeout`` seconds, when it is killed) as a one-line StructADMMError."""
+def call_alone(module: str, function: str, kwargs: Mapping[str, object], *, timeout: float, what: str) -> object:
+    """``module.function(**kwargs)`` in a fresh Python process, for a model measured alone, as it is
+    deployed (no session, arena or thread pool of this process's around). ``module`` is one of
+    structadmm's; ``kwargs`` and the result travel as JSON. The child's error, or its running past
+    ``timeout`` seconds (when it is killed), is raised here as a one-line StructADMMError about ``what``."""
     package = str(Path(__file__).resolve().parents[1])  # the structadmm this process imported
+    call = json.dumps({"module": module, "function": function, "kwargs": dict(kwargs)})
     try:
-        done = subprocess.run([sys.executable, "-c", _CHILD, package, json.dumps(job)], capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, "-c", _CHILD, package, call], capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:  # subprocess.run has killed and reaped the child
         raise StructADMMError(
-            f"timing {job['path']} in its own process ({job['provider']}, batch {job['batch']}) did not finish "
-            f"within {timeout:g} s and was killed; if the model is only slow, raise child_timeout"
+            f"{what} in its own process did not finish within {timeout:g} s and was killed; if the model is only "
+            "slow, raise the timeout"
         ) from None
     if done.returncode != 0:
         lines = [line for line in (done.stderr or "").splitlines() if line.strip()] or ["no output"]
         message = lines[-1].removeprefix("structadmm.errors.StructADMMError: ")
-        raise StructADMMError(f"timing {job['path']} in its own process failed: {message}")
-    return [float(t) for t in json.loads(done.stdout.strip().splitlines()[-1])]
+        raise StructADMMError(f"{what} in its own process failed: {message}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_child(job: Mapping[str, object], timeout: float) -> list[float]:
+    """:func:`time_alone` in a fresh Python process (:func:`call_alone`); its run times."""
+    what = f"timing {job['path']} ({job['provider']}, batch {job['batch']})"
+    times = call_alone("structadmm.bench.latency", "time_alone", job, timeout=timeout, what=what)
+    return [float(t) for t in times]  # type: ignore[union-attr]
 
 
 def round_order(names: Sequence[str], round_index: int) -> list[str]:
@@ -690,6 +705,7 @@ def _entries(
                 round_speedup_high=interval.high,
                 mode=mode,
                 ci_coverage=interval.coverage,
+                round_ms=tuple(float(t) * 1e3 for t in rounds[name]),
             )
         )
     return entries

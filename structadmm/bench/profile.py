@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from structadmm.bench.latency import SessionSettings
+from structadmm.bench.latency import SessionSettings, call_alone
 from structadmm.errors import StructADMMError
 from structadmm.exporters.counting import count_onnx
 from structadmm.exporters.onnx_export import load_onnx
@@ -48,9 +48,11 @@ class LayerRow:
 
 
 def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0,
-               spinning: str = "run", warmup: int = 5) -> dict[str, float]:
-    """Mean milliseconds per timed run of every node, from ONNX Runtime's profiler (warm-up runs left out)."""
-    events = profile_events(path, batch=batch, threads=threads, runs=runs, seed=seed, spinning=spinning, warmup=warmup)
+               spinning: str = "run", warmup: int = 5, alone: bool = False) -> dict[str, float]:
+    """Mean milliseconds per timed run of every node, from ONNX Runtime's profiler (warm-up runs left
+    out); ``alone``: profiled in a fresh process of its own (:func:`profile_events`)."""
+    events = profile_events(path, batch=batch, threads=threads, runs=runs, seed=seed, spinning=spinning, warmup=warmup,
+                            alone=alone)
     owner = kernel_owner(load_onnx(path))
     total: dict[str, float] = defaultdict(float)
     for kernel, ms in kernel_times(events, warmup=warmup).items():
@@ -59,10 +61,18 @@ def node_times(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int 
 
 
 def profile_events(path: str | Path, *, batch: int = 8, threads: int = 2, runs: int = 20, seed: int = 0,
-                   spinning: str = "run", warmup: int = 5) -> list[dict]:
+                   spinning: str = "run", warmup: int = 5, alone: bool = False,
+                   timeout: float = 600.0) -> list[dict]:
     """ONNX Runtime's profiler events for ``warmup + runs`` runs of ``path`` on random inputs of ``batch``
-    (CPU); :func:`kernel_times` cuts the warm-up runs out."""
+    (CPU); :func:`kernel_times` cuts the warm-up runs out. ``alone``: in a fresh Python process of its own,
+    killed after ``timeout`` seconds, as isolated timing runs a model (nothing of this process's sessions,
+    arenas or thread pools around it)."""
     load_onnx(path)
+    if alone:
+        kwargs = dict(path=str(path), batch=batch, threads=threads, runs=runs, seed=seed, spinning=spinning,
+                      warmup=warmup)
+        return call_alone("structadmm.bench.profile", "profile_events", kwargs, timeout=timeout,
+                          what=f"profiling {path}")  # type: ignore[return-value]
     with tempfile.TemporaryDirectory() as tmp:
         options = SessionSettings(threads, spinning=spinning).options()
         options.enable_profiling = True
@@ -134,14 +144,15 @@ def _out_channels(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def layer_table(dense: str | Path, pruned: str | Path, *, batch: int = 8, threads: int = 2,
-                runs: int = 20, spinning: str = "run") -> list[LayerRow]:
-    """Per matrix layer: channels, MACs, bytes moved and measured time in the dense and the pruned model."""
+                runs: int = 20, spinning: str = "run", alone: bool = False) -> list[LayerRow]:
+    """Per matrix layer: channels, MACs, bytes moved and measured time in the dense and the pruned model
+    (``alone``: each profiled in a fresh process of its own)."""
     costs = {}
     times = {}
     channels = {}
     for key, path in (("dense", dense), ("pruned", pruned)):
         costs[key] = {layer.name: layer for layer in count_onnx(path).layers if layer.op_type in _MATRIX_OPS}
-        times[key] = node_times(path, batch=batch, threads=threads, runs=runs, spinning=spinning)
+        times[key] = node_times(path, batch=batch, threads=threads, runs=runs, spinning=spinning, alone=alone)
         channels[key] = _out_channels(load_onnx(path))
     match = pair_layers([(n, c.op_type) for n, c in costs["dense"].items()],
                         [(n, c.op_type) for n, c in costs["pruned"].items()])

@@ -267,6 +267,9 @@ def _int8_section(report: Mapping[str, Any]) -> list[str]:
         by = {r.get("variant"): r for r in variants if (r.get("provider"), r.get("batch")) == (provider, batch)}
         lines.append(f"| {_short(provider)} batch {batch}: median ms (speedup) | " + " | ".join(
             f"{_ms(by.get(v, {}).get('median_ms'))} ({_ratio(by.get(v, {}).get('speedup'))})" for v in columns) + " |")
+        if any(r.get("speedup_per_round") is not None for r in by.values()):  # older reports did not record it
+            lines.append(f"| {_short(provider)} batch {batch}: speedup per round (interval, coverage) | " + " | ".join(
+                speedup_interval(by[v]) if v in by else NA for v in columns) + " |")
     gate = _side(quantized, "gate")
     gate_data = _side(quantized, "gate_data")
     verdict = "ok" if gate.get("ok") else "FAILED: " + "; ".join(gate.get("reasons") or [])

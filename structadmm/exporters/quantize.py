@@ -624,7 +624,11 @@ class QuantizedRun:
                 if entry is not None:
                     rows.append({"provider": provider, "batch": batch, "variant": label, "threads": entry.threads,
                                  "median_ms": entry.median_ms, "p90_ms": entry.p90_ms,
-                                 "speedup": base.median_ms / entry.median_ms})
+                                 "speedup": base.median_ms / entry.median_ms,
+                                 # dense is the baseline: the entry's per-round figures are over dense FP32
+                                 "speedup_per_round": entry.round_speedup, "speedup_low": entry.round_speedup_low,
+                                 "speedup_high": entry.round_speedup_high, "ci_coverage": entry.ci_coverage,
+                                 "mode": entry.mode})
         quantized = {
             "accuracy": self.accuracy[VARIANTS["pruned_int8"] if self.shipped else REJECTED_VARIANT],
             "shipped": self.shipped, "macs": macs, "onnx": self.pruned.path.name,
