@@ -13,7 +13,7 @@ from torch import nn
 from nets import chain2d, randomize_bn
 from structadmm.errors import StructADMMError
 from structadmm.exporters import count_onnx, export_onnx, verify_onnx
-from structadmm.prune.lowering import LoweredConv, lower_conv, lower_convs, lowering_gain
+from structadmm.prune.lowering import LoweredConv, lower_conv, lower_convs, lowering_gain, min_gain_for
 from structadmm.prune.plan import PruningPlan
 from structadmm.prune.sparsity import project_columns
 from structadmm.prune.surgery import check_same_function
@@ -146,9 +146,30 @@ def test_lower_conv_respects_threshold() -> None:
     assert lower_conv(conv, min_gain=2.0) is conv
     assert lower_conv(conv) is conv  # the default threshold is above 1.33 too
     assert isinstance(lower_conv(conv, min_gain=1.3), LoweredConv)
-    with torch.no_grad():
-        conv.weight.mul_(project_columns(conv.weight, 0.9).float())
-    assert isinstance(lower_conv(conv), LoweredConv)
+
+
+def test_the_default_threshold_rises_as_the_filter_count_falls() -> None:
+    """min_gain_for(F) = max(2, 32 / sqrt(F)): where the isolated sweep found lowering to pay off."""
+    assert [min_gain_for(f) for f in (16, 64, 256, 512)] == [8.0, 4.0, 2.0, 2.0]
+    assert min_gain_for(32) == pytest.approx(5.657, abs=1e-3) and min_gain_for(128) == pytest.approx(2.828, abs=1e-3)
+
+    def pruned(filters: int, ratio: float) -> nn.Conv2d:
+        conv = nn.Conv2d(16, filters, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.mul_(project_columns(conv.weight, ratio).float())
+        return conv
+
+    # 50 % pruned (gain 2): lowered with 256 filters, kept with 64 and 128 ...
+    assert isinstance(lower_conv(pruned(256, 0.5)), LoweredConv)
+    assert not isinstance(lower_conv(pruned(64, 0.5)), LoweredConv)
+    assert not isinstance(lower_conv(pruned(128, 0.5)), LoweredConv)
+    # ... 75 % (gain 4): 64 filters lowered too, 16 not; 87.5 % (gain 8): 16 as well
+    assert isinstance(lower_conv(pruned(64, 0.75)), LoweredConv)
+    assert not isinstance(lower_conv(pruned(16, 0.75)), LoweredConv)
+    assert isinstance(lower_conv(pruned(16, 0.875)), LoweredConv)
+    # a number passed in replaces the rule for every conv
+    assert isinstance(lower_conv(pruned(16, 0.75), min_gain=2.0), LoweredConv)
+    assert not isinstance(lower_conv(pruned(256, 0.5), min_gain=2.5), LoweredConv)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +253,7 @@ def test_compact_lowers_column_pruned_convs_and_removes_empty_channels() -> None
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(32, 4, 1)).eval()
     x = torch.randn(2, 8, 10, 10)
-    PruningPlan.from_dict(model, x, {"2": {"sparsity": "shape", "ratio": 0.8}}).project(model)
+    PruningPlan.from_dict(model, x, {"2": {"sparsity": "shape", "ratio": 0.875}}).project(model)
     with torch.no_grad():
         model[2].weight[:, 5] = 0  # every column of input channel 5: removable as a channel
     small = compact(model, x)

@@ -654,7 +654,9 @@ def report_stage(run: Run, carry: Carry) -> Carry:
         "objective": {"mode": run.mode, "asked": c.objective,
                       "teacher": (None if carry.teacher is None else
                                   "onnx" if isinstance(carry.teacher, OnnxModule) else "torch"),
-                      "score": "metric" if run.metric is not None else "top-1 accuracy"},
+                      # what the models were scored with: no labels, no accuracy (fidelity says how close they are)
+                      "score": ("metric" if run.metric is not None else "top-1 accuracy"
+                                if carry.dense_accuracy is not None else "none (no labels): see fidelity")},
         "fidelity": carry.fidelity,
         "latency": carry.latency.to_rows(dense="dense", pruned="pruned", mac_ratio=mac_ratio, byte_ratios=byte_ratios),
         "skipped_providers": [{"provider": p, "reason": r} for p, r in carry.latency.skipped],

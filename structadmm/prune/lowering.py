@@ -11,9 +11,9 @@ does all of their multiply-accumulates. This module owns the surgery that remove
   ``[F, kept_columns]``. Its MACs are ``output_elements * kept_columns``; the gathers, pads and
   the concat move data but do no multiplies.
 * :func:`lowering_gain` is the MAC ratio dense / lowered of a conv's current weight.
-* :func:`lower_conv` and :func:`lower_convs` apply the rewrite where it pays off (the threshold
-  :data:`MIN_GAIN` is measured, see :func:`lower_conv`); callers check the function with
-  :func:`structadmm.prune.surgery.check_same_function`.
+* :func:`lower_conv` and :func:`lower_convs` apply the rewrite where it pays off (the threshold,
+  :func:`min_gain_for` a conv's filter count, is measured: see there); callers check the function
+  with :func:`structadmm.prune.surgery.check_same_function`.
 
 Design. Measured on ONNX Runtime CPU (2 threads, graph optimisation ALL, batch 8, interleaved
 medians) on a 128->128 3x3 conv on 56x56 with 75 % of its columns pruned (speedup over the dense
@@ -54,13 +54,37 @@ from torch import nn
 from ..errors import StructADMMError
 from ..layers import CONVS
 
-__all__ = ["MIN_GAIN", "LoweredConv", "lower_conv", "lower_convs", "lowering_gain"]
+__all__ = ["LoweredConv", "lower_conv", "lower_convs", "lowering_gain", "min_gain_for"]
 
 _POINTWISE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-#: Smallest MAC ratio (dense / lowered) at which :func:`lower_conv` rewrites a conv: 2.5, i.e.
-#: 60 % of the GEMM columns pruned. How it was measured: see :func:`lower_conv`.
-MIN_GAIN = 2.5
+
+
+def min_gain_for(filters: int) -> float:
+    """The smallest MAC ratio (dense / lowered) at which lowering a conv of ``filters`` output channels
+    pays off on ONNX Runtime CPU: ``max(2, 32 / sqrt(filters))``. That is 8 (87.5 % of the GEMM columns
+    pruned) for 16 filters, 5.7 (82 %) for 32, 4 (75 %) for 64, 2.8 (65 %) for 128 and 2 (50 %) from
+    256 on.
+
+    Measured with ``benchmarks/shape_lowering.py --parts sweep narrow``: single 3x3 convs C -> C
+    (16-512 filters; 14x14 to 112x112) with the columns of smallest norm pruned at 40-93.75 %, dense
+    against lowered, ONNX Runtime CPU, 2 threads, batch 8, each model timed alone in its own process
+    over 6 rounds (``benchmarks/results/shape_lowering.md``). Where the lowered conv first beats the
+    dense one, and how it fares at this rule's threshold:
+
+    * 16 filters (56x56, 112x112): loses at 80 % (0.83x, 0.97x), gains at 87.5 % (1.24x, 1.62x);
+    * 32 filters: loses at 75 % (0.78x, 0.79x), gains from 80 % (1.27x, 1.19x) and at 87.5 % (1.39x, 1.71x);
+    * 64 filters: 0.82x at 70 % (112x112), gains at 75 % (1.17x at 56x56, 1.30x at 112x112);
+    * 128 filters (56x56): 1.01x at 60 %, 1.13x at 65 %;
+    * 256 and 512 filters (28x28, 14x14): 0.88x and 1.01x at 40 %, 1.20x and 1.32x at 50 %.
+
+    The break-even rises as the filter count F falls, because the gathers and pads move each kept
+    input plane once whatever F is, while that plane feeds F MACs per position: the data movement's
+    share grows as F shrinks. Below 50 % lowering rarely pays whatever F. Tiny convs, where ORT's
+    per-op overhead dominates, need more still (16 filters on 8x8: 0.40x at 60 %, in an earlier
+    in-process sweep); pass ``min_gain`` to :func:`lower_conv` to override the rule.
+    """
+    return max(2.0, 32.0 / math.sqrt(max(int(filters), 1)))
 
 
 @dataclass(frozen=True)
@@ -186,37 +210,23 @@ def lowering_gain(conv: nn.Module) -> float:
     return alive.numel() / max(int(alive.sum()), 1)
 
 
-def lower_conv(conv: nn.Module, *, min_gain: float = MIN_GAIN) -> nn.Module:
+def lower_conv(conv: nn.Module, *, min_gain: float | None = None) -> nn.Module:
     """A :class:`LoweredConv` for ``conv`` when it has zero columns and ``lowering_gain(conv)
     >= min_gain``; otherwise ``conv`` itself, unchanged.
 
     Only ``Conv1d``/``Conv2d``/``Conv3d`` with ``groups == 1`` and zero padding are lowered.
-
-    ``min_gain`` defaults to :data:`MIN_GAIN` = 2.5 (60 % of the columns pruned), measured with
-    ``benchmarks/shape_lowering.py --parts sweep``: single 3x3 convs C -> C with the columns of
-    smallest norm pruned, dense vs lowered on ONNX Runtime CPU (2 threads, batch 8, interleaved
-    medians) at 40-75 % pruned. The lowered conv first beats the dense one at about 58 % pruned
-    with 64 filters (112x112; 1.05x at 60 %), at about 50 % with 128 (56x56; 0.98-1.08x at 50 %)
-    and below 40 % with 256 and 512 (28x28, 14x14): 60 % is where every VGG-16 conv gains.
-    The break-even rises as the filter count F falls, because the gathers and pads move each
-    kept plane once whatever F is, while it feeds F MACs per position: with 32 filters (112x112)
-    it is about 69 % pruned (gain 3.3), so pass a larger ``min_gain`` for narrow networks. Tiny
-    convs, where ORT's per-op overhead dominates, need more still (16 filters on 8x8: 0.40x at
-    60 %). Timed again isolated (each model alone in its own process, 6 rounds; the figures in
-    benchmarks/results/shape_lowering.md), the break-even sits higher for narrow convs: about
-    75 % pruned with 32 and 64 filters at 112x112 (0.66x at 60 % with 64), about 60 % with 128
-    (1.00x), 50 % or less with 256 and 512; so with the default, a VGG-16 pruned at 60-70 % lowers
-    its 64-filter convs at a loss. The default is unchanged until it is re-derived from that sweep.
+    ``min_gain`` defaults to :func:`min_gain_for` the conv's filter count (where lowering was
+    measured to pay off); pass a number to use one threshold for every conv.
     """
     if _unlowerable_reason(conv) is not None:
         return conv
     gain = lowering_gain(conv)
-    if gain <= 1.0 or gain < min_gain:
+    if gain <= 1.0 or gain < (min_gain_for(conv.out_channels) if min_gain is None else min_gain):
         return conv
     return LoweredConv(conv)
 
 
-def lower_convs(model: nn.Module, *, min_gain: float = MIN_GAIN) -> tuple[nn.Module, list[str]]:
+def lower_convs(model: nn.Module, *, min_gain: float | None = None) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with every conv that :func:`lower_conv` rewrites replaced by its
     :class:`LoweredConv`; returns the copy and the names of the replaced modules.
 

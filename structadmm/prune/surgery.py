@@ -34,7 +34,7 @@ from ..graph.norms import keep_statistics
 from ..graph.resize import fix_sizes, sync_config
 from ..graph.trace import trace
 from ..layers import eval_mode, flat_outputs, train_mode_trial
-from .lowering import MIN_GAIN, lower_convs
+from .lowering import lower_convs
 from .sparsity import balance_blocks
 
 
@@ -74,13 +74,13 @@ def removable_channels(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor
     return ~balance_blocks(~dead, constraints, max)
 
 
-def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
+def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float | None = None,
             verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> nn.Module:
     """A new, physically smaller copy of ``model`` without its removable channels.
 
     Channels whose readers all have zero weights are removed; then, with ``lower``, every
-    convolution with enough zero GEMM columns (shape-wise sparsity; MAC gain >= ``min_gain``)
-    is rewritten as a :class:`~structadmm.prune.lowering.LoweredConv` that does only its
+    convolution with enough zero GEMM columns (shape-wise sparsity; MAC gain >= ``min_gain``, by
+    default :func:`~structadmm.prune.lowering.min_gain_for` its filter count) is rewritten as a :class:`~structadmm.prune.lowering.LoweredConv` that does only its
     kept columns' work. The result computes the same function as ``model`` (checked on
     ``example_inputs`` in eval mode when ``verify``; :class:`ParityError` otherwise).
 
@@ -94,7 +94,7 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
     return small
 
 
-def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float = MIN_GAIN,
+def compact_with_report(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_gain: float | None = None,
                         verify: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> tuple[nn.Module, list[GroupCut]]:
     """:func:`compact`, also returning the channels kept per group."""
     small, cuts = _remove_channels(heads_attention(independent_copy(model)), example_inputs)
