@@ -53,7 +53,7 @@ SWEEP_SHAPES = ((32, 112), (64, 112), (128, 56), (256, 28), (512, 14))
 SWEEP_RATIOS = (0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 NARROW_SHAPES = ((16, 56), (16, 112), (32, 56), (32, 112), (64, 56), (64, 112))
 NARROW_RATIOS = (0.75, 0.8, 0.875, 0.9375)
-DEFAULT_RULE = "min_gain_for(F) = max(2, 32 / sqrt(F)) for a conv of F filters"
+DEFAULT_RULE = "min_gain_for(F) = max(2.5, 32 / sqrt(F)) for a conv of F filters"
 
 
 def main() -> None:
@@ -207,7 +207,7 @@ def _markdown(results: dict) -> str:
         ("vgg16", lambda r: f"VGG-16, {r['size']}x{r['size']}, every conv lowered",
          columns + ["lowered_layers", "lowered_by_default"]),
         ("vgg16_default", lambda r: f"VGG-16, {r['size']}x{r['size']}, the convs the default threshold lowers",
-         columns + ["lowered_layers"]),
+         columns + ["lowered_layers", "rule"]),
         ("sweep", lambda r: "Threshold sweep (3x3 convs C->C)", ["channels", "size", *columns]),
         ("narrow", lambda r: "Narrow convs (3x3 convs C->C, 16-64 filters)", ["channels", "size", *columns]),
     ]

@@ -149,8 +149,8 @@ def test_lower_conv_respects_threshold() -> None:
 
 
 def test_the_default_threshold_rises_as_the_filter_count_falls() -> None:
-    """min_gain_for(F) = max(2, 32 / sqrt(F)): where the isolated sweep found lowering to pay off."""
-    assert [min_gain_for(f) for f in (16, 64, 256, 512)] == [8.0, 4.0, 2.0, 2.0]
+    """min_gain_for(F) = max(2.5, 32 / sqrt(F)): where the isolated sweeps found lowering to pay off."""
+    assert [min_gain_for(f) for f in (16, 64, 256, 512)] == [8.0, 4.0, 2.5, 2.5]
     assert min_gain_for(32) == pytest.approx(5.657, abs=1e-3) and min_gain_for(128) == pytest.approx(2.828, abs=1e-3)
 
     def pruned(filters: int, ratio: float) -> nn.Conv2d:
@@ -159,17 +159,21 @@ def test_the_default_threshold_rises_as_the_filter_count_falls() -> None:
             conv.weight.mul_(project_columns(conv.weight, ratio).float())
         return conv
 
-    # 50 % pruned (gain 2): lowered with 256 filters, kept with 64 and 128 ...
-    assert isinstance(lower_conv(pruned(256, 0.5)), LoweredConv)
-    assert not isinstance(lower_conv(pruned(64, 0.5)), LoweredConv)
-    assert not isinstance(lower_conv(pruned(128, 0.5)), LoweredConv)
-    # ... 75 % (gain 4): 64 filters lowered too, 16 not; 87.5 % (gain 8): 16 as well
+    # 50 % pruned (gain 2): kept whatever the filter count; 60 % (gain 2.5): lowered with 256 filters,
+    # kept with 64 and 128 ...
+    assert not any(isinstance(lower_conv(pruned(f, 0.5)), LoweredConv) for f in (64, 256, 512))
+    assert isinstance(lower_conv(pruned(256, 0.6)), LoweredConv)
+    assert not isinstance(lower_conv(pruned(128, 0.6)), LoweredConv)
+    assert not isinstance(lower_conv(pruned(64, 0.6)), LoweredConv)
+    # ... 70 % (gain 3.3): 128 filters too; 75 % (gain 4): 64 filters too, 16 not; 87.5 % (gain 8): 16 as well
+    assert isinstance(lower_conv(pruned(128, 0.7)), LoweredConv)
+    assert not isinstance(lower_conv(pruned(64, 0.7)), LoweredConv)
     assert isinstance(lower_conv(pruned(64, 0.75)), LoweredConv)
     assert not isinstance(lower_conv(pruned(16, 0.75)), LoweredConv)
     assert isinstance(lower_conv(pruned(16, 0.875)), LoweredConv)
     # a number passed in replaces the rule for every conv
     assert isinstance(lower_conv(pruned(16, 0.75), min_gain=2.0), LoweredConv)
-    assert not isinstance(lower_conv(pruned(256, 0.5), min_gain=2.5), LoweredConv)
+    assert not isinstance(lower_conv(pruned(256, 0.6), min_gain=3.0), LoweredConv)
 
 
 @pytest.mark.parametrize(

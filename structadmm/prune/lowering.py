@@ -62,9 +62,9 @@ _POINTWISE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def min_gain_for(filters: int) -> float:
     """The smallest MAC ratio (dense / lowered) at which lowering a conv of ``filters`` output channels
-    pays off on ONNX Runtime CPU: ``max(2, 32 / sqrt(filters))``. That is 8 (87.5 % of the GEMM columns
-    pruned) for 16 filters, 5.7 (82 %) for 32, 4 (75 %) for 64, 2.8 (65 %) for 128 and 2 (50 %) from
-    256 on.
+    pays off on ONNX Runtime CPU: ``max(2.5, 32 / sqrt(filters))``. That is 8 (87.5 % of the GEMM columns
+    pruned) for 16 filters, 5.7 (82 %) for 32, 4 (75 %) for 64, 2.8 (65 %) for 128 and 2.5 (60 %) from
+    164 on.
 
     Measured with ``benchmarks/shape_lowering.py --parts sweep narrow``: single 3x3 convs C -> C
     (16-512 filters; 14x14 to 112x112) with the columns of smallest norm pruned at 40-93.75 %, dense
@@ -76,15 +76,19 @@ def min_gain_for(filters: int) -> float:
     * 32 filters: loses at 75 % (0.78x, 0.79x), gains from 80 % (1.27x, 1.19x) and at 87.5 % (1.39x, 1.71x);
     * 64 filters: 0.82x at 70 % (112x112), gains at 75 % (1.17x at 56x56, 1.30x at 112x112);
     * 128 filters (56x56): 1.01x at 60 %, 1.13x at 65 %;
-    * 256 and 512 filters (28x28, 14x14): 0.88x and 1.01x at 40 %, 1.20x and 1.32x at 50 %.
+    * 256 and 512 filters (28x28, 14x14): 0.88x and 1.01x at 40 %, 1.20x and 1.32x at 50 %, 1.41x and
+      1.58x at 60 %.
 
     The break-even rises as the filter count F falls, because the gathers and pads move each kept
     input plane once whatever F is, while that plane feeds F MACs per position: the data movement's
-    share grows as F shrinks. Below 50 % lowering rarely pays whatever F. Tiny convs, where ORT's
-    per-op overhead dominates, need more still (16 filters on 8x8: 0.40x at 60 %, in an earlier
-    in-process sweep); pass ``min_gain`` to :func:`lower_conv` to override the rule.
+    share grows as F shrinks. The floor of 60 % comes from whole networks, where the wide convs sit on
+    small feature maps: a floor of 50 % (lowering 256- and 512-filter convs at 50 %) made ResNet-18
+    slower (0.92x against 0.97x unlowered) and VGG-16 no faster (1.07x, interval 0.94-1.24;
+    ``benchmarks/results/zoo_shape_floor2.md``). Tiny convs, where ORT's per-op overhead dominates,
+    need more still (16 filters on 8x8: 0.40x at 60 %, in an earlier in-process sweep); pass
+    ``min_gain`` to :func:`lower_conv` to override the rule.
     """
-    return max(2.0, 32.0 / math.sqrt(max(int(filters), 1)))
+    return max(2.5, 32.0 / math.sqrt(max(int(filters), 1)))
 
 
 @dataclass(frozen=True)
