@@ -129,7 +129,8 @@ def _table(results: list[dict], batches: list[int]) -> str:
     timings = {r.get("timing", "in-process, interleaved") for r in results}
     if timings == {"in-process, interleaved"}:
         title = ("timed in-process: dense, pruned (and the peer) interleaved run by run in one process, medians; "
-                 "no interval")
+                 "per-round intervals are run by run, optimistic, as consecutive runs in one process are not "
+                 "independent")
     else:
         title = ("timed " + ", ".join(sorted(timings)) + ": each model alone in its own process, the processes "
                  "alternating; speedup = ratio of the medians")
@@ -137,7 +138,8 @@ def _table(results: list[dict], batches: list[int]) -> str:
              "MAC eff = speedup / MAC ratio; roofline eff = speedup / min(MAC ratio, byte ratio), byte ratio = dense / "
              "pruned bytes moved (weights and activations read and written per node, unfused, from the ONNX graph). "
              "Per round: the median of the per-round speedups, with the interval between order statistics of the "
-             "rounds and the coverage of the median that interval reaches (n/a in one process).",
+             "rounds and the coverage of the median that interval reaches (in one process a round is one run of "
+             "each model).",
              "", head, "|---" * (3 + 5 * len(batches)) + "|"]
     for r in results:
         rows = [("structadmm", r["mac_ratio"], r["latency"])]
