@@ -76,47 +76,25 @@ def main() -> None:
     command = shlex.join([".venv/bin/python", "benchmarks/shape_lowering.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+
+        def part(rows: list[dict], **extra: object) -> dict:
+            return {"command": command, "timing": timing, **extra, "rows": rows}
+
+        def convs(shapes: tuple[tuple[int, int], ...], ratios: tuple[float, ...]) -> list[dict]:
+            return [_single_conv(work, channels, size, r, args) for channels, size in shapes for r in ratios]
+
         if "conv" in args.parts:
-            results["conv"] = {
-                "command": command,
-                "timing": timing,
-                "shape": f"3x3 conv 128->128 on {args.conv_size}x{args.conv_size}",
-                "rows": [_single_conv(work, 128, args.conv_size, r, args) for r in args.ratios],
-            }
+            results["conv"] = part(convs(((128, args.conv_size),), args.ratios),
+                                   shape=f"3x3 conv 128->128 on {args.conv_size}x{args.conv_size}")
         if "vgg" in args.parts:
-            results["vgg16"] = {
-                "command": command,
-                "timing": timing,
-                "size": args.size,
-                "rows": [_vgg(work, args.size, r, args) for r in args.ratios],
-            }
+            results["vgg16"] = part([_vgg(work, args.size, r, args) for r in args.ratios], size=args.size)
         if "vgg-default" in args.parts:
-            results["vgg16_default"] = {
-                "command": command,
-                "timing": timing,
-                "size": args.size,
-                "rows": [_vgg(work, args.size, r, args, forced=False) for r in args.ratios],
-            }
+            results["vgg16_default"] = part([_vgg(work, args.size, r, args, forced=False) for r in args.ratios],
+                                            size=args.size)
         if "sweep" in args.parts:
-            results["sweep"] = {
-                "command": command,
-                "timing": timing,
-                "rows": [
-                    _single_conv(work, channels, size, r, args)
-                    for channels, size in SWEEP_SHAPES
-                    for r in SWEEP_RATIOS
-                ],
-            }
+            results["sweep"] = part(convs(SWEEP_SHAPES, SWEEP_RATIOS))
         if "narrow" in args.parts:
-            results["narrow"] = {
-                "command": command,
-                "timing": timing,
-                "rows": [
-                    _single_conv(work, channels, size, r, args)
-                    for channels, size in NARROW_SHAPES
-                    for r in NARROW_RATIOS
-                ],
-            }
+            results["narrow"] = part(convs(NARROW_SHAPES, NARROW_RATIOS))
     if "vgg16" in results and "vgg" not in args.parts:  # the default threshold may have changed since
         for row in results["vgg16"]["rows"]:
             row["lowered_by_default"] = _lowered_by_default(row["size"], row["ratio"])
