@@ -272,7 +272,8 @@ def test_a_failing_child_is_one_clear_line(tmp_path: Path) -> None:
     job = dict(path=str(tmp_path / "gone.onnx"), provider=CPU, batch=1,
                settings={"threads": 1, "optimization": "all", "spinning": "on"}, warmup=1, seed=0, min_runs=1,
                min_seconds=0.0, max_runs=1)
-    with pytest.raises(StructADMMError, match=r"gone.onnx in its own process failed: .*gone.onnx") as caught:
+    failed = r"gone.onnx \(CPUExecutionProvider, batch 1\) in its own process failed: .*gone.onnx"
+    with pytest.raises(StructADMMError, match=failed) as caught:
         latency._run_child(job, 60.0)
     assert "\n" not in str(caught.value)
 

@@ -171,6 +171,11 @@ def test_the_default_threshold_rises_as_the_filter_count_falls() -> None:
     assert isinstance(lower_conv(pruned(64, 0.75)), LoweredConv)
     assert not isinstance(lower_conv(pruned(16, 0.75)), LoweredConv)
     assert isinstance(lower_conv(pruned(16, 0.875)), LoweredConv)
+    # a ratio's rounding does not stop it: 60 % of 256 * 9 columns pruned keeps 922 of 2304, a gain of 2.499
+    wide = nn.Conv2d(256, 256, 3, padding=1)
+    with torch.no_grad():
+        wide.weight.mul_(project_columns(wide.weight, 0.6).float())
+    assert lowering_gain(wide) < 2.5 and isinstance(lower_conv(wide), LoweredConv)
     # a number passed in replaces the rule for every conv
     assert isinstance(lower_conv(pruned(16, 0.75), min_gain=2.0), LoweredConv)
     assert not isinstance(lower_conv(pruned(256, 0.6), min_gain=3.0), LoweredConv)

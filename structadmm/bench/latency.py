@@ -346,11 +346,13 @@ print(json.dumps(getattr(import_module(call["module"]), call["function"])(**call
 """
 
 
-def call_alone(module: str, function: str, kwargs: Mapping[str, object], *, timeout: float, what: str) -> object:
+def call_alone(module: str, function: str, kwargs: Mapping[str, object], *, timeout: float, what: str,
+               timeout_name: str = "timeout") -> object:
     """``module.function(**kwargs)`` in a fresh Python process, for a model measured alone, as it is
     deployed (no session, arena or thread pool of this process's around). ``module`` is one of
     structadmm's; ``kwargs`` and the result travel as JSON. The child's error, or its running past
-    ``timeout`` seconds (when it is killed), is raised here as a one-line StructADMMError about ``what``."""
+    ``timeout`` seconds (when it is killed), is raised here as a one-line StructADMMError about ``what``
+    (``timeout_name``: what the caller calls that limit, for the hint to raise it)."""
     package = str(Path(__file__).resolve().parents[1])  # the structadmm this process imported
     call = json.dumps({"module": module, "function": function, "kwargs": dict(kwargs)})
     try:
@@ -359,7 +361,7 @@ def call_alone(module: str, function: str, kwargs: Mapping[str, object], *, time
     except subprocess.TimeoutExpired:  # subprocess.run has killed and reaped the child
         raise StructADMMError(
             f"{what} in its own process did not finish within {timeout:g} s and was killed; if the model is only "
-            "slow, raise the timeout"
+            f"slow, raise {timeout_name}"
         ) from None
     if done.returncode != 0:
         lines = [line for line in (done.stderr or "").splitlines() if line.strip()] or ["no output"]
@@ -371,7 +373,8 @@ def call_alone(module: str, function: str, kwargs: Mapping[str, object], *, time
 def _run_child(job: Mapping[str, object], timeout: float) -> list[float]:
     """:func:`time_alone` in a fresh Python process (:func:`call_alone`); its run times."""
     what = f"timing {job['path']} ({job['provider']}, batch {job['batch']})"
-    times = call_alone("structadmm.bench.latency", "time_alone", job, timeout=timeout, what=what)
+    times = call_alone("structadmm.bench.latency", "time_alone", job, timeout=timeout, what=what,
+                       timeout_name="child_timeout")
     return [float(t) for t in times]  # type: ignore[union-attr]
 
 

@@ -59,7 +59,6 @@ __all__ = ["LoweredConv", "lower_conv", "lower_convs", "lowering_gain", "min_gai
 _POINTWISE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-
 def min_gain_for(filters: int) -> float:
     """The smallest MAC ratio (dense / lowered) at which lowering a conv of ``filters`` output channels
     pays off on ONNX Runtime CPU: ``max(2.5, 32 / sqrt(filters))``. That is 8 (87.5 % of the GEMM columns
@@ -83,8 +82,8 @@ def min_gain_for(filters: int) -> float:
     input plane once whatever F is, while that plane feeds F MACs per position: the data movement's
     share grows as F shrinks. The floor of 60 % comes from whole networks, where the wide convs sit on
     small feature maps: a floor of 50 % (lowering 256- and 512-filter convs at 50 %) made ResNet-18
-    slower (0.92x against 0.97x unlowered) and VGG-16 no faster (1.07x, interval 0.94-1.24;
-    ``benchmarks/results/zoo_shape_floor2.md``). Tiny convs, where ORT's per-op overhead dominates,
+    slower (0.92x against 0.97x unlowered; ``benchmarks/results/zoo_shape_floor2.md``) and VGG-16 no
+    faster (1.07x, interval 0.94-1.24; the trial row of shape_lowering.md). Tiny convs, where ORT's per-op overhead dominates,
     need more still (16 filters on 8x8: 0.40x at 60 %, in an earlier in-process sweep); pass
     ``min_gain`` to :func:`lower_conv` to override the rule.
     """
@@ -220,12 +219,16 @@ def lower_conv(conv: nn.Module, *, min_gain: float | None = None) -> nn.Module:
 
     Only ``Conv1d``/``Conv2d``/``Conv3d`` with ``groups == 1`` and zero padding are lowered.
     ``min_gain`` defaults to :func:`min_gain_for` the conv's filter count (where lowering was
-    measured to pay off); pass a number to use one threshold for every conv.
+    measured to pay off); pass a number to use one threshold for every conv. The gain counts as
+    reached when the kept columns are at most ``ceil(columns / min_gain)``: a conv pruned at 60 %
+    keeps ``round(0.4 * columns)`` columns, whose gain can fall a hair below 2.5.
     """
     if _unlowerable_reason(conv) is not None:
         return conv
-    gain = lowering_gain(conv)
-    if gain <= 1.0 or gain < (min_gain_for(conv.out_channels) if min_gain is None else min_gain):
+    alive = _alive_columns(conv.weight.detach())
+    total, kept = alive.numel(), max(int(alive.sum()), 1)
+    needed = min_gain_for(conv.out_channels) if min_gain is None else min_gain
+    if kept >= total or kept > math.ceil(total / needed - 1e-9):
         return conv
     return LoweredConv(conv)
 

@@ -80,9 +80,10 @@ def compact(model: nn.Module, example_inputs: Any, *, lower: bool = True, min_ga
 
     Channels whose readers all have zero weights are removed; then, with ``lower``, every
     convolution with enough zero GEMM columns (shape-wise sparsity; MAC gain >= ``min_gain``, by
-    default :func:`~structadmm.prune.lowering.min_gain_for` its filter count) is rewritten as a :class:`~structadmm.prune.lowering.LoweredConv` that does only its
-    kept columns' work. The result computes the same function as ``model`` (checked on
-    ``example_inputs`` in eval mode when ``verify``; :class:`ParityError` otherwise).
+    default :func:`~structadmm.prune.lowering.min_gain_for` its filter count) is rewritten as a
+    :class:`~structadmm.prune.lowering.LoweredConv` that does only its kept columns' work. The result
+    computes the same function as ``model`` (checked on ``example_inputs`` in eval mode when
+    ``verify``; :class:`ParityError` otherwise).
 
     ``model`` is not modified, and the result is independent of it (:func:`independent_copy`):
     it shares no tensors with ``model`` and has no hooks. A ``MaskGuard`` or hooks of your own
