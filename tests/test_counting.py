@@ -19,7 +19,7 @@ from torch import nn
 from random_nets import RandomNet
 from structadmm.errors import StructADMMError
 from structadmm.exporters import OnnxCost, count_onnx, count_torch, export_onnx
-from zoo_cases import zoo_case, zoo_params
+from zoo_cases import ZOO_INPUTS, zoo_case, zoo_params
 
 
 def _count_torch(tmp_path: Path, model: nn.Module, *sample_shape: int) -> OnnxCost:
@@ -288,6 +288,14 @@ def test_torch_counter_counts_functional_matmuls_outside_layers() -> None:
     conv = 3 * 3 * 3 * 2 * 9
     assert cost.layers == {"0": conv, "1": 3 * 3 * 3 * 3}  # Gram is a leaf module
     assert cost.macs == conv + 3 * 3 * 3 * 3
+
+
+def test_every_registered_model_has_a_zoo_case() -> None:
+    """The zoo-wide checks build every registered model from ZOO_INPUTS: a model added to the zoo
+    without an entry would fail them only in the slow suite."""
+    from structadmm.models import model_names
+
+    assert set(model_names()) <= set(ZOO_INPUTS)
 
 
 @pytest.mark.parametrize("name", zoo_params())

@@ -229,6 +229,32 @@ def _fixtures(folder: Path) -> None:
     sa.export_onnx(get_spec("resnet20").build(), x, folder / "dense.onnx")
     sa.export_onnx(sa.compact(resnet, x), x, folder / "pruned.onnx")
     shutil.copy(folder / "dense.onnx", folder / "model.onnx")  # a model held only as ONNX
+    # a detector held only as ONNX, YOLO-shaped ([batch, 4 + classes, anchors]), and unlabeled photographs
+    sa.export_onnx(_detector(), torch.randn(1, 3, 640, 640), folder / "detector.onnx")
+    (folder / "photos").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(folder / "photos" / f"{i}.jpg")
+
+
+def _detector():
+    """A small YOLO-shaped detector for 640x640 images: an 80 x 80 grid of anchors, each with a box
+    (centre and size, in pixels) and the sigmoid scores of 3 classes."""
+    import torch
+    from torch import nn
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+            self.head = nn.Conv2d(32, 7, 1)
+
+        def forward(self, x):
+            out = self.head(self.body(x)).flatten(2)
+            return torch.cat([8 * out[:, :4].abs(), out[:, 4:].sigmoid()], dim=1)
+
+    torch.manual_seed(0)
+    return Detector().eval()
 
 
 def _repository_copy(folder: Path) -> Path:
@@ -239,7 +265,7 @@ def _repository_copy(folder: Path) -> Path:
     (and PYTHON=false in the environment fails any attempt).
     """
     copy = folder / "repo"
-    for name in ("structadmm", "tests", "benchmarks", "docs"):
+    for name in ("structadmm", "tests", "benchmarks", "docs", "tools"):  # tools: the floors the tests read
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     shutil.copytree(ROOT / "benchmarks" / "results", copy / "benchmarks" / "results",  # the pages link to them
                     ignore=shutil.ignore_patterns("cache"))

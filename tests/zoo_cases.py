@@ -13,9 +13,9 @@ from structadmm.models import get_spec, model_names
 ZOO_INPUTS = {
     "digits-cnn": None, "lenet5": None, "alexnet-cifar": None, "resnet20": None, "c3d-small": None,
     "mobilenetv2": (3, 32, 32), "resnet18": (3, 32, 32), "resnet56": None, "resnet50": (3, 32, 32),
-    "vgg16": (3, 32, 32), "alexnet": (3, 64, 64),
+    "vgg16": (3, 32, 32), "alexnet": (3, 64, 64), "mnist1d-cnn": None, "vit-digits": None,
 }
-FAST = {"digits-cnn", "lenet5", "alexnet-cifar", "resnet20", "c3d-small", "mobilenetv2"}
+FAST = {"digits-cnn", "lenet5", "alexnet-cifar", "resnet20", "c3d-small", "mobilenetv2", "mnist1d-cnn", "vit-digits"}
 
 
 def zoo_case(name: str) -> tuple[nn.Module, torch.Tensor]:

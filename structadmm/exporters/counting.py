@@ -45,7 +45,7 @@ import onnx
 import torch
 from onnx import TensorProto
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from structadmm.errors import StructADMMError, one_line
 from structadmm.layers import eval_mode
@@ -148,7 +148,7 @@ def count_torch(model: nn.Module, example_inputs: Any) -> TorchCost:
     path) are not taken; no gradient is computed."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     batch = inputs[0].shape[0]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
     with eval_mode(model), torch.enable_grad(), counter:
         model(*inputs)
     counts = counter.get_flop_counts()
@@ -163,6 +163,17 @@ def count_torch(model: nn.Module, example_inputs: Any) -> TorchCost:
         if name and own > 0:
             layers[name] = _per_sample(own, batch)
     return TorchCost(_per_sample(counter.get_total_flops(), batch), layers)
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Scaled dot-product attention: the two matrix products, Q K^T and the scores times V."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: attention kernels torch's flop counter has no formula for: the CPU flash kernel, which
+#: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention``) runs on CPU even with
+#: autograd on. Without it an attention block counts only its projections.
+_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
 
 
 def _per_sample(flops: int, batch: int) -> int:
