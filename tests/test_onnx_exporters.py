@@ -53,7 +53,9 @@ def _round_trip(path: Path, shape: tuple[int, ...], tmp_path: Path, *, fixed: bo
         signature = signature.fixed([x.shape], [o.shape for o in compacted])
     out = tmp_path / "pruned.onnx"
     result = export_onnx(small, x, out, signature=signature)  # parity against ONNX Runtime on two batches
-    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    # tighter than export's own check (1e-4 + 1e-3 max |out|): the surgery bound above, float reordering only
+    scale = max(float(t.abs().max()) for t in compacted)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4 + 1e-4 * scale
     written = onnx_signature(load_onnx(out))
     original = onnx_signature(load_onnx(path))
     assert [t.name for t in written.inputs] == [t.name for t in original.inputs]
