@@ -117,6 +117,9 @@ def run(
     prune_method: Optional[str] = typer.Option(None, "--prune-method", help=(
         "admm (ADMM rounds, then the hard prune), oneshot (magnitude pruning of the dense weights, then masked "
         "retraining for the same epochs) or auto (the default: oneshot when distilling, else admm).")),
+    reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help=(
+        "on, off or auto (the default: on when distilling): after the hard prune, refit each kept layer by least "
+        "squares to reproduce the dense layer's output on a batch of training inputs.")),
     boxes: Optional[str] = typer.Option(None, "--boxes", help=(
         "yolo: the report also scores the pruned model's boxes against the dense model's (mAP@0.5), decoding an "
         "Ultralytics-style [batch, 4 + classes, anchors] output.")),
@@ -146,7 +149,8 @@ def run(
         raise StructADMMError(f"--resume {resume} continues the run in that folder; leave out --out {out_dir}")
     overrides = {k: v for k, v in dict(sparsity=sparsity, ratio=ratio, device=device, seed=seed,
                                          target_macs=target_macs, target_latency=target_latency, quantize=quantize,
-                                         objective=objective, prune_method=prune_method, boxes=boxes,
+                                         objective=objective, prune_method=prune_method, reconstruct=reconstruct,
+                                         boxes=boxes,
                                          plan=str(plan) if plan else None,
                                          admm_stages=_ratios(admm_stages, "--admm-stages")).items() if v is not None}
     cfg = CompressConfig.from_toml(config, overrides) if config else CompressConfig.from_mapping(overrides, "flags")

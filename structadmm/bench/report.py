@@ -153,11 +153,17 @@ def _method_line(report: Mapping[str, Any]) -> list[str]:
     """How the masks were found (``prune_method``, absent from reports written before it was recorded)."""
     method = report.get("prune_method")
     if method == "oneshot":
-        return ["Masks: one-shot magnitude pruning of the dense weights, then masked retraining "
-                "(`prune_method`).", ""]
-    if method == "admm":
-        return ["Masks: ADMM, then the hard prune and masked retraining (`prune_method`).", ""]
-    return []
+        line = "Masks: one-shot magnitude pruning of the dense weights, then masked retraining (`prune_method`)."
+    elif method == "admm":
+        line = "Masks: ADMM, then the hard prune and masked retraining (`prune_method`)."
+    else:
+        return []
+    done = report.get("reconstruction")
+    if done:
+        line += (f" After the prune, {done['layers']} layers were refitted to the dense model's layer outputs on "
+                 f"{done['samples']} training inputs (`reconstruct`): median relative layer error "
+                 f"{_number3(done.get('error_before'))} before, {_number3(done.get('error_after'))} after.")
+    return [line, ""]
 
 
 def _fidelity_section(report: Mapping[str, Any]) -> list[str]:

@@ -431,7 +431,8 @@ def earlier_stages(run: Run, carry: Carry) -> Carry:
 
 @stage("ADMM", needs=("plan",), gives=("admm", "masks"),
        keys=("prune_method", "admm_rounds", "admm_epochs", "admm_lr", "admm_tolerance", "admm_extra_rounds",
-             "admm_lr_restart", "rho", "rho_growth", "rho_max", "distill_loss", "distill_temperature"))
+             "admm_lr_restart", "rho", "rho_growth", "rho_max", "distill_loss", "distill_temperature", "reconstruct",
+             "reconstruct_samples"))
 def admm_stage(run: Run, carry: Carry) -> Carry:
     """ADMM at the final ratio (within the earlier stages' masks), then the hard prune; with
     ``prune_method`` resolved to "oneshot", the plan's projection of the weights as they stand instead."""
@@ -462,8 +463,32 @@ def _oneshot_phase(run: Run, plan: PruningPlan, phase: str) -> Masks:
         return run.state.resumed_masks()
     masks = plan.project(run.model)
     distributed.check_identical(masks.values(), run.ctx, "the masks")
+    _reconstruct(run, masks)
     run.state.facts["hard_pruned_accuracy"] = run.evaluate()
     return masks
+
+
+def _reconstruct(run: Run, masks: Masks) -> None:
+    """With ``reconstruct`` on for this run, refit the hard-pruned model's kept layers to reproduce the
+    dense model's layer outputs on the first ``reconstruct_samples`` training inputs (the same on every
+    rank: the first batches of the same data); report.json's ``reconstruction`` says what it did."""
+    if not run.config.reconstructs(run.mode):
+        return
+    from ..prune.reconstruct import reconstruct
+
+    dense = copy.deepcopy(run.model)
+    dense.load_state_dict(run.state.facts["dense_weights"])
+    inputs = first_batch(make_loader(run.train.dataset, run.config.reconstruct_samples, shuffle=False),
+                         run.config.reconstruct_samples)
+    device = next(run.model.parameters()).device
+    inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else tuple(t.to(device) for t in inputs)
+    refits = reconstruct(run.model, dense.to(device), inputs, masks, seed=run.config.seed)
+    done = [r for r in refits if not r.skipped]
+    median = lambda values: float(torch.tensor(values).median()) if values else None  # noqa: E731
+    run.state.facts["reconstruction"] = {
+        "samples": min(len(run.train.dataset), run.config.reconstruct_samples), "layers": len(done),
+        "error_before": median([r.error_before for r in done]), "error_after": median([r.error_after for r in done]),
+        "skipped": [{"layer": r.name, "reason": r.skipped} for r in refits if r.skipped]}
 
 
 def _admm_phase(run: Run, admm: ADMM, within: Masks | None, teacher: Any, phase: str, offset: int) -> Masks:
@@ -490,6 +515,7 @@ def _admm_phase(run: Run, admm: ADMM, within: Masks | None, teacher: Any, phase:
     run.state.facts["admm_outcome"] = schedule.outcome(admm)
     masks = admm.hard_prune()
     distributed.check_identical(masks.values(), ctx, "the masks")
+    _reconstruct(run, masks)
     run.state.facts["hard_pruned_accuracy"] = run.evaluate()
     return masks
 
@@ -662,6 +688,7 @@ def report_stage(run: Run, carry: Carry) -> Carry:
         "skipped_providers": [{"provider": p, "reason": r} for p, r in carry.latency.skipped],
         "admm": [r.__dict__ for r in admm.history] if admm is not None else [],
         "prune_method": run.method,
+        "reconstruction": facts.get("reconstruction"),
         "admm_outcome": facts.get("admm_outcome"),
         "admm_stages": [{"stage": int(k), **v} for k, v in sorted(facts.get("stages", {}).items(),
                                                                    key=lambda kv: int(kv[0]))],
