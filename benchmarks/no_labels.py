@@ -53,7 +53,8 @@ def rapidocr_file(name: str) -> Path:
 def write_config(path: Path, args: argparse.Namespace, **extra: object) -> Path:
     settings = {**dict(ratio=args.ratio, channel_multiple=8, admm_rounds=args.rounds, admm_epochs=1,
                        retrain_epochs=args.retrain, batch_size=8, bench_batches=[1], bench_threads=2,
-                       bench_min_seconds=args.seconds, admm_lr=args.lr, retrain_lr=args.lr), **extra}
+                       bench_min_seconds=args.seconds, admm_lr=args.lr, retrain_lr=args.lr,
+                       reconstruct=args.reconstruct), **extra}
     lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -220,11 +221,13 @@ def _schedule(rows: list[dict], meta: dict) -> str:
     before it was recorded used ADMM)."""
     methods = {r.get("prune_method", "admm") for r in rows}
     epochs = meta["rounds"] + meta["retrain"]
+    refit = (", layer-wise reconstruction (each kept layer refitted to the dense layer's output, `reconstruct`)"
+             if meta.get("reconstruct") else "")
     if methods == {"oneshot"}:
-        return (f"one-shot magnitude pruning (the pipeline's default when distilling), then {epochs} epochs of masked "
-                f"retraining at learning rate {meta.get('lr')}")
-    return (f"{meta['rounds']} ADMM rounds of one epoch and {meta['retrain']} epochs of masked retraining at learning "
-            f"rate {meta.get('lr')}")
+        return (f"one-shot magnitude pruning (the pipeline's default when distilling){refit}, then {epochs} epochs of "
+                f"masked retraining at learning rate {meta.get('lr')}")
+    return (f"{meta['rounds']} ADMM rounds of one epoch{refit} and {meta['retrain']} epochs of masked retraining at "
+            f"learning rate {meta.get('lr')}")
 
 
 def render(rows: list[dict], meta: dict) -> str:
@@ -271,9 +274,12 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--lr", type=float, default=0.1, help="ADMM's and masked retraining's learning rate")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="refit the kept layers to the dense layer outputs after the prune (reconstruct = true)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
-    meta = {"ratio": args.ratio, "rounds": args.rounds, "retrain": args.retrain, "lr": args.lr, "cpu": platform.processor() or
+    meta = {"ratio": args.ratio, "rounds": args.rounds, "retrain": args.retrain, "lr": args.lr,
+            "reconstruct": args.reconstruct, "cpu": platform.processor() or
             platform.machine(), "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
             "command": "python benchmarks/no_labels.py " + " ".join(sys.argv[1:])}
     work = Path(tempfile.mkdtemp(prefix="no_labels-"))

@@ -28,12 +28,12 @@ from .exporters import count_onnx, export_onnx, load_onnx, onnx_signature, quant
 from .graph import trace
 from .models.onnx_input import load_onnx_model
 from .pipeline import CompressConfig, CompressResult, compress, qat_retrain
-from .prune import ADMM, MaskGuard, PruningPlan, Sparsity, apply_masks, compact
+from .prune import ADMM, MaskGuard, PruningPlan, Sparsity, apply_masks, compact, reconstruct
 
 __all__ = [
     "ADMM", "CompressConfig", "CompressResult", "LatencyReport", "MaskGuard", "ParityError", "PruningPlan",
     "Sparsity", "StructADMMError", "StructADMMWarning", "apply_masks", "benchmark", "compact", "compress",
     "count_onnx", "export_onnx", "load_onnx", "load_onnx_model", "onnx_signature", "qat_retrain", "quantize_onnx",
-    "trace",
+    "reconstruct", "trace",
     "verify_onnx", "write_report",
 ]

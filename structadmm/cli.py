@@ -117,9 +117,9 @@ def run(
     prune_method: Optional[str] = typer.Option(None, "--prune-method", help=(
         "admm (ADMM rounds, then the hard prune), oneshot (magnitude pruning of the dense weights, then masked "
         "retraining for the same epochs) or auto (the default: oneshot when distilling, else admm).")),
-    reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help=(
-        "on, off or auto (the default: on when distilling): after the hard prune, refit each kept layer by least "
-        "squares to reproduce the dense layer's output on a batch of training inputs.")),
+    reconstruct: Optional[bool] = typer.Option(None, "--reconstruct/--no-reconstruct", help=(
+        "After the hard prune, refit each kept layer by least squares to reproduce the dense layer's output on a "
+        "batch of training inputs (no labels needed; off by default).")),
     boxes: Optional[str] = typer.Option(None, "--boxes", help=(
         "yolo: the report also scores the pruned model's boxes against the dense model's (mAP@0.5), decoding an "
         "Ultralytics-style [batch, 4 + classes, anchors] output.")),

@@ -4,6 +4,8 @@ classes the training data lacks get a warning."""
 
 from __future__ import annotations
 
+import json
+
 import re
 import warnings
 from pathlib import Path
@@ -301,3 +303,14 @@ def test_mixed_image_sizes_are_resized(tmp_path: Path) -> None:
         assert data.input_shape == (1, 16, 16)
         assert {tuple(data.train[i][0].shape) for i in range(len(data.train))} == {(1, 16, 16)}
         check_data(nn.Sequential(nn.Flatten(), nn.Linear(256, 3)), data.train, data.val)
+
+
+def test_unlabeled_data_with_reconstruct_runs_and_reports_the_refit(workdir: Path) -> None:
+    # 40 inputs without labels: the run distils, and --reconstruct refits the kept layers after the prune
+    result = runner.invoke(app, ["run", "--config", "fast.toml", "--data", "user.py:no_labels", "--reconstruct",
+                                 "--out", "run"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "run" / "report.json").read_text())
+    done = report["reconstruction"]
+    assert report["objective"]["mode"] == "distill" and done["layers"] >= 2 and not done["skipped"]
+    assert done["error_after"] < done["error_before"]

@@ -97,7 +97,7 @@ def test_a_non_structured_mask_is_skipped_with_its_reason() -> None:
     assert torch.equal(layer.weight, weights)
 
 
-def test_a_run_that_distils_reconstructs_and_reports_it(tmp_path: Path) -> None:
+def test_a_run_with_reconstruct_refits_and_reports_it(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 6))
@@ -105,14 +105,39 @@ def test_a_run_that_distils_reconstructs_and_reports_it(tmp_path: Path) -> None:
     settings = dict(ratio=0.5, channel_multiple=1, admm_rounds=1, admm_epochs=1, retrain_epochs=0, batch_size=16,
                     bench_batches=[1], bench_min_runs=2, bench_min_seconds=0.0, reconstruct_samples=32)
     reports = {}
-    for mode in ("auto", "off"):
-        result = compress(copy.deepcopy(net), data, data, CompressConfig(reconstruct=mode, **settings),
+    for mode in ("on", "off"):
+        result = compress(copy.deepcopy(net), data, data, CompressConfig(reconstruct=mode == "on", **settings),
                           out_dir=tmp_path / mode)
         reports[mode] = json.loads((result.run_dir / "report.json").read_text())
-    done = reports["auto"]["reconstruction"]
-    assert reports["auto"]["objective"]["mode"] == "distill" and reports["off"]["reconstruction"] is None
+    done = reports["on"]["reconstruction"]
+    assert reports["on"]["objective"]["mode"] == "distill" and reports["off"]["reconstruction"] is None
     assert done["samples"] == 32 and done["layers"] == 3 and done["error_after"] < done["error_before"]
-    assert "refitted to the dense model's layer outputs" in (tmp_path / "auto" / "report.md").read_text()
-    # masked retraining is off here: what the report's fidelity sees is the reconstruction alone
+    assert "refitted to the dense model's layer outputs" in (tmp_path / "on" / "report.md").read_text()
+    assert "refitted" not in (tmp_path / "off" / "report.md").read_text()
+    # one epoch of distillation after it (the least a one-shot run trains): the gap is the reconstruction
     error = {m: r["fidelity"]["outputs"][0]["rel_error"] for m, r in reports.items()}
-    assert error["auto"] < error["off"]
+    assert error["on"] < error["off"]
+
+
+def test_a_weight_tied_to_another_module_is_left_alone() -> None:
+    # a language model's head shares its weight with the embedding: refitting it would change the inputs too
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.mid, self.head = nn.Embedding(12, 8), nn.Linear(8, 8), nn.Linear(8, 12, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.embed(ids))))
+
+    model = Tied()
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        model.mid.weight.mul_(0.5)
+    embedding = model.embed.weight.clone()
+    refits = {r.name: r for r in reconstruct(model, dense, torch.randint(0, 12, (16, 5)))}
+    assert refits["head"].skipped == "weight shared with another module"
+    assert not refits["mid"].skipped and refits["mid"].error_after < 0.01 * refits["mid"].error_before
+    assert torch.equal(model.embed.weight, embedding)

@@ -469,10 +469,10 @@ def _oneshot_phase(run: Run, plan: PruningPlan, phase: str) -> Masks:
 
 
 def _reconstruct(run: Run, masks: Masks) -> None:
-    """With ``reconstruct`` on for this run, refit the hard-pruned model's kept layers to reproduce the
+    """With ``reconstruct`` set, refit the hard-pruned model's kept layers to reproduce the
     dense model's layer outputs on the first ``reconstruct_samples`` training inputs (the same on every
     rank: the first batches of the same data); report.json's ``reconstruction`` says what it did."""
-    if not run.config.reconstructs(run.mode):
+    if not run.config.reconstruct:
         return
     from ..prune.reconstruct import reconstruct
 

@@ -17,8 +17,9 @@ Contract, per layer (``nn.Conv1d/2d/3d`` with zero padding, any groups, and ``nn
 * rows (output channels) whose weights are all masked are left as they are, bias included;
 * the free weights of a group are the columns (input channel x kernel offset) the mask keeps in
   its kept rows; a layer whose kept rows keep different columns (non-structured sparsity) is
-  skipped, as is a layer the forward pass runs more than once or that has a padding mode other
-  than zeros;
+  skipped, as is a layer the forward pass runs more than once, one whose weight another module
+  shares (a language model's head tied to its embedding) and one with a padding mode other than
+  zeros;
 * the fit is ``min ||A w - y||^2 + lam ||w - w0||^2`` over ``samples`` output positions drawn at
   random from the batch, with ``w0`` the current weights and ``lam = ridge * mean(diag(A^T A))``;
   ``w0`` keeps a column that the samples never excite (a channel that is always zero).
@@ -73,7 +74,7 @@ def _positions(out: torch.Tensor, module: nn.Module, count: int, generator: torc
         total = out[..., 0].numel()
     else:
         total = out.shape[0] * out[0, 0].numel()
-    return torch.randperm(total, generator=generator)[:count]
+    return torch.randperm(total, generator=generator)[:count].to(out.device)
 
 
 def _targets(out: torch.Tensor, module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ def _refit(module: nn.Module, mask: torch.Tensor | None, patches: torch.Tensor, 
     alive = free.bool().double()
     scale = (diag * alive).sum(dim=1) / alive.sum(dim=1).clamp_min(1)
     lam = (ridge * scale).clamp_min(1e-12)[:, None, None]
-    eye = torch.eye(gram.shape[1], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
     gram = gram + lam * eye
     rhs = rhs + lam * w0
     # a column the mask removes: cut from the system (its row and column of the Gram matrix), weight 0
@@ -170,6 +171,11 @@ def reconstruct(model: nn.Module, dense: nn.Module, inputs: Inputs, masks: Mappi
     free everywhere. Returns one :class:`Refit` per layer, in the order the forward pass ran them.
     """
     layers, dense_layers = _layers(model), _layers(dense)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    shared = {name for name, m in layers.items() if owners.get(id(m.weight), 0) > 1}
     generator = torch.Generator().manual_seed(seed)
     recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     calls: dict[str, int] = {}
@@ -198,7 +204,8 @@ def reconstruct(model: nn.Module, dense: nn.Module, inputs: Inputs, masks: Mappi
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
             if name in results or name not in recorded:
                 return None
-            reason = _why_not(module) or ("run more than once" if calls.get(name, 0) > 1 else "")
+            reason = (_why_not(module) or ("run more than once" if calls.get(name, 0) > 1 else "")
+                      or ("weight shared with another module" if name in shared else ""))
             rows, target = recorded[name]
             if reason:
                 results[name] = Refit(name, None, None, reason)
