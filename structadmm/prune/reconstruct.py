@@ -190,13 +190,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, inputs: Inputs, masks: Mappi
                 recorded[name] = (rows, _targets(out, module, rows).detach().clone())
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in dense_layers.items() if n in layers]
-    try:
-        with eval_mode(dense):
-            run_model(dense, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(dense, inputs, {m: record(n) for n, m in dense_layers.items() if n in layers})
 
     results: dict[str, Refit] = {}
 
@@ -212,7 +206,8 @@ def reconstruct(model: nn.Module, dense: nn.Module, inputs: Inputs, masks: Mappi
                 return None
             before = _relative(_targets(out, module, rows) - target, target)
             patches = _patches(args[0], module, out.shape, rows)
-            reason = _refit(module, None if masks is None else masks.get(f"{name}.weight" if name else "weight"), patches, target, ridge)
+            mask = None if masks is None else masks.get(f"{name}.weight" if name else "weight")
+            reason = _refit(module, mask, patches, target, ridge)
             if reason:
                 results[name] = Refit(name, None, None, reason)
                 return None
@@ -221,11 +216,16 @@ def reconstruct(model: nn.Module, dense: nn.Module, inputs: Inputs, masks: Mappi
             return new
         return hook
 
-    handles = [m.register_forward_hook(refit(n)) for n, m in layers.items() if n in recorded]
+    _run_hooked(model, inputs, {m: refit(n) for n, m in layers.items() if n in recorded})
+    return [results[n] for n in order if n in results]
+
+
+def _run_hooked(model: nn.Module, inputs: Inputs, hooks: dict[nn.Module, Any]) -> None:
+    """One forward pass of ``model`` in eval mode, without gradients, with ``hooks`` as forward hooks."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
     try:
         with eval_mode(model):
             run_model(model, inputs)
     finally:
-        for h in handles:
-            h.remove()
-    return [results[n] for n in order if n in results]
+        for handle in handles:
+            handle.remove()
