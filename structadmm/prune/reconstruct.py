@@ -36,12 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Inputs, run_model
-from ..layers import eval_mode
+from ..layers import CONVS, eval_mode
 
 __all__ = ["Refit", "reconstruct"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 @dataclass(frozen=True)
 class Refit:
@@ -56,11 +53,11 @@ class Refit:
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (*_CONVS, nn.Linear))}
+    return {name: m for name, m in model.named_modules() if isinstance(m, (*CONVS, nn.Linear))}
 
 
 def _why_not(module: nn.Module) -> str:
-    if isinstance(module, _CONVS):
+    if isinstance(module, CONVS):
         if module.padding_mode != "zeros":
             return f"padding mode {module.padding_mode}"
         if isinstance(module.padding, str) and module.padding != "valid":
