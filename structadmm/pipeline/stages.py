@@ -30,6 +30,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 import torch
@@ -260,6 +261,12 @@ class Run:
         onnx.save(proto, target)
         return target
 
+    def dense_copy(self) -> nn.Module:
+        """A separate copy of the model holding its dense weights (as they were before any pruning)."""
+        dense = copy.deepcopy(self.model)
+        dense.load_state_dict(self.state.facts["dense_weights"])
+        return dense
+
     def new_admm(self, plan: PruningPlan, within: Masks | None) -> ADMM:
         c = self.config
         admm = ADMM(self.model, plan, rho=c.rho, rho_growth=c.rho_growth, rho_max=c.rho_max, within=within)
@@ -399,9 +406,7 @@ def teacher_stage(run: Run, carry: Carry) -> Carry:
         from ..exporters.onnx_module import OnnxModule
 
         return replace(carry, teacher=OnnxModule(run.dense_onnx))
-    teacher = copy.deepcopy(run.model)
-    teacher.load_state_dict(run.state.facts["dense_weights"])
-    return replace(carry, teacher=teacher.eval().requires_grad_(False))
+    return replace(carry, teacher=run.dense_copy().eval().requires_grad_(False))
 
 
 @stage("earlier ADMM stages", needs=("plan",), gives=("within",), keys=("admm_stages", "admm_stage_retrain_epochs"))
@@ -476,18 +481,15 @@ def _reconstruct(run: Run, masks: Masks) -> None:
         return
     from ..prune.reconstruct import reconstruct
 
-    dense = copy.deepcopy(run.model)
-    dense.load_state_dict(run.state.facts["dense_weights"])
-    inputs = first_batch(make_loader(run.train.dataset, run.config.reconstruct_samples, shuffle=False),
-                         run.config.reconstruct_samples)
+    inputs = first_batch(make_loader(run.train.dataset, run.config.reconstruct_samples, shuffle=False))
     device = next(run.model.parameters()).device
     inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else tuple(t.to(device) for t in inputs)
-    refits = reconstruct(run.model, dense.to(device), inputs, masks, seed=run.config.seed)
+    refits = reconstruct(run.model, run.dense_copy().to(device), inputs, masks, seed=run.config.seed)
     done = [r for r in refits if not r.skipped]
-    median = lambda values: float(torch.tensor(values).median()) if values else None  # noqa: E731
     run.state.facts["reconstruction"] = {
-        "samples": min(len(run.train.dataset), run.config.reconstruct_samples), "layers": len(done),
-        "error_before": median([r.error_before for r in done]), "error_after": median([r.error_after for r in done]),
+        "samples": len(inputs if isinstance(inputs, torch.Tensor) else inputs[0]), "layers": len(done),
+        "error_before": median([r.error_before for r in done]) if done else None,
+        "error_after": median([r.error_after for r in done]) if done else None,
         "skipped": [{"layer": r.name, "reason": r.skipped} for r in refits if r.skipped]}
 
 
